@@ -1,0 +1,18 @@
+"""kflume kernels: split-KV attention over token ranges, LSE merge, KV append.
+
+Conventions: docs/conventions.md. CUDA tensors run Triton kernels, CPU tensors the
+pure-torch references in `kflume.kernels.reference`. The public ops are registered with
+`torch.library` (namespace `kflume`) so `torch.compile` can trace code that calls them.
+"""
+
+from .append import append_kv
+from .merge import merge_attention_states, merge_state_
+from .split_kv import default_num_splits, split_kv_attention
+
+__all__ = [
+    "append_kv",
+    "default_num_splits",
+    "merge_attention_states",
+    "merge_state_",
+    "split_kv_attention",
+]

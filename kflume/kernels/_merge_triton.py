@@ -1,0 +1,90 @@
+"""Triton code of the LSE merge kernels (launched by kflume/kernels/merge.py).
+
+`merge_kernel` reduces N partial states of one (request, head) row; `merge_two_kernel`
+folds a second state into the first in place. Rows where every partial is empty
+(lse = -inf) give (0, -inf): the running maximum is replaced by 0 before exponentials.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def merge_kernel(
+    OUTS, LSES, O, LSE,
+    num_states,
+    num_heads,
+    stride_on, stride_ob, stride_oh,
+    stride_ln, stride_lb,
+    stride_Ob, stride_Oh,
+    stride_Lb,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // num_heads
+    h = row % num_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+
+    one = tl.arange(0, 1)
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    for n in range(0, num_states):
+        m = tl.maximum(m, tl.load(LSES + n * stride_ln + b * stride_lb + h + one))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+
+    total = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for n in range(0, num_states):
+        lse_n = tl.load(LSES + n * stride_ln + b * stride_lb + h + one)
+        w = tl.exp2((lse_n - m_safe) * LOG2E)  # [1]; 0 for an empty partial
+        o_n = tl.load(
+            OUTS + n * stride_on + b * stride_ob + h * stride_oh + offs_d, mask=d_mask, other=0.0
+        )
+        total += w
+        acc += w * o_n.to(tl.float32)
+
+    nonempty = total > 0.0
+    out = acc / tl.where(nonempty, total, 1.0)
+    lse = tl.where(nonempty, m_safe + tl.log2(tl.where(nonempty, total, 1.0)) * LN2, float("-inf"))
+    tl.store(O + b * stride_Ob + h * stride_Oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
+    tl.store(LSE + b * stride_Lb + h + one, lse)
+
+
+@triton.jit
+def merge_two_kernel(
+    O, LSE, O2, LSE2,
+    num_heads,
+    stride_ob, stride_oh,
+    stride_lb,
+    stride_o2b, stride_o2h,
+    stride_l2b,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // num_heads
+    h = row % num_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    one = tl.arange(0, 1)
+
+    lse1 = tl.load(LSE + b * stride_lb + h + one)
+    lse2 = tl.load(LSE2 + b * stride_l2b + h + one)
+    m = tl.maximum(lse1, lse2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w1 = tl.exp2((lse1 - m_safe) * LOG2E)
+    w2 = tl.exp2((lse2 - m_safe) * LOG2E)
+    total = w1 + w2
+    nonempty = total > 0.0
+    o1 = tl.load(O + b * stride_ob + h * stride_oh + offs_d, mask=d_mask, other=0.0)
+    o2 = tl.load(O2 + b * stride_o2b + h * stride_o2h + offs_d, mask=d_mask, other=0.0)
+    out = (w1 * o1.to(tl.float32) + w2 * o2.to(tl.float32)) / tl.where(nonempty, total, 1.0)
+    lse = tl.where(nonempty, m_safe + tl.log2(tl.where(nonempty, total, 1.0)) * LN2, float("-inf"))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
+    tl.store(LSE + b * stride_lb + h + one, lse)

@@ -1,0 +1,117 @@
+"""Triton code of the split-KV decode kernel (launched by kflume/kernels/split_kv.py).
+
+One program per (request, KV head, split): it loads the query heads of the GQA group as
+one tile (padded to 16 rows so that `tl.dot` runs on tensor cores), walks its chunk of the
+request's token range through the page table, and keeps an online softmax in base 2
+(`scale * log2(e)` folded into the scores). With one split it writes the final
+`(out, lse)`; with several, each split writes a float32 partial that the merge kernel
+reduces.
+
+`UPCAST_DOT` casts the operands of `tl.dot` to float32 (after the same rounding of p);
+it is set only under TRITON_INTERPRET=1, whose bf16 `tl.dot` returns garbage on CPU
+(seen with Triton 3.9).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def split_kv_kernel(
+    Q, K, V, PT, KV_START, KV_LEN, O, LSE,
+    scale_log2,
+    page_size,
+    num_splits,
+    stride_qb, stride_qh,
+    stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh,
+    stride_ptb,
+    stride_os, stride_ob, stride_oh,
+    stride_ls, stride_lb,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    start = tl.load(KV_START + b)
+    length = tl.load(KV_LEN + b)
+    # Each split takes a whole number of BLOCK_N tiles; trailing splits may be empty.
+    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_h
+
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+    pt_row = PT + b.to(tl.int64) * stride_ptb
+    k_head = K + kvh * stride_kh
+    v_head = V + kvh * stride_vh
+    for n0 in range(lo, hi, BLOCK_N):
+        n_mask = (n0 + offs_n) < hi
+        tok = start + n0 + offs_n
+        page = tl.load(pt_row + tok // page_size, mask=n_mask, other=0).to(tl.int64)
+        slot = tok % page_size
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(
+            k_head + page[:, None] * stride_kp + slot[:, None] * stride_ks + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        elif IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked tokens keeps m = -inf: shift by 0 instead.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_head + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            acc = acc * alpha[:, None] + pv
+        elif IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * LN2, float("-inf"))
+    o_ptr = O + split * stride_os + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + split * stride_ls + b * stride_lb + heads, lse, mask=h_mask)

@@ -1,0 +1,110 @@
+"""Appending new tokens' K and V to a paged KV pool (docs/conventions.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._validate import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_inner_contiguous,
+    check_ranges,
+    check_tensor,
+)
+from .reference import append_kv_ref
+
+__all__ = ["append_kv"]
+
+
+def append_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    offsets: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    check: bool = True,
+) -> None:
+    """Write new tokens' keys and values into the pool, in place.
+
+    Args:
+        k_cache, v_cache: `[num_pages, page_size, Hkv, D]` pools.
+        page_table: int32 `[B, max_pages]`, each request's pages in order.
+        offsets: int32 `[B]`, token offset in request b's page list of its first new token.
+        k, v: `[B, Hkv, D]` (one token per request) or `[B, T, Hkv, D]` (T tokens written
+            at `offsets[b] .. offsets[b] + T - 1`); any float dtype, cast to the pool's.
+        check: check the offsets against the page table (one host sync on CUDA; skipped
+            while a CUDA graph is being captured).
+    """
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    dev = k_cache.device
+    num_pages, page_size, hkv, d = k_cache.shape
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=dev,
+                 shape=k_cache.shape)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, device=dev)
+    if k.dim() not in (3, 4):
+        raise ValueError(f"k must be [B, Hkv, D] or [B, T, Hkv, D]; got shape {tuple(k.shape)}")
+    check_tensor("k", k, shape=(None,) * (k.dim() - 2) + (hkv, d))
+    check_tensor("v", v, ndim=k.dim(), dtypes=FLOAT_DTYPES, device=dev, shape=tuple(k.shape))
+    if k.dim() == 3:
+        k, v = k.unsqueeze(1), v.unsqueeze(1)
+    bsz, t = k.shape[:2]
+    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=dev, shape=(bsz,))
+    check_tensor("offsets", offsets, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(bsz,))
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        check_inner_contiguous(name, x)
+    if check:
+        length = torch.full_like(offsets, t)
+        check_ranges(page_table, offsets, length, page_size, num_pages, "offsets", "k.shape[1]")
+    if torch.compiler.is_compiling():
+        torch.ops.kflume.append_kv_(k_cache, v_cache, page_table, offsets, k, v)
+    else:
+        _append_impl(k_cache, v_cache, page_table, offsets, k, v)
+
+
+def _append_impl(k_cache, v_cache, page_table, offsets, k, v) -> None:
+    if k_cache.is_cuda:
+        launch_append(k_cache, v_cache, page_table, offsets, k, v)
+    else:
+        append_kv_ref(k_cache, v_cache, page_table, offsets, k, v)
+
+
+def launch_append(k_cache, v_cache, page_table, offsets, k, v) -> None:
+    """Launch the Triton append kernel (CUDA, or CPU under TRITON_INTERPRET=1). No checks."""
+    from ._append_triton import append_kv_kernel
+
+    bsz, t, hkv, d = k.shape
+    if bsz * t == 0:
+        return
+    append_kv_kernel[(bsz, t)](
+        k_cache, v_cache, page_table, offsets, k, v,
+        k_cache.shape[1],
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        NUM_HEADS=hkv,
+        HEAD_DIM=d,
+        BLOCK_H=1 << max(0, (hkv - 1).bit_length()),
+        BLOCK_D=max(16, 1 << max(0, (d - 1).bit_length())),
+        num_warps=4,
+    )
+
+
+@torch.library.custom_op("kflume::append_kv_", mutates_args=("k_cache", "v_cache"))
+def _append_op(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    offsets: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    _append_impl(k_cache, v_cache, page_table, offsets, k, v)
+
+
+@_append_op.register_fake
+def _(k_cache, v_cache, page_table, offsets, k, v) -> None:
+    return None

@@ -1,0 +1,82 @@
+"""append_kv against the reference: new tokens land at their page and slot, nothing else moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kflume.kernels import append_kv, split_kv_attention
+from kflume.kernels.append import launch_append
+from kflume.kernels.reference import append_kv_ref
+from kflume.testing import random_paged_kv
+
+from .helpers import BACKENDS, device_of
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_append_matches_reference(backend, tokens, page_size, dtype):
+    gen = torch.Generator().manual_seed(page_size * 10 + tokens)
+    dev = device_of(backend)
+    pool = random_paged_kv(4, 140, 3, 64, page_size, dtype=dtype, device=dev, generator=gen)
+    offsets = torch.tensor([0, 17, 63, 130], dtype=torch.int32, device=dev)
+    shape = (4, tokens, 3, 64) if tokens > 1 else (4, 3, 64)
+    # fp32 in, cast to the pool's dtype by the kernel; the interpreter rounds fp32 -> bf16
+    # by truncation (the GPU and torch round to nearest), so it gets the pool's dtype.
+    in_dtype = dtype if backend == "interpret" else torch.float32
+    k = torch.randn(shape, generator=gen).to(dev, in_dtype)
+    v = torch.randn(shape, generator=gen).to(dev, in_dtype)
+    ref_k, ref_v = pool.k_cache.clone(), pool.v_cache.clone()
+    k4, v4 = (k, v) if tokens > 1 else (k.unsqueeze(1), v.unsqueeze(1))
+    append_kv_ref(ref_k, ref_v, pool.page_table, offsets, k4, v4)
+    if backend == "interpret":
+        launch_append(pool.k_cache, pool.v_cache, pool.page_table, offsets, k4, v4)
+    else:
+        append_kv(pool.k_cache, pool.v_cache, pool.page_table, offsets, k, v)
+    assert torch.equal(pool.k_cache, ref_k)
+    assert torch.equal(pool.v_cache, ref_v)
+    assert not torch.equal(ref_k, random_paged_kv(4, 140, 3, 64, page_size, dtype=dtype,
+                                                  device=dev).k_cache)
+
+
+def test_appended_tokens_are_attended():
+    """Append then attend equals attending over a cache that held the tokens already."""
+    gen = torch.Generator().manual_seed(1)
+    pool = random_paged_kv(2, 40, 2, 64, 16, generator=gen)
+    q = torch.randn(2, 4, 64, generator=gen)
+    start = torch.tensor([3, 0], dtype=torch.int32)
+    length = torch.tensor([20, 33], dtype=torch.int32)
+    k_new = torch.randn(2, 2, 64, generator=gen)
+    v_new = torch.randn(2, 2, 64, generator=gen)
+    append_kv(pool.k_cache, pool.v_cache, pool.page_table, start + length, k_new, v_new)
+    out, _ = split_kv_attention(q, pool.k_cache, pool.v_cache, pool.page_table, start, length + 1)
+    # The same attention written out by hand for request 1 (start 0, 34 tokens).
+    ps = 16
+    toks = torch.arange(34)
+    pages = pool.page_table[1].long()[toks // ps]
+    k1 = pool.k_cache[pages, toks % ps]  # [34, 2, 64]
+    v1 = pool.v_cache[pages, toks % ps]
+    assert torch.equal(k1[-1], k_new[1])
+    s = torch.einsum("hgd,lhd->hgl", q[1].view(2, 2, 64), k1) * 64**-0.5
+    ref = torch.einsum("hgl,lhd->hgd", s.softmax(-1), v1).reshape(4, 64)
+    torch.testing.assert_close(out[1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_append_rejects_bad_input():
+    pool = random_paged_kv(2, 32, 2, 64, 16)
+    k = torch.randn(2, 2, 64)
+    ok = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="beyond"):
+        append_kv(pool.k_cache, pool.v_cache, pool.page_table, torch.tensor([0, 32],
+                  dtype=torch.int32), k, k)
+    with pytest.raises(ValueError, match="offsets must be >= 0"):
+        append_kv(pool.k_cache, pool.v_cache, pool.page_table, torch.tensor([0, -1],
+                  dtype=torch.int32), k, k)
+    with pytest.raises(TypeError, match="offsets must have dtype int32"):
+        append_kv(pool.k_cache, pool.v_cache, pool.page_table, ok.long(), k, k)
+    with pytest.raises(ValueError, match="k has shape"):
+        append_kv(pool.k_cache, pool.v_cache, pool.page_table, ok, torch.randn(2, 3, 64), k)
+    with pytest.raises(ValueError, match="v has shape"):
+        append_kv(pool.k_cache, pool.v_cache, pool.page_table, ok, k, torch.randn(2, 2, 32))
