@@ -76,12 +76,13 @@ def bench_shape(name: str, b: int, length: int, copy_tbs: float, gen, tune: bool
     # Correctness at this size against SDPA in fp32 math on the first copy.
     k0, v0, pt0 = paged[0]
     split_kv_attention(q, k0, v0, pt0, start, lens, out=out, lse=lse)
-    kc = k0[pt0.long()].reshape(b, length, HKV, D).transpose(1, 2)
-    vc = v0[pt0.long()].reshape(b, length, HKV, D).transpose(1, 2)
+    c = min(b, 2)  # requests checked (an fp32 copy of all KV would not fit at 16x128K)
+    kc = k0[pt0[:c].long()].reshape(c, length, HKV, D).transpose(1, 2)
+    vc = v0[pt0[:c].long()].reshape(c, length, HKV, D).transpose(1, 2)
     with sdpa_kernel(SDPBackend.MATH):
-        ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), kc.float(), vc.float(),
+        ref = F.scaled_dot_product_attention(q[:c].float().unsqueeze(2), kc.float(), vc.float(),
                                              enable_gqa=True).squeeze(2)
-    err = ((out.float() - ref).norm() / ref.norm()).item()
+    err = ((out[:c].float() - ref).norm() / ref.norm()).item()
     del kc, vc, ref
 
     res = {"shape": name, "B": b, "L": length, "kv_bytes": nbytes, "copies": n, "rel_err": err,
@@ -147,9 +148,9 @@ def tune_shape(q, paged, start, lens, out, lse, splits0) -> list[dict]:
         rows.append(dict(block_n=block_n, warps=warps, stages=stages, splits=splits, us=us))
         return us
 
-    for block_n in (32, 64, 128):
+    for block_n in (64, 128):
         for warps in (4, 8):
-            for stages in (2, 3, 4):
+            for stages in (3, 4):
                 time_cfg(block_n, warps, stages, splits0)
     best = min(rows, key=lambda r: r["us"])
     for mult in (0.25, 0.5, 2, 4):

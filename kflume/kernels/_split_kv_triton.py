@@ -17,8 +17,67 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LN2 = 0.6931471805599453
-LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i, n0, hi, start, page_size, scale_log2,
+    pt_row, k_head, v_head, stride_kp, stride_ks, stride_vp, stride_vs,
+    offs_n, offs_d, d_mask,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PAGE_SHIFT: tl.constexpr,
+):
+    """One BLOCK_N tile of the online softmax. MASKED: the tile may run past `hi`."""
+    tok = start + n0 + offs_n
+    n_mask = (n0 + offs_n) < hi
+    if PAGE_SHIFT >= 0:  # power-of-two pages: shifts instead of divisions
+        pidx = tok >> PAGE_SHIFT
+        slot = tok & ((1 << PAGE_SHIFT) - 1)
+    else:
+        pidx = tok // page_size
+        slot = tok % page_size
+    if MASKED:
+        page = tl.load(pt_row + pidx, mask=n_mask, other=0).to(tl.int64)
+    else:
+        page = tl.load(pt_row + pidx).to(tl.int64)
+    k_ptr = k_head + page[:, None] * stride_kp + slot[:, None] * stride_ks + offs_d[None, :]
+    v_ptr = v_head + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_d[None, :]
+    if MASKED:
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptr)
+    else:
+        k = tl.load(k_ptr, mask=d_mask[None, :], other=0.0)
+    s = _dot(q, tl.trans(k), IEEE, UPCAST_DOT) * scale_log2
+    if MASKED:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen only masked tokens keeps m = -inf: shift by 0 instead.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptr, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        v = tl.load(v_ptr)
+    else:
+        v = tl.load(v_ptr, mask=d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST_DOT)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -40,9 +99,12 @@ def split_kv_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    # KV heads vary fastest across the grid: the programs that run side by side read
+    # neighbouring 256-byte pieces of the same NHD token rows.
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
     split = tl.program_id(2)
 
     start = tl.load(KV_START + b)
@@ -51,6 +113,7 @@ def split_kv_kernel(
     chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
+    full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # end of the unmasked tiles
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -71,43 +134,20 @@ def split_kv_kernel(
     pt_row = PT + b.to(tl.int64) * stride_ptb
     k_head = K + kvh * stride_kh
     v_head = V + kvh * stride_vh
-    for n0 in range(lo, hi, BLOCK_N):
-        n_mask = (n0 + offs_n) < hi
-        tok = start + n0 + offs_n
-        page = tl.load(pt_row + tok // page_size, mask=n_mask, other=0).to(tl.int64)
-        slot = tok % page_size
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_head + page[:, None] * stride_kp + slot[:, None] * stride_ks + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
+    for n0 in range(lo, full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, n0, hi, start, page_size, scale_log2,
+            pt_row, k_head, v_head, stride_kp, stride_ks, stride_vp, stride_vs,
+            offs_n, offs_d, d_mask,
+            False, HEAD_DIM == BLOCK_D, IEEE, UPCAST_DOT, PAGE_SHIFT,
         )
-        if UPCAST_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked tokens keeps m = -inf: shift by 0 instead.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_head + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
+    if full < hi:
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, full, hi, start, page_size, scale_log2,
+            pt_row, k_head, v_head, stride_kp, stride_ks, stride_vp, stride_vs,
+            offs_n, offs_d, d_mask,
+            True, HEAD_DIM == BLOCK_D, IEEE, UPCAST_DOT, PAGE_SHIFT,
         )
-        if UPCAST_DOT:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-            acc = acc * alpha[:, None] + pv
-        elif IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]

@@ -168,10 +168,11 @@ def launch_split_kv(
         o = torch.empty(num_splits, bsz, hq, d, device=q.device, dtype=torch.float32)
         s = torch.empty(num_splits, bsz, hq, device=q.device, dtype=torch.float32)
     block_n = block_n or _block_n(q.dtype, d)
-    kt.split_kv_kernel[(bsz, hkv, num_splits)](
+    page_size = k_cache.shape[1]
+    kt.split_kv_kernel[(hkv, bsz, num_splits)](
         q, k_cache, v_cache, page_table, kv_start, kv_len, o, s,
-        scale * kt.LOG2E,
-        k_cache.shape[1],
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        page_size,
         num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -186,6 +187,7 @@ def launch_split_kv(
         BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32,
         UPCAST_DOT=not q.is_cuda and q.dtype == torch.bfloat16,
+        PAGE_SHIFT=page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else -1,
         num_warps=num_warps,
         num_stages=num_stages,
     )
