@@ -63,3 +63,38 @@ def random_paged_kv(
     perm = torch.randperm(num_pages, generator=generator)[: batch * pages_per_req]
     pt = perm.view(batch, pages_per_req).to(device=device, dtype=torch.int32)
     return PagedKV(k, v, pt)
+
+
+class ReferenceKV:
+    """Every request's full KV per layer, kept locally, and attention over it in float64.
+
+    The yardstick for disaggregated attention: whatever the routing, RemoteAttention's
+    output must equal attention of q over all of a request's tokens.
+    """
+
+    def __init__(self, layers: int):
+        self.k: list[dict] = [{} for _ in range(layers)]
+        self.v: list[dict] = [{} for _ in range(layers)]
+
+    def extend(self, layer: int, request, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add tokens `k, v [T, Hkv, D]` to the request's history in `layer`."""
+        ks, vs = self.k[layer], self.v[layer]
+        k, v = k.detach().double().cpu(), v.detach().double().cpu()
+        ks[request] = torch.cat([ks[request], k]) if request in ks else k
+        vs[request] = torch.cat([vs[request], v]) if request in vs else v
+
+    def attend(self, layer: int, requests, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of `q [B, Hq, D]` over each request's history, float64 `[B, Hq, D]`."""
+        outs = []
+        for i, rid in enumerate(requests):
+            k, v = self.k[layer][rid], self.v[layer][rid]  # [T, Hkv, D]
+            hq, hkv = q.shape[1], k.shape[1]
+            qi = q[i].double().cpu().view(hkv, hq // hkv, -1)
+            s = torch.einsum("hgd,thd->hgt", qi, k) * scale
+            outs.append(torch.einsum("hgt,thd->hgd", s.softmax(-1), v).reshape(hq, -1))
+        return torch.stack(outs)
+
+    def forget(self, request) -> None:
+        for layer in range(len(self.k)):
+            self.k[layer].pop(request, None)
+            self.v[layer].pop(request, None)

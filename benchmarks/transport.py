@@ -1,0 +1,208 @@
+"""One layer's query round trip through kflume's UCX transport against raw ucxx, same run.
+
+The weight node sends q `[B, Hq, D]` and gets back out `[B, Hq, D]` and lse `[B, Hq]`
+(B=32, Hq=32, D=128, bf16: 256 KiB out, 260 KiB back). The peer process answers at
+once (no attention computed), so the figures are transport only:
+
+- raw: ucxx blocking API, one tag message each way, receives pre-posted, busy polling:
+  the floor for moving these bytes;
+- kflume: `NodeClient`-style calls over `UcxTransport` (header + q out; header + out +
+  lse back, into buffers allocated once), for each progress mode.
+
+    python benchmarks/transport.py                  # host memory, loopback
+    python benchmarks/transport.py --device cuda    # GPU0 <-> GPU1 (needs 2 GPUs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header as bench_header  # noqa: E402
+from common import save_json  # noqa: E402
+
+B, HQ, D = 32, 32, 128
+
+
+def _device(kind: str) -> torch.device:
+    return torch.device("cuda:0" if kind == "cuda" else "cpu")
+
+
+def _env(kind: str, rank: int) -> None:
+    os.environ.setdefault("UCX_MM_ERROR_HANDLING", "y")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    if kind == "cuda":  # each process sees its own GPU as device 0
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0,1" if rank == 0 else "1,0"
+
+
+# ---- raw ucxx ---------------------------------------------------------------------------
+def _raw_worker():
+    from ucxx._lib import libucxx as L
+
+    ctx = L.UCXContext({}, (L.Feature.TAG, L.Feature.WAKEUP))
+    return L, ctx, L.UCXWorker(ctx)
+
+
+def _raw_wait(w, reqs):
+    while not all(r.completed for r in reqs):
+        w.progress()
+    for r in reqs:
+        r.check_error()
+
+
+def _arr(t):
+    from ucxx._lib.arr import Array
+
+    flat = t.reshape(-1).view(torch.uint8)
+    return Array(flat if flat.is_cuda else flat.numpy())
+
+
+def raw_server(kind, q_addr, q_back):
+    import numpy as np
+
+    _env(kind, 1)
+    L, ctx, w = _raw_worker()
+    q_back.put(w.address.tobytes())
+    peer = q_addr.get()
+    ep = L.UCXEndpoint.create_from_worker_address(
+        w, L.UCXAddress.create_from_buffer(np.frombuffer(peer, np.uint8)), True)
+    dev = _device(kind)
+    qbuf = torch.empty(B * HQ * D * 2, dtype=torch.uint8, device=dev)
+    reply = torch.randn(B * HQ * D * 2 + B * HQ * 4, device=dev).view(torch.uint8)[
+        : B * HQ * D * 2 + B * HQ * 4].clone()
+    while True:
+        r = ep.tag_recv(_arr(qbuf), L.UCXXTag(1))
+        _raw_wait(w, [r])
+        if int(qbuf[0]) == 255 and int(qbuf[1]) == 255:
+            break
+        s = ep.tag_send(_arr(reply), L.UCXXTag(2))
+        _raw_wait(w, [s])
+
+
+def raw_client(kind, iters, warmup) -> list[float]:
+    import numpy as np
+
+    ctx_mp = mp.get_context("spawn")
+    q_addr, q_back = ctx_mp.Queue(), ctx_mp.Queue()
+    p = ctx_mp.Process(target=raw_server, args=(kind, q_addr, q_back))
+    p.start()
+    L, ctx, w = _raw_worker()
+    peer = q_back.get(timeout=120)
+    q_addr.put(w.address.tobytes())
+    ep = L.UCXEndpoint.create_from_worker_address(
+        w, L.UCXAddress.create_from_buffer(np.frombuffer(peer, np.uint8)), True)
+    dev = _device(kind)
+    q = torch.randn(B, HQ, D, device=dev).to(torch.bfloat16)
+    back = torch.empty(B * HQ * D * 2 + B * HQ * 4, dtype=torch.uint8, device=dev)
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        r = ep.tag_recv(_arr(back), L.UCXXTag(2))
+        s = ep.tag_send(_arr(q), L.UCXXTag(1))
+        _raw_wait(w, [r, s])
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e6)
+    stop = torch.full((B * HQ * D * 2,), 255, dtype=torch.uint8, device=dev)
+    _raw_wait(w, [ep.tag_send(_arr(stop), L.UCXXTag(1))])
+    p.join(30)
+    return times
+
+
+# ---- kflume -----------------------------------------------------------------------------
+def kflume_server(kind, progress, q_out):
+    _env(kind, 1)
+    from kflume.comm import Header
+    from kflume.comm.ucx import SERVER_INLINE_BYTES, UcxTransport
+
+    t = UcxTransport(token="bench", progress=progress, inline_bytes=SERVER_INLINE_BYTES)
+    lis = t.listen("127.0.0.1:0")
+    q_out.put(lis.address)
+    conn = None
+    while conn is None:
+        conn = lis.accept()
+        t.progress(0.01)
+    dev = _device(kind)
+    conn.recv_device = dev
+    out = torch.randn(B, HQ, D, device=dev).to(torch.bfloat16)
+    lse = torch.randn(B, HQ, device=dev)
+    seq = 0
+    while True:
+        (m,) = t.wait([conn.post_recv(seq)], 600.0)
+        seq += 1
+        m.release()
+        if m.header.op == "shutdown":
+            break
+        conn.send(Header("result", seq=m.header.seq), [out, lse])
+    t.progress(0.2)
+
+
+def kflume_client(kind, progress, iters, warmup) -> list[float]:
+    from kflume.client import NodeClient
+    from kflume.comm.ucx import UcxTransport
+
+    ctx_mp = mp.get_context("spawn")
+    q = ctx_mp.Queue()
+    p = ctx_mp.Process(target=kflume_server, args=(kind, progress, q))
+    p.start()
+    t = UcxTransport(token="bench", progress=progress)
+    c = NodeClient.connect("bench", t, q.get(timeout=120))
+    dev = _device(kind)
+    qt = torch.randn(B, HQ, D, device=dev).to(torch.bfloat16)
+    out = torch.empty(B, HQ, D, device=dev, dtype=torch.bfloat16)
+    lse = torch.empty(B, HQ, device=dev)
+    reqs, lens = list(range(B)), [1] * B
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        c.attend(0, 0, reqs, lens, qt, out, lse).result(30.0)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e6)
+    c.call(__import__("kflume.comm", fromlist=["Header"]).Header("shutdown"))
+    t.progress(0.2)
+    p.join(30)
+    t.close()
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    s = sorted(times)
+    return {"median_us": statistics.median(s), "p99_us": s[int(0.99 * (len(s) - 1))],
+            "n": len(s)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--modes", nargs="*", default=["poll", "hybrid", "blocking", "thread"])
+    args = ap.parse_args()
+    _env(args.device, 0)
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        sys.exit("--device cuda needs two GPUs")
+    res = {"raw": summary(raw_client(args.device, args.iters, args.warmup))}
+    for mode in args.modes:
+        iters = args.iters if mode != "thread" else max(200, args.iters // 5)
+        res[f"kflume-{mode}"] = summary(kflume_client(args.device, mode, iters, args.warmup))
+    mb = (B * HQ * D * 2 + B * HQ * D * 2 + B * HQ * 4) / 1e6
+    print(bench_header(f"q round trip B={B} Hq={HQ} D={D} bf16 ({args.device} memory), "
+                       f"{mb:.2f} MB moved per round trip"))
+    raw = res["raw"]["median_us"]
+    print("| path | median us | p99 us | median / raw |")
+    print("|---|---|---|---|")
+    for k, v in res.items():
+        print(f"| {k} | {v['median_us']:.1f} | {v['p99_us']:.1f} | "
+              f"{v['median_us'] / raw:.2f} |")
+    save_json(f"transport-{args.device}.json", res)
+
+
+if __name__ == "__main__":
+    main()

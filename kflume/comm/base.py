@@ -1,0 +1,159 @@
+"""The transport interface every kflume transport implements.
+
+A `Connection` carries messages (a `Header` plus tensors, kflume/comm/wire.py) both ways
+between two peers. Sending is non-blocking: `send` posts the message and the transport
+keeps its buffers alive until it is gone. Receiving is posted ahead: `post_recv(seq,
+into)` says which message (by sequence number) is expected and, where the sizes are
+known, the buffers to land in, allocated once by the caller and reused. `Transport.wait`
+progresses everything until the given receives complete, with a deadline on every wait;
+a peer that dies or answers with an error raises here, naming the peer.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .wire import DTYPES, Header, WireError
+
+__all__ = [
+    "Connection",
+    "DeadlineExceeded",
+    "Message",
+    "Recv",
+    "RemoteError",
+    "Transport",
+    "TransportError",
+    "Listener",
+]
+
+
+class TransportError(ConnectionError):
+    """The link to a peer failed (peer gone, connection refused, handshake refused)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A wait passed its deadline."""
+
+
+class RemoteError(RuntimeError):
+    """The peer received the message and answered with an error (it keeps serving)."""
+
+    def __init__(self, peer: str, op: str, message: str, kind: str = "error"):
+        super().__init__(f"{peer}: {op} failed: {message}")
+        self.peer, self.op, self.kind, self.remote_message = peer, op, kind, message
+
+
+@dataclass(slots=True)
+class Message:
+    """A received header and its tensors. Tensors may live in the transport's receive
+    buffers: call `release()` once they have been used (kernels reading them enqueued),
+    so the buffers can take a later message."""
+
+    header: Header
+    tensors: list[torch.Tensor]
+    release: Callable[[], None] = lambda: None
+
+
+class Recv(ABC):
+    """A posted receive of one message. `done` once its header and tensors arrived."""
+
+    @property
+    @abstractmethod
+    def done(self) -> bool: ...
+
+    @abstractmethod
+    def message(self) -> Message:
+        """The received message; raises what went wrong if it failed."""
+
+    def cancel(self) -> None:  # noqa: B027 -- optional for transports that can cancel
+        """Give the receive up (after a deadline); the message, if it comes, is dropped."""
+
+
+def check_into(header: Header, into: Sequence[torch.Tensor] | None, peer: str):
+    """Tensors to receive into: the caller's buffers when they match the header, else new."""
+    if into is None:
+        return None
+    if len(into) != len(header.tensors):
+        raise WireError(f"{peer}: {header.op} carries {len(header.tensors)} tensors, "
+                        f"expected {len(into)}")
+    for t, (dtype, shape) in zip(into, header.tensors):
+        if t.dtype != DTYPES[dtype] or tuple(t.shape) != tuple(shape):
+            raise WireError(f"{peer}: {header.op} tensor {dtype}{list(shape)} does not match "
+                            f"the buffer {t.dtype}{list(t.shape)}")
+        if not t.is_contiguous():
+            raise WireError(f"{peer}: receive buffers must be contiguous")
+    return into
+
+
+class Connection(ABC):
+    """One peer. Messages from this side carry increasing sequence numbers."""
+
+    peer: str
+
+    @abstractmethod
+    def send(self, header: Header, tensors: Sequence[torch.Tensor] = ()) -> None:
+        """Post `header` (its tensor descriptors filled from `tensors`) and the tensors."""
+
+    @abstractmethod
+    def post_recv(self, seq: int, into: Sequence[torch.Tensor] | None = None) -> Recv:
+        """Expect the peer's message number `seq`; land its tensors in `into` if given."""
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Listener(ABC):
+    """Accepts connections (after the token handshake) on `address`."""
+
+    address: str
+
+    @abstractmethod
+    def accept(self) -> Connection | None:
+        """A newly connected peer, or None; never blocks."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Transport(ABC):
+    """Connects, listens and progresses; owns whatever the connections share."""
+
+    @abstractmethod
+    def connect(self, address: str, *, timeout: float = 30.0) -> Connection: ...
+
+    @abstractmethod
+    def listen(self, address: str) -> Listener: ...
+
+    @abstractmethod
+    def progress(self, timeout: float = 0.0) -> None:
+        """Advance pending sends and receives; may sleep up to `timeout` seconds if idle."""
+
+    def wait(self, recvs: Sequence[Recv], timeout: float, what: str = "reply") -> list[Message]:
+        """Progress until every receive is done; their messages, in order.
+
+        Raises DeadlineExceeded after `timeout` seconds (the receives are cancelled) and
+        TransportError if a peer is gone. A peer's "error" reply is a message like any
+        other: the caller (kflume/client.py) turns it into a RemoteError.
+        """
+        deadline = time.monotonic() + timeout
+        while not all(r.done for r in recvs):
+            now = time.monotonic()
+            if now > deadline:
+                for r in recvs:
+                    if not r.done:
+                        r.cancel()
+                raise DeadlineExceeded(f"no {what} within {timeout:.3g} s")
+            self.progress(min(deadline - now, 0.01))
+        return [r.message() for r in recvs]
+
+    def close(self) -> None:  # noqa: B027
+        pass

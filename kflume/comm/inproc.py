@@ -1,0 +1,148 @@
+"""In-process transport: attention nodes and the weight node in one process.
+
+For tests of the layers above the transport and for one-process runs. Messages are
+delivered into the peer's inbox with their tensors cloned (the sender may reuse its
+buffers at once, as with a real transport). There are no threads: servers registered
+with the hub (`InProcHub.add_driver`) are run whenever someone waits, so a whole
+cluster runs deterministically in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .base import Connection, Listener, Message, Recv, Transport, TransportError, check_into
+from .wire import Header, decode, encode
+
+__all__ = ["InProcHub", "InProcTransport"]
+
+
+class InProcHub:
+    """The in-process 'network': named listeners and the servers to run on waits."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, _InProcListener] = {}
+        self.drivers: list[Callable[[], object]] = []
+        self._running = False
+
+    def add_driver(self, fn: Callable[[], object]) -> None:
+        self.drivers.append(fn)
+
+    def remove_driver(self, fn: Callable[[], object]) -> None:
+        if fn in self.drivers:
+            self.drivers.remove(fn)
+
+    def run(self) -> None:
+        if self._running:  # a server waiting inside a driver must not re-enter
+            return
+        self._running = True
+        try:
+            for fn in list(self.drivers):
+                fn()
+        finally:
+            self._running = False
+
+
+DEFAULT_HUB = InProcHub()
+
+
+class _InProcRecv(Recv):
+    def __init__(self, conn: _InProcConnection, seq: int, into):
+        self.conn, self.seq, self.into = conn, seq, into
+        self._cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self.seq in self.conn.inbox or not self.conn.alive or self._cancelled
+
+    def message(self) -> Message:
+        if self.seq not in self.conn.inbox:
+            raise TransportError(f"{self.conn.peer}: connection closed before message "
+                                 f"{self.seq} arrived")
+        header, tensors = self.conn.inbox.pop(self.seq)
+        into = check_into(header, self.into, self.conn.peer)
+        if into is not None:
+            for dst, src in zip(into, tensors):
+                dst.copy_(src)
+            tensors = list(into)
+        return Message(header, tensors)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.conn.dropped.add(self.seq)
+        self.conn.inbox.pop(self.seq, None)
+
+
+class _InProcConnection(Connection):
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.inbox: dict[int, tuple[Header, list[torch.Tensor]]] = {}
+        self.dropped: set[int] = set()
+        self.other: _InProcConnection | None = None
+        self._alive = True
+
+    def send(self, header: Header, tensors: Sequence[torch.Tensor] = ()) -> None:
+        if not self._alive or self.other is None or not self.other._alive:
+            raise TransportError(f"{self.peer}: connection is closed")
+        header.describe(tensors)
+        wire_header = decode(encode(header))  # what a real wire would deliver
+        copies = [t.detach().contiguous().clone() for t in tensors]
+        if header.seq in self.other.dropped:
+            self.other.dropped.discard(header.seq)
+            return
+        self.other.inbox[header.seq] = (wire_header, copies)
+
+    def post_recv(self, seq: int, into: Sequence[torch.Tensor] | None = None) -> Recv:
+        return _InProcRecv(self, seq, into)
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def close(self) -> None:
+        self._alive = False
+        if self.other is not None:
+            self.other._alive = False
+
+
+class _InProcListener(Listener):
+    def __init__(self, hub: InProcHub, address: str):
+        self.hub, self.address = hub, address
+        self.backlog: list[_InProcConnection] = []
+
+    def accept(self) -> Connection | None:
+        return self.backlog.pop(0) if self.backlog else None
+
+    def close(self) -> None:
+        self.hub.listeners.pop(self.address, None)
+
+
+class InProcTransport(Transport):
+    """Addresses are names: `listen("node-a")`, `connect("node-a")`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, hub: InProcHub | None = None) -> None:
+        self.hub = hub or DEFAULT_HUB
+
+    def listen(self, address: str) -> Listener:
+        if address in self.hub.listeners:
+            raise TransportError(f"in-process address {address!r} is already listening")
+        lis = self.hub.listeners[address] = _InProcListener(self.hub, address)
+        return lis
+
+    def connect(self, address: str, *, timeout: float = 30.0) -> Connection:
+        lis = self.hub.listeners.get(address)
+        if lis is None:
+            raise TransportError(f"nothing listens at in-process address {address!r}")
+        client = _InProcConnection(address)
+        server = _InProcConnection(f"inproc-client-{next(self._ids)}")
+        client.other, server.other = server, client
+        lis.backlog.append(server)
+        return client
+
+    def progress(self, timeout: float = 0.0) -> None:
+        self.hub.run()

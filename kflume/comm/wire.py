@@ -1,0 +1,159 @@
+"""The wire format: a versioned msgpack header, then the tensors it describes.
+
+A message is one header (op, sequence number, layer, epoch, request ids, integer
+fields, tensor descriptors) followed by one raw buffer per tensor descriptor. Headers
+are decoded with msgpack into plain types and checked field by field: nothing from the
+network is ever unpickled or evaluated. Tensor bytes are sent as they lie in memory
+(contiguous, native byte order).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import msgpack
+import torch
+
+__all__ = ["VERSION", "OPS", "Header", "WireError", "encode", "decode", "DTYPES", "MAX_HEADER"]
+
+VERSION = 1
+MAX_HEADER = 1 << 16  # bytes (64 KiB); a header beyond this is refused
+MAX_TENSOR_BYTES = 1 << 36  # 64 GiB: refuse descriptors that would allocate absurd buffers
+OPS = frozenset(
+    {"open", "append", "attend", "free", "export", "import", "stats", "shutdown",
+     "ok", "result", "error"}
+)
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_LEN = struct.Struct("<I")
+
+
+class WireError(ValueError):
+    """A header that does not decode or does not follow the format."""
+
+
+@dataclass(slots=True)
+class Header:
+    """What a message says; the tensors follow it in `tensors` order.
+
+    op: one of OPS. seq: the sender's sequence number (a reply carries the request's).
+    layer / epoch: -1 when not relevant. requests: request ids (int or str).
+    ints: named integer lists (e.g. kv_len, offsets, positions), one entry per request
+    unless stated otherwise. tensors: (dtype name, shape) of each tensor that follows.
+    info: small scalars (stats, errors); error: the message of an "error" reply.
+    """
+
+    op: str
+    seq: int = 0
+    layer: int = -1
+    epoch: int = -1
+    requests: list = field(default_factory=list)
+    ints: dict[str, list[int]] = field(default_factory=dict)
+    tensors: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    error: str = ""
+    inline: list[int] = field(default_factory=list)  # tensors carried in the header message
+
+    def describe(self, tensors) -> Header:
+        """Fill `tensors` descriptors from actual tensors; returns self."""
+        self.tensors = [(dtype_name(t.dtype), tuple(t.shape)) for t in tensors]
+        return self
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise WireError(f"dtype {dtype} cannot be sent; use one of {sorted(DTYPES)}") from None
+
+
+def encode(h: Header) -> bytes:
+    """Header -> bytes: a 4-byte little-endian length, then the msgpack map."""
+    body = msgpack.packb(
+        {"v": VERSION, "op": h.op, "seq": h.seq, "layer": h.layer, "epoch": h.epoch,
+         "req": list(h.requests), "ints": h.ints,
+         "t": [[d, list(s)] for d, s in h.tensors], "info": h.info, "err": h.error,
+         "inl": h.inline},
+        use_bin_type=True,
+    )
+    if len(body) > MAX_HEADER:
+        raise WireError(f"header of {len(body)} bytes exceeds the {MAX_HEADER}-byte limit")
+    return _LEN.pack(len(body)) + body
+
+
+def _int(name, x, lo=-(2**63), hi=2**63 - 1) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi:
+        raise WireError(f"header field {name} must be an integer in [{lo}, {hi}]; got {x!r}")
+    return x
+
+
+def decode(buf) -> Header:
+    """bytes (length-prefixed, possibly followed by slack) -> Header, checked."""
+    return decode_with_end(buf)[0]
+
+
+def decode_with_end(buf) -> tuple[Header, int]:
+    """As `decode`, and the offset where the header ends (inline tensors follow it)."""
+    mv = memoryview(buf).cast("B")
+    if len(mv) < 4:
+        raise WireError("message shorter than its 4-byte length prefix")
+    (n,) = _LEN.unpack_from(mv, 0)
+    if n > MAX_HEADER or n + 4 > len(mv):
+        raise WireError(f"header length {n} does not fit the {len(mv) - 4} bytes received")
+    try:
+        d = msgpack.unpackb(bytes(mv[4 : 4 + n]), raw=False, strict_map_key=True)
+    except Exception as e:
+        raise WireError(f"header is not valid msgpack: {e}") from None
+    if not isinstance(d, dict):
+        raise WireError("header must be a map")
+    if d.get("v") != VERSION:
+        raise WireError(f"wire version {d.get('v')!r} is not supported (this side speaks "
+                        f"{VERSION})")
+    op = d.get("op")
+    if op not in OPS:
+        raise WireError(f"unknown op {op!r}")
+    reqs = d.get("req", [])
+    if type(reqs) is not list or not all(type(r) in (int, str) for r in reqs):
+        raise WireError("request ids must be a list of ints or strings")
+    ints = d.get("ints", {})
+    if type(ints) is not dict:
+        raise WireError("ints must map names to lists of integers")
+    for k, v in ints.items():  # msgpack integers are 64-bit already: types are enough
+        if type(k) is not str or type(v) is not list or not all(type(x) is int for x in v):
+            raise WireError(f"ints[{k}] must be a list of integers")
+    tensors = []
+    for t in d.get("t", []):
+        if not (isinstance(t, list) and len(t) == 2 and t[0] in DTYPES
+                and isinstance(t[1], list)):
+            raise WireError(f"bad tensor descriptor {t!r}")
+        shape = tuple(_int("shape", s, 0, 2**40) for s in t[1])
+        nbytes = DTYPES[t[0]].itemsize
+        for s in shape:
+            nbytes *= s
+        if nbytes > MAX_TENSOR_BYTES:
+            raise WireError(f"tensor of {nbytes} bytes exceeds the {MAX_TENSOR_BYTES} limit")
+        tensors.append((t[0], shape))
+    info = d.get("info", {})
+    err = d.get("err", "")
+    if not isinstance(info, dict) or not isinstance(err, str):
+        raise WireError("info must be a map and err a string")
+    inline = d.get("inl", [])
+    if type(inline) is not list or not all(
+        type(i) is int and 0 <= i < len(tensors) for i in inline
+    ):
+        raise WireError("inl must list indices of the tensors")
+    h = Header(op, _int("seq", d.get("seq", 0)), _int("layer", d.get("layer", -1)),
+               _int("epoch", d.get("epoch", -1)), reqs, ints, tensors, info, err, inline)
+    return h, 4 + n
+
+
+def empty_like_descriptor(desc: tuple[str, tuple[int, ...]], device) -> torch.Tensor:
+    return torch.empty(desc[1], dtype=DTYPES[desc[0]], device=device)

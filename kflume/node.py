@@ -1,0 +1,395 @@
+"""AttentionNode: the weightless server that holds token ranges of KV and attends over them.
+
+For every layer a paged pool `[num_pages, page_size, Hkv, D]` (docs/conventions.md); a
+page allocator shared by all layers (a token takes one slot in every layer); per request
+the list of its pages and how many tokens it holds. A node does not need to know which
+global positions it holds: attention over a set of tokens does not depend on their
+order, so a request's tokens on a node are simply its first `n` local slots. It keeps
+the global segments anyway, to export a global range for migration.
+
+`AttentionNode` is the state and the compute; `NodeServer` (kflume/server.py) puts it
+behind a transport; `python -m kflume.node` / `kflume node` starts one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels import append_kv, split_kv_attention
+from .kernels.split_kv import default_num_splits
+
+__all__ = ["AttentionNode", "NodeCapacityError", "NodeConfig", "UnknownRequestError"]
+
+log = logging.getLogger("kflume.node")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class NodeCapacityError(RuntimeError):
+    """The node has no free pages for what was asked (the router should have prevented it)."""
+
+
+class UnknownRequestError(KeyError):
+    """A request this node holds nothing of."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0])
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    """Geometry and capacity of an attention node (must match the model it serves)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    capacity_tokens: int
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    page_size: int = 16
+    q_heads: int | None = None  # informational; checked per request by GQA rules
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "kv_heads", "head_dim", "capacity_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+
+    @property
+    def num_pages(self) -> int:
+        return -(-self.capacity_tokens // self.page_size)
+
+
+@dataclass(slots=True)
+class _Request:
+    slot: int  # row of the node's page-table tensor
+    lengths: list[int]  # per layer: tokens written (local slots 0..n-1)
+    pages: list[int] = field(default_factory=list)
+    segments: list[list[int]] = field(default_factory=list)  # [global_start, global_end, local]
+
+    @property
+    def length(self) -> int:
+        """Tokens held in every layer."""
+        return min(self.lengths)
+
+
+class AttentionNode:
+    """Paged KV for token ranges of many requests, and attention over them.
+
+    All methods check their input and raise ValueError / UnknownRequestError /
+    NodeCapacityError naming the problem; a refused call leaves the node unchanged.
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = c = config
+        self.device = torch.device(c.device)
+        self.dtype = DTYPES[c.dtype]
+        shape = (c.layers, c.num_pages, c.page_size, c.kv_heads, c.head_dim)
+        # Allocated up front: a node never runs out of memory mid-request, it refuses.
+        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.free_pages: list[int] = list(range(c.num_pages - 1, -1, -1))
+        self.requests: dict[object, _Request] = {}
+        self._free_slots: list[int] = []
+        self._pt = torch.zeros(8, 8, dtype=torch.int32, device=self.device)  # [slots, pages]
+        self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                     if self.device.type == "cuda" else 132)
+
+    # ---- bookkeeping ----------------------------------------------------------------
+    def stats(self) -> dict:
+        c = self.config
+        return {
+            "pages_total": c.num_pages,
+            "pages_free": len(self.free_pages),
+            "page_size": c.page_size,
+            "tokens_held": sum(max(r.lengths) for r in self.requests.values()),
+            "capacity_tokens": c.num_pages * c.page_size,
+            "requests": len(self.requests),
+            "layers": c.layers,
+            "kv_heads": c.kv_heads,
+            "head_dim": c.head_dim,
+            "dtype": c.dtype,
+            "device": str(self.device),
+        }
+
+    def _req(self, rid) -> _Request:
+        try:
+            return self.requests[rid]
+        except KeyError:
+            raise UnknownRequestError(f"unknown request {rid!r} on this node") from None
+
+    def _new_request(self, rid) -> _Request:
+        slot = self._free_slots.pop() if self._free_slots else len(self.requests)
+        if slot >= self._pt.shape[0]:
+            self._grow_table(rows=max(2 * self._pt.shape[0], slot + 1))
+        req = self.requests[rid] = _Request(slot, [0] * self.config.layers)
+        return req
+
+    def _grow_table(self, rows: int | None = None, cols: int | None = None) -> None:
+        r0, c0 = self._pt.shape
+        pt = torch.zeros(rows or r0, cols or c0, dtype=torch.int32, device=self.device)
+        pt[:r0, :c0] = self._pt
+        self._pt = pt
+
+    def _reserve(self, reqs: Sequence[tuple[object, int]]) -> None:
+        """Make sure each (request, tokens) has pages for `tokens` local slots; all or none."""
+        ps = self.config.page_size
+        need = 0
+        for rid, tokens in reqs:
+            have = len(self.requests[rid].pages) if rid in self.requests else 0
+            need += max(0, -(-tokens // ps) - have)
+        if need > len(self.free_pages):
+            raise NodeCapacityError(
+                f"node is full: {need} more pages needed, {len(self.free_pages)} free of "
+                f"{self.config.num_pages} ({self.config.page_size} tokens each)"
+            )
+        for rid, tokens in reqs:
+            req = self.requests.get(rid) or self._new_request(rid)
+            want = -(-tokens // ps)
+            if want > self._pt.shape[1]:
+                self._grow_table(cols=max(2 * self._pt.shape[1], want))
+            new = [self.free_pages.pop() for _ in range(want - len(req.pages))]
+            if new:
+                col = len(req.pages)
+                req.pages.extend(new)
+                self._pt[req.slot, col : col + len(new)] = torch.tensor(new, dtype=torch.int32)
+
+    def open(self, requests: Sequence, tokens: Sequence[int]) -> None:
+        """Reserve room for `tokens[i]` tokens of `requests[i]` (creating it if new)."""
+        if len(requests) != len(tokens):
+            raise ValueError("open: requests and tokens differ in length")
+        self._reserve([(r, int(n) + (max(self.requests[r].lengths) if r in self.requests else 0))
+                       for r, n in zip(requests, tokens)])
+
+    def free(self, requests: Sequence) -> int:
+        """Drop requests and return their pages; unknown ids are ignored. Returns tokens freed."""
+        freed = 0
+        for rid in requests:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            freed += max(req.lengths)
+            self.free_pages.extend(reversed(req.pages))
+            self._free_slots.append(req.slot)
+        return freed
+
+    # ---- data path ----------------------------------------------------------------------
+    def _check_kv(self, name: str, t: torch.Tensor, rows: int, tokens: int | None) -> None:
+        c = self.config
+        want = (rows, tokens, c.kv_heads, c.head_dim) if tokens is not None else None
+        if t.dim() != 4 or (want and tuple(t.shape) != want) or tuple(t.shape[2:]) != (
+            c.kv_heads, c.head_dim
+        ):
+            raise ValueError(f"{name} must be [{rows}, T, {c.kv_heads}, {c.head_dim}]; got "
+                             f"{list(t.shape)}")
+        if t.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; this node holds {self.config.dtype} KV")
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.config.layers:
+            raise ValueError(f"layer {layer} out of range: this node holds {self.config.layers} "
+                             "layers")
+
+    def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
+               positions: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write `k, v [b, T, Hkv, D]` at local slots `offsets[i] ..` of each request.
+
+        `positions[i]` is the global position of the first of those tokens (kept for
+        export). An offset may rewrite slots already written (a retried step) or extend
+        the request by exactly the tokens given; a gap is refused.
+        """
+        self._check_layer(layer)
+        b = len(requests)
+        if not (len(offsets) == len(positions) == b):
+            raise ValueError("append: requests, offsets and positions differ in length")
+        self._check_kv("k", k, b, None)
+        self._check_kv("v", v, b, k.shape[1])
+        t = k.shape[1]
+        for rid, off in zip(requests, offsets):
+            have = self.requests[rid].lengths[layer] if rid in self.requests else 0
+            if not 0 <= off <= have:
+                raise ValueError(f"append offset {off} for request {rid!r} leaves a gap: the "
+                                 f"node holds {have} of its tokens")
+        self._reserve([(rid, off + t) for rid, off in zip(requests, offsets)])
+        slots = torch.tensor([self.requests[r].slot for r in requests], device=self.device)
+        pt = self._pt.index_select(0, slots)
+        offs = torch.tensor(list(offsets), dtype=torch.int32, device=self.device)
+        append_kv(self.k_pool[layer], self.v_pool[layer], pt, offs,
+                  k.to(self.device, self.dtype), v.to(self.device, self.dtype), check=False)
+        for rid, off, pos in zip(requests, offsets, positions):
+            req = self.requests[rid]
+            req.lengths[layer] = max(req.lengths[layer], off + t)
+            if layer == 0:  # where global positions sit is the same in every layer
+                _add_segment(req.segments, int(pos), int(pos) + t, int(off))
+
+    def attend(self, layer: int, requests: Sequence, kv_len: Sequence[int],
+               q: torch.Tensor, *, scale: float | None = None,
+               out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+        """Attention of `q [b, Hq, D]` over the first `kv_len[i]` tokens this node holds of
+        each request, all requests in one kernel launch. Returns `(out, lse)`."""
+        self._check_layer(layer)
+        c = self.config
+        b = len(requests)
+        if q.dim() != 3 or q.shape[0] != b or q.shape[2] != c.head_dim or q.shape[1] % c.kv_heads:
+            raise ValueError(f"q must be [{b}, Hq, {c.head_dim}] with Hq a multiple of "
+                             f"{c.kv_heads}; got {list(q.shape)}")
+        if q.dtype != self.dtype:
+            raise TypeError(f"q has dtype {q.dtype}; this node holds {c.dtype} KV")
+        if len(kv_len) != b:
+            raise ValueError("attend: requests and kv_len differ in length")
+        for rid, n in zip(requests, kv_len):
+            have = self._req(rid).lengths[layer]
+            if not 0 <= n <= have:
+                raise ValueError(f"kv_len {n} for request {rid!r}: the node holds {have} tokens")
+        slots = torch.tensor([self.requests[r].slot for r in requests], device=self.device)
+        pt = self._pt.index_select(0, slots)
+        lens = torch.tensor(list(kv_len), dtype=torch.int32, device=self.device)
+        start = torch.zeros_like(lens)
+        splits = default_num_splits(b, c.kv_heads, pt.shape[1] * c.page_size, self._sms)
+        return split_kv_attention(q.to(self.device, self.dtype), self.k_pool[layer],
+                                  self.v_pool[layer], pt, start, lens, scale=scale,
+                                  num_splits=splits, out=out, lse=lse, check=False)
+
+    def export_range(self, rid, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV of global positions `[start, end)` of a request, all layers:
+        `k, v [layers, end - start, Hkv, D]`."""
+        req = self._req(rid)
+        local = _locate(req.segments, start, end, rid)
+        if local and max(local) >= req.length:
+            raise ValueError(f"request {rid!r}: positions [{start}, {end}) are not yet written "
+                             "in every layer")
+        idx = torch.tensor(local, dtype=torch.long, device=self.device)
+        ps = self.config.page_size
+        pages = torch.tensor(req.pages, dtype=torch.long, device=self.device)[idx // ps]
+        slots = idx % ps
+        return self.k_pool[:, pages, slots].clone(), self.v_pool[:, pages, slots].clone()
+
+    def import_range(self, rid, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Take KV `[layers, n, Hkv, D]` of global positions `[start, start + n)` of a request."""
+        c = self.config
+        if k.dim() != 4 or k.shape[0] != c.layers or tuple(k.shape[2:]) != (c.kv_heads,
+                                                                              c.head_dim):
+            raise ValueError(f"import: k must be [{c.layers}, n, {c.kv_heads}, {c.head_dim}]; "
+                             f"got {list(k.shape)}")
+        if v.shape != k.shape:
+            raise ValueError("import: v must have k's shape")
+        if k.dtype != self.dtype or v.dtype != self.dtype:
+            raise TypeError(f"import: k, v must be {c.dtype}")
+        n = k.shape[1]
+        if rid in self.requests and len(set(self.requests[rid].lengths)) != 1:
+            raise ValueError(f"import into request {rid!r} while its layers hold different "
+                             "token counts (a step is in flight)")
+        off = self.requests[rid].length if rid in self.requests else 0
+        self._reserve([(rid, off + n)])
+        req = self.requests[rid]
+        for layer in range(c.layers):
+            pt = self._pt[req.slot : req.slot + 1]
+            offs = torch.tensor([off], dtype=torch.int32, device=self.device)
+            append_kv(self.k_pool[layer], self.v_pool[layer], pt, offs,
+                      k[layer : layer + 1].to(self.device, self.dtype),
+                      v[layer : layer + 1].to(self.device, self.dtype), check=False)
+        req.lengths = [off + n] * c.layers
+        _add_segment(req.segments, start, start + n, off)
+
+
+def _add_segment(segments: list[list[int]], start: int, end: int, local: int) -> None:
+    """Record that global [start, end) sits at local slots [local, local + end - start)."""
+    if segments:
+        last = segments[-1]
+        if last[1] == start and last[2] + (last[1] - last[0]) == local:
+            last[1] = max(last[1], end)
+            return
+        if last[2] <= local < last[2] + (last[1] - last[0]):  # rewrite of the last tokens
+            return
+    segments.append([start, end, local])
+
+
+def _locate(segments: list[list[int]], start: int, end: int, rid) -> list[int]:
+    """Local slots of global positions [start, end); all must be held."""
+    out: list[int] = []
+    pos = start
+    for g0, g1, local in sorted(segments):
+        if g1 <= pos or g0 >= end:
+            continue
+        if g0 > pos:
+            break
+        stop = min(g1, end)
+        out.extend(range(local + pos - g0, local + stop - g0))
+        pos = stop
+        if pos >= end:
+            break
+    if pos < end:
+        raise ValueError(f"request {rid!r}: this node does not hold positions [{pos}, {end})")
+    return out
+
+
+# ---- command line: kflume node / python -m kflume.node -----------------------------------
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="kflume node",
+        description="Start a weightless attention node: it holds token ranges of KV and "
+        "attends over them for a weight node.")
+    p.add_argument("--listen", default="127.0.0.1:0",
+                   help="HOST:PORT to listen on (default 127.0.0.1:0, a free port)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--capacity-tokens", type=int, required=True,
+                   help="tokens of KV (in every layer) this node holds at most")
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--kv-heads", type=int, required=True)
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--token", default=None,
+                   help="cluster token peers must present (default: $KFLUME_TOKEN)")
+    p.add_argument("--progress", default="hybrid", choices=["hybrid", "poll", "blocking"],
+                   help="how the UCX worker is progressed")
+    p.add_argument("--port-file", default=None,
+                   help="write the address actually listened on to this file")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv=None) -> int:
+    import signal
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s kflume-node %(levelname)s %(message)s")
+    config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                        capacity_tokens=args.capacity_tokens, dtype=args.dtype,
+                        device=args.device, page_size=args.page_size)
+    from .comm.ucx import SERVER_INLINE_BYTES, UcxTransport
+    from .server import NodeServer
+
+    node = AttentionNode(config)
+    transport = UcxTransport(token=args.token, progress=args.progress, info=node.stats(),
+                             inline_bytes=SERVER_INLINE_BYTES)
+    server = NodeServer(node, transport, transport.listen(args.listen))
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    log.info("listening on %s: %d layers x %d KV heads x %d, %s on %s, %d tokens in %d pages",
+             server.address, config.layers, config.kv_heads, config.head_dim, config.dtype,
+             node.device, config.num_pages * config.page_size, config.num_pages)
+    print(f"kflume node listening on {server.address}", flush=True)
+    if args.port_file:
+        with open(args.port_file, "w") as f:
+            f.write(server.address)
+    try:
+        server.serve(should_stop=lambda: bool(stop))
+    finally:
+        server.close()
+        transport.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

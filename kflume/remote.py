@@ -1,0 +1,204 @@
+"""RemoteAttention: the weight node's side of core attention, one layer at a time.
+
+For a decode step planned by the router (kflume/router.py):
+
+1. query-first dispatch: q of the rows each node holds KV for goes out to every node of
+   the plan, before anything else is computed;
+2. meanwhile the new token's own partial is computed locally (attention of q over the
+   new k, v alone: out = v, lse = scale * q.k), and the new k, v are sent to the node
+   that owns each request's tail range, where the next step will find them;
+3. the nodes' partials `(out, lse)` come back and are merged with the local one by their
+   log-sum-exp (kflume.kernels.merge_attention_states).
+
+Prefill: a prompt's KV, computed on the weight node, is scattered by range to the nodes.
+Output equals attention over the whole KV (docs/conventions.md); tests check it over the
+in-process transport and over UCX between processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .client import NodeClient, Pending, wait_all
+from .kernels import merge_attention_states
+from .plan import PlanBuffers
+from .router import StepPlan
+
+__all__ = ["RemoteAttention"]
+
+
+class RemoteAttention:
+    """Attention over KV held by attention nodes, from the weight node.
+
+    Args:
+        clients: node name -> NodeClient, the nodes the router may name (the mapping
+            is read at every step, so nodes added to it join at the next step).
+        num_q_heads, num_kv_heads, head_dim: the model's attention geometry.
+        scale: score scale (default head_dim ** -0.5).
+        max_batch, max_nodes: sizes of the plan buffers (kflume/plan.py).
+        timeout: deadline in seconds for every reply.
+    """
+
+    def __init__(self, clients: Mapping[str, NodeClient], *, num_q_heads: int,
+                 num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 device: str | torch.device = "cpu", max_batch: int = 256,
+                 max_nodes: int = 16, timeout: float = 30.0) -> None:
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
+                             f"{num_kv_heads}")
+        self.clients = clients
+        self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5 if scale is None else float(scale)
+        self.device = torch.device(device)
+        self.timeout = timeout
+        self.buffers = PlanBuffers(max_nodes, max_batch, self.device)
+        self.plan: StepPlan | None = None
+        self._recv_bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _client(self, node: str) -> NodeClient:
+        try:
+            return self.clients[node]
+        except KeyError:
+            raise KeyError(f"the plan names node {node!r}, which RemoteAttention has no "
+                           "client for") from None
+
+    # ---- step boundaries ---------------------------------------------------------------
+    def begin_step(self, plan: StepPlan) -> None:
+        """Take the plan of this step: carry out its frees and migrations, load its tensors.
+
+        Migrations move KV through the weight node (export from the old node, import into
+        the new one); the node handles them before this step's attends (messages on one
+        connection are handled in order).
+        """
+        for node, rids in _group(plan.freed).items():
+            if node in self.clients:
+                self._client(node).free(rids)
+        for m in plan.migrations:
+            k, v = self._client(m.src).export_range(m.request, m.start, m.end)
+            self._client(m.dst).import_range(m.request, m.start, k, v)
+        for node in plan.removed_nodes:
+            if node in self.clients:
+                self._client(node).flush(self.timeout)
+        self.buffers.load(plan)
+        self.plan = plan
+
+    def end_step(self, wait: bool = False) -> None:
+        """Check the nodes' acknowledgements of appends; raise any refusal.
+
+        wait=False looks only at what has arrived (no stall); wait=True waits for all.
+        """
+        for w in self._plan().nodes:
+            c = self.clients.get(w.node)
+            if c is not None:
+                c.flush(self.timeout) if wait else c.check()
+
+    def _plan(self) -> StepPlan:
+        if self.plan is None:
+            raise RuntimeError("call begin_step(plan) before attending")
+        return self.plan
+
+    # ---- prefill --------------------------------------------------------------------------
+    def prefill(self, layer: int, request, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scatter one request's prompt KV `k, v [T, Hkv, D]` of `layer` to the nodes that
+        the plan's routes name for positions `[0, T)`."""
+        plan = self._plan()
+        if request not in plan.routes:
+            raise KeyError(f"request {request!r} is not in this step's plan")
+        t = k.shape[0]
+        if k.dim() != 3 or tuple(k.shape[1:]) != (self.hkv, self.d) or v.shape != k.shape:
+            raise ValueError(f"prefill k, v must be [T, {self.hkv}, {self.d}]; got "
+                             f"{list(k.shape)} and {list(v.shape)}")
+        local: dict[str, int] = {}
+        for r in plan.routes[request]:
+            a, b = r.start, min(r.end, t)
+            if a >= b:
+                break
+            off = local.get(r.node, 0)
+            self._client(r.node).append(layer, [request], [off], [a], k[None, a:b].contiguous(),
+                                        v[None, a:b].contiguous())
+            local[r.node] = off + b - a
+
+    # ---- decode -----------------------------------------------------------------------------
+    def _recv_buffers(self, node: str, rows: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reply buffers, allocated once per (node, rows, dtype) and reused."""
+        key = (node, rows, dtype)
+        if key not in self._recv_bufs:
+            self._recv_bufs[key] = (
+                torch.empty(rows, self.hq, self.d, dtype=dtype, device=self.device),
+                torch.empty(rows, self.hq, device=self.device, dtype=torch.float32),
+            )
+        return self._recv_bufs[key]
+
+    def dispatch(self, layer: int, q: torch.Tensor) -> list[tuple[str, torch.Tensor, Pending]]:
+        """Send q of each node's rows to that node; returns what `combine` needs."""
+        plan = self._plan()
+        sent = []
+        for w in plan.nodes:
+            if not w.rows:
+                continue
+            rows = self.buffers.node_rows(w.node)
+            out, lse = self._recv_buffers(w.node, len(w.rows), q.dtype)
+            reqs = [plan.requests[r] for r in w.rows]
+            p = self._client(w.node).attend(layer, plan.epoch, reqs, w.kv_len,
+                                            q.index_select(0, rows), out, lse, self.scale)
+            sent.append((w.node, rows, p))
+        return sent
+
+    def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Send each row's new k, v `[B, Hkv, D]` to its tail node (acknowledged later)."""
+        plan = self._plan()
+        for w in plan.nodes:
+            if not w.append_rows:
+                continue
+            rows = self.buffers.node_append_rows(w.node)
+            reqs = [plan.requests[r] for r in w.append_rows]
+            pos = [plan.positions[r] for r in w.append_rows]
+            self._client(w.node).append(layer, reqs, w.append_offsets, pos,
+                                        k_new.index_select(0, rows).unsqueeze(1),
+                                        v_new.index_select(0, rows).unsqueeze(1))
+
+    def combine(self, sent, q: torch.Tensor, k_new: torch.Tensor,
+                v_new: torch.Tensor) -> torch.Tensor:
+        """Wait for the nodes' partials and merge them with the new token's own partial."""
+        bsz = q.shape[0]
+        g = self.hq // self.hkv
+        parts_out = torch.zeros(len(sent) + 1, bsz, self.hq, self.d, dtype=q.dtype,
+                                device=q.device)
+        parts_lse = torch.full((len(sent) + 1, bsz, self.hq), float("-inf"), device=q.device)
+        # The new token attends to itself: softmax over one score is 1.
+        k_rep = k_new.repeat_interleave(g, dim=1)  # [B, Hq, D]
+        parts_lse[0] = (q.float() * k_rep.float()).sum(-1) * self.scale
+        parts_out[0] = v_new.repeat_interleave(g, dim=1)
+        msgs = wait_all([p for _, _, p in sent], self.timeout)
+        for i, ((_, rows, _), m) in enumerate(zip(sent, msgs)):
+            out, lse = m.tensors
+            parts_out[i + 1].index_copy_(0, rows, out.to(q.dtype))
+            parts_lse[i + 1].index_copy_(0, rows, lse)
+        out, _ = merge_attention_states(parts_out, parts_lse)
+        return out
+
+    def __call__(self, layer: int, q: torch.Tensor, k_new: torch.Tensor,
+                 v_new: torch.Tensor) -> torch.Tensor:
+        """Decode attention of one layer: q `[B, Hq, D]`, k_new, v_new `[B, Hkv, D]` (RoPE
+        applied), rows in the plan's request order. Returns out `[B, Hq, D]`."""
+        plan = self._plan()
+        if q.dim() != 3 or q.shape[0] != len(plan.requests) or tuple(q.shape[1:]) != (self.hq,
+                                                                                      self.d):
+            raise ValueError(f"q must be [{len(plan.requests)}, {self.hq}, {self.d}] (the "
+                             f"plan's batch); got {list(q.shape)}")
+        want = (q.shape[0], self.hkv, self.d)
+        if tuple(k_new.shape) != want or tuple(v_new.shape) != want:
+            raise ValueError(f"k_new and v_new must be {list(want)}; got {list(k_new.shape)} "
+                             f"and {list(v_new.shape)}")
+        sent = self.dispatch(layer, q)  # query first
+        self.append(layer, k_new, v_new)  # off the critical path
+        return self.combine(sent, q, k_new, v_new)
+
+
+def _group(pairs) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for rid, node in pairs:
+        out.setdefault(node, []).append(rid)
+    return out

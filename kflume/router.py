@@ -1,0 +1,448 @@
+"""TokenRangeRouter: which attention node holds which token range of each request.
+
+Plain Python, no torch: the router keeps, per request, ordered ranges `[start, end)`
+each owned by one node, covering `[0, length)`; the last (tail) range takes new tokens.
+Edits (add/drain/remove a node, add/finish a request, advance a request by one token)
+are queued and applied at the next token boundary, in `begin_step()`, which returns an
+immutable `StepPlan` with a new epoch. Tensors appear only when a plan is materialised
+(kflume/plan.py).
+
+A decode step, as the weight node sees it:
+
+    plan = router.begin_step()        # boundary: apply edits, place this step's tokens
+    ... attend: node n gets q of plan.nodes[n].rows and attends over its kv_len tokens;
+    ... append: each request's new k, v go to plan.append_node[row] at its offset
+    for rid in plan.requests: router.advance(rid)   # confirmed at the next boundary
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+__all__ = [
+    "CapacityError",
+    "FillThenLeastLoaded",
+    "Migration",
+    "NodeWork",
+    "Placement",
+    "PlacementPolicy",
+    "RouterError",
+    "StepPlan",
+    "TokenRange",
+    "TokenRangeRouter",
+]
+
+RequestId = Hashable
+
+
+class RouterError(ValueError):
+    """An edit the router cannot apply (unknown node or request, duplicate id...)."""
+
+
+class CapacityError(RouterError):
+    """No attention node has room for another token."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRange:
+    """Tokens `[start, end)` of one request, held by `node`."""
+
+    start: int
+    end: int
+    node: str
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(slots=True)
+class _Node:
+    capacity: int
+    used: int = 0
+    draining: bool = False
+
+
+@dataclass(slots=True)
+class _Request:
+    ranges: list[TokenRange]
+    length: int = 0  # tokens whose KV the nodes hold (history)
+    held: dict[str, int] = field(default_factory=dict)  # tokens per node
+
+
+class Placement(NamedTuple):
+    """Put the next `tokens` tokens on `node`: extend the tail range, or open a new one."""
+
+    node: str
+    tokens: int
+    extend_tail: bool
+
+
+class PlacementPolicy(Protocol):
+    """Decides where a request's next tokens go.
+
+    `place` gets the request's tail range (None for a request with no range yet) and the
+    number of tokens still to place, and returns a `Placement` of `1 <= n <= tokens` of
+    them. It reads the router only through `placeable_nodes()`, `least_loaded()`,
+    `is_draining(node)`, `free_tokens(node)` and `node_load(node)`; it raises
+    `CapacityError` when no node fits.
+    """
+
+    def place(
+        self, router: TokenRangeRouter, request: RequestId, tail: TokenRange | None, tokens: int
+    ) -> Placement:
+        ...
+
+
+@dataclass(slots=True)
+class FillThenLeastLoaded:
+    """Fill the tail range up to `range_tokens`, then open a range on the least-loaded node.
+
+    The least-loaded node is the one with the most free tokens (ties: the node that
+    joined first). A tail whose node is draining or full is closed early.
+    """
+
+    range_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.range_tokens < 1:
+            raise ValueError(f"range_tokens must be >= 1; got {self.range_tokens}")
+
+    def place(
+        self, router: TokenRangeRouter, request: RequestId, tail: TokenRange | None, tokens: int
+    ) -> Placement:
+        if tail is not None and len(tail) < self.range_tokens and not router.is_draining(
+            tail.node
+        ):
+            room = min(self.range_tokens - len(tail), router.free_tokens(tail.node))
+            if room > 0:
+                return Placement(tail.node, min(tokens, room), extend_tail=True)
+        node = router.least_loaded()
+        if node is None or router.free_tokens(node) == 0:
+            raise CapacityError(
+                f"no attention node has room for request {request!r}: add a node or finish "
+                "requests"
+            )
+        return Placement(node, min(tokens, router.free_tokens(node), self.range_tokens), False)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """Move tokens `[start, end)` of `request` from node `src` to node `dst`."""
+
+    request: RequestId
+    start: int
+    end: int
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeWork:
+    """One node's share of a step.
+
+    rows: batch rows (indices into `StepPlan.requests`) whose KV this node partly holds.
+    kv_len: for each of those rows, how many history tokens the node holds.
+    append_rows / append_offsets: rows whose new token goes to this node, and the
+        node-local offset to write it at (its history count for that request).
+    """
+
+    node: str
+    rows: tuple[int, ...]
+    kv_len: tuple[int, ...]
+    append_rows: tuple[int, ...]
+    append_offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """Everything one decode step needs to know about routing. Immutable.
+
+    requests: the batch, in row order. positions: the position of each row's new token
+    (= tokens of history). nodes: per-node work. routes: each request's ranges
+    (history plus the slot reserved for this step's token). prefill: requests added at
+    this boundary whose prompt KV must be scattered (their ranges are in `routes`).
+    migrations / freed: node-side moves and frees to carry out before attending.
+    """
+
+    epoch: int
+    requests: tuple[RequestId, ...]
+    positions: tuple[int, ...]
+    nodes: tuple[NodeWork, ...]
+    routes: dict[RequestId, tuple[TokenRange, ...]]
+    prefill: tuple[RequestId, ...] = ()
+    migrations: tuple[Migration, ...] = ()
+    freed: tuple[tuple[RequestId, str], ...] = ()
+    removed_nodes: tuple[str, ...] = ()
+
+    def node_work(self, node: str) -> NodeWork | None:
+        for w in self.nodes:
+            if w.node == node:
+                return w
+        return None
+
+    def table(self) -> str:
+        """The routing table as text, one request per line."""
+        lines = [f"epoch {self.epoch}"]
+        for rid, pos in zip(self.requests, self.positions):
+            ranges = "  ".join(f"[{r.start}, {r.end}) -> {r.node}" for r in self.routes[rid])
+            lines.append(f"  request {rid!s:>6} ({pos} tokens): {ranges}")
+        return "\n".join(lines)
+
+
+class TokenRangeRouter:
+    """Per-request token ranges -> attention nodes; edits apply at token boundaries.
+
+    Every edit is queued and takes effect in the next `begin_step()`. Costs: `advance`
+    O(1); `add_request` O(ranges of the prompt); `begin_step` O(batch x nodes per
+    request).
+    """
+
+    def __init__(self, policy: PlacementPolicy | None = None) -> None:
+        self.policy: PlacementPolicy = policy or FillThenLeastLoaded()
+        self._nodes: dict[str, _Node] = {}
+        self._free: dict[str, int] = {}  # free tokens of each placeable (not draining) node
+        self._requests: dict[RequestId, _Request] = {}
+        self._pending: list[tuple] = []
+        self._epoch = 0
+        self._last_plan: StepPlan | None = None
+
+    # ---- edits: queued, applied at the next boundary -------------------------------
+    def add_node(self, node: str, capacity_tokens: int) -> None:
+        if capacity_tokens < 1:
+            raise ValueError(f"capacity_tokens must be >= 1; got {capacity_tokens}")
+        self._pending.append(("add_node", node, capacity_tokens))
+
+    def drain_node(self, node: str) -> None:
+        """Place no new tokens on `node`; its ranges stay until it is removed."""
+        self._pending.append(("drain_node", node))
+
+    def remove_node(self, node: str) -> None:
+        """Move the node's ranges to other nodes (as `Migration`s) and forget it."""
+        self._pending.append(("remove_node", node))
+
+    def add_request(self, request: RequestId, prompt_tokens: int) -> None:
+        """A new request whose first `prompt_tokens` tokens' KV will be scattered."""
+        if prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens must be >= 0; got {prompt_tokens}")
+        self._pending.append(("add_request", request, prompt_tokens))
+
+    def finish_request(self, request: RequestId) -> None:
+        self._pending.append(("finish_request", request))
+
+    def advance(self, request: RequestId, tokens: int = 1) -> None:
+        """The request's last planned token(s) were appended: they become history."""
+        self._pending.append(("advance", request, tokens))
+
+    # ---- read-only views (for policies and callers) --------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(self._nodes)
+
+    def placeable_nodes(self) -> tuple[str, ...]:
+        return tuple(self._free)
+
+    def least_loaded(self) -> str | None:
+        """The placeable node with the most free tokens (ties: the one that joined first)."""
+        return max(self._free, key=self._free.__getitem__, default=None)
+
+    def is_draining(self, node: str) -> bool:
+        return self._node(node).draining
+
+    def free_tokens(self, node: str) -> int:
+        s = self._nodes[node]
+        return s.capacity - s.used
+
+    def node_load(self, node: str) -> int:
+        return self._nodes[node].used
+
+    def requests(self) -> tuple[RequestId, ...]:
+        return tuple(self._requests)
+
+    def ranges(self, request: RequestId) -> tuple[TokenRange, ...]:
+        return tuple(self._request(request).ranges)
+
+    def length(self, request: RequestId) -> int:
+        return self._request(request).length
+
+    # ---- the boundary ---------------------------------------------------------------
+    def begin_step(self) -> StepPlan:
+        """Apply queued edits, reserve a slot for each request's next token, return the plan."""
+        prefill: list[RequestId] = []
+        migrations: list[Migration] = []
+        freed: list[tuple[RequestId, str]] = []
+        removed: list[str] = []
+        # Advances confirm the previous plan's tokens: apply them before other edits, so
+        # that a node removed in the same boundary migrates those tokens too.
+        pending = [e for e in self._pending if e[0] == "advance"]
+        pending += [e for e in self._pending if e[0] != "advance"]
+        self._pending = []
+        for i, edit in enumerate(pending):
+            try:
+                self._apply(edit, prefill, migrations, freed, removed)
+            except RouterError:
+                self._pending = pending[i + 1 :] + self._pending  # keep the rest queued
+                raise
+        self._epoch += 1
+        # Reserve the slot of this step's token: position = history length.
+        for rid, req in self._requests.items():
+            if req.ranges and req.ranges[-1].end > req.length:
+                continue  # already reserved by an earlier plan not yet advanced
+            self._grow(rid, req, 1)
+        self._last_plan = self._make_plan(prefill, migrations, freed, removed)
+        return self._last_plan
+
+    # ---- internals --------------------------------------------------------------------
+    def _request(self, request: RequestId) -> _Request:
+        try:
+            return self._requests[request]
+        except KeyError:
+            raise RouterError(f"unknown request {request!r}") from None
+
+    def _apply(self, edit, prefill, migrations, freed, removed) -> None:
+        op = edit[0]
+        if op == "add_node":
+            _, node, cap = edit
+            if node in self._nodes:
+                raise RouterError(f"node {node!r} is already in the routing table")
+            self._nodes[node] = _Node(cap)
+            self._free[node] = cap
+        elif op == "drain_node":
+            self._node(edit[1]).draining = True
+            self._free.pop(edit[1], None)
+        elif op == "remove_node":
+            self._remove_node(edit[1], migrations)
+            removed.append(edit[1])
+        elif op == "add_request":
+            _, rid, tokens = edit
+            if rid in self._requests:
+                raise RouterError(f"request {rid!r} is already routed")
+            req = self._requests[rid] = _Request([])
+            self._grow(rid, req, tokens)
+            req.length = tokens
+            prefill.append(rid)
+        elif op == "finish_request":
+            req = self._request(edit[1])
+            for node, n in req.held.items():
+                self._use(node, -n)
+                freed.append((edit[1], node))
+            del self._requests[edit[1]]
+        elif op == "advance":
+            _, rid, tokens = edit
+            req = self._request(rid)
+            if req.length + tokens > req.ranges[-1].end:
+                self._grow(rid, req, req.length + tokens - req.ranges[-1].end)
+            req.length += tokens
+
+    def _use(self, node: str, n: int) -> None:
+        """Node `node` holds `n` more tokens (n < 0: fewer)."""
+        self._nodes[node].used += n
+        if node in self._free:
+            self._free[node] -= n
+
+    def _node(self, node: str) -> _Node:
+        try:
+            return self._nodes[node]
+        except KeyError:
+            raise RouterError(f"unknown node {node!r}") from None
+
+    def _grow(self, rid: RequestId, req: _Request, tokens: int) -> None:
+        """Extend the request's ranges by `tokens` at the end, as the policy places them."""
+        while tokens > 0:
+            tail = req.ranges[-1] if req.ranges else None
+            node, n, extend = self.policy.place(self, rid, tail, tokens)
+            state = self._node(node)
+            if not 1 <= n <= min(tokens, state.capacity - state.used):
+                raise CapacityError(
+                    f"placement policy put {n} tokens of request {rid!r} on node {node!r}, "
+                    f"which has room for {state.capacity - state.used}"
+                )
+            if extend and (tail is None or node != tail.node):
+                raise RouterError(f"placement policy extended a tail range that is not on {node!r}")
+            if extend:
+                req.ranges[-1] = TokenRange(tail.start, tail.end + n, node)
+            else:
+                start = tail.end if tail else 0
+                req.ranges.append(TokenRange(start, start + n, node))
+            self._use(node, n)
+            req.held[node] = req.held.get(node, 0) + n
+            tokens -= n
+
+    def _remove_node(self, node: str, migrations: list[Migration]) -> None:
+        self._node(node).draining = True
+        self._free.pop(node, None)
+        for rid, req in self._requests.items():
+            if node not in req.held:
+                continue
+            new_ranges: list[TokenRange] = []
+            for r in req.ranges:
+                if r.node != node:
+                    new_ranges.append(r)
+                    continue
+                need = len(r)
+                dst = self._roomiest(need)
+                if dst is None:
+                    raise CapacityError(
+                        f"cannot remove node {node!r}: no other node has room for tokens "
+                        f"[{r.start}, {r.end}) of request {rid!r}"
+                    )
+                self._use(dst, need)
+                req.held[dst] = req.held.get(dst, 0) + need
+                new_ranges.append(TokenRange(r.start, r.end, dst))
+                migrations.append(Migration(rid, r.start, min(r.end, req.length), node, dst))
+            self._use(node, -req.held.pop(node))
+            req.ranges = _coalesce(new_ranges)
+        del self._nodes[node]
+
+    def _roomiest(self, tokens: int) -> str | None:
+        """The placeable node with the most free tokens, if it has room for `tokens`."""
+        best = self.least_loaded()
+        return best if best is not None and self._free[best] >= tokens else None
+
+    def _make_plan(self, prefill, migrations, freed, removed) -> StepPlan:
+        rows: dict[str, list[int]] = {n: [] for n in self._nodes}
+        lens: dict[str, list[int]] = {n: [] for n in self._nodes}
+        arows: dict[str, list[int]] = {n: [] for n in self._nodes}
+        aoffs: dict[str, list[int]] = {n: [] for n in self._nodes}
+        requests, positions, routes = [], [], {}
+        for row, (rid, req) in enumerate(self._requests.items()):
+            requests.append(rid)
+            positions.append(req.length)
+            routes[rid] = tuple(req.ranges)
+            history = _history_per_node(req.ranges, req.length)
+            for node, n in history.items():
+                if n > 0:
+                    rows[node].append(row)
+                    lens[node].append(n)
+            tail = req.ranges[-1].node
+            arows[tail].append(row)
+            aoffs[tail].append(history.get(tail, 0))
+        work = tuple(
+            NodeWork(n, tuple(rows[n]), tuple(lens[n]), tuple(arows[n]), tuple(aoffs[n]))
+            for n in self._nodes
+        )
+        return StepPlan(self._epoch, tuple(requests), tuple(positions), work, routes,
+                        tuple(prefill), tuple(migrations), tuple(freed), tuple(removed))
+
+
+def _history_per_node(ranges: Iterable[TokenRange], length: int) -> dict[str, int]:
+    held: dict[str, int] = {}
+    for r in ranges:
+        if r.start >= length:
+            break
+        held[r.node] = held.get(r.node, 0) + min(r.end, length) - r.start
+    return held
+
+
+def _coalesce(ranges: list[TokenRange]) -> list[TokenRange]:
+    out: list[TokenRange] = []
+    for r in ranges:
+        if out and out[-1].node == r.node and out[-1].end == r.start:
+            out[-1] = TokenRange(out[-1].start, r.end, r.node)
+        else:
+            out.append(r)
+    return out

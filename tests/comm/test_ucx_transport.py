@@ -1,0 +1,125 @@
+"""UcxTransport between spawned processes on loopback: sizes, dtypes, deadlines, death."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+import pytest
+import torch
+
+pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
+
+from kflume.comm import DeadlineExceeded, Header, TransportError  # noqa: E402
+from kflume.comm.ucx import UcxTransport  # noqa: E402
+
+TOKEN = "echo-token"
+
+
+def echo_server(q, token):
+    """Echo every message back (same seq), until an 'shutdown'; 'stats' is never answered."""
+    try:
+        t = UcxTransport(token=token)
+        lis = t.listen("127.0.0.1:0")
+        q.put(lis.address)
+        conn = None
+        while conn is None:
+            conn = lis.accept()
+            t.progress(0.01)
+        seq = 0
+        while True:
+            (m,) = t.wait([conn.post_recv(seq)], 60.0)
+            seq += 1
+            if m.header.op == "shutdown":
+                break
+            if m.header.op == "stats":
+                continue  # never answered: the client's deadline must fire
+            conn.send(Header("result", seq=m.header.seq, info=m.header.info), m.tensors)
+        t.progress(0.1)
+    except Exception:  # forward the child's traceback to the parent
+        q.put(traceback.format_exc())
+
+
+@pytest.fixture
+def echo():
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=echo_server, args=(q, TOKEN), daemon=True)
+    p.start()
+    addr = q.get(timeout=60)
+    assert ":" in addr, addr
+    t = UcxTransport(token=TOKEN)
+    conn = t.connect(addr, timeout=20)
+    yield t, conn, p
+    if conn.alive:
+        conn.send(Header("shutdown", seq=10**6))
+        t.progress(0.05)
+    p.join(10)
+    if p.is_alive():
+        p.kill()
+    t.close()
+
+
+@pytest.mark.timeout(120)
+def test_echo_sizes_and_dtypes(echo):
+    t, conn, _ = echo
+    tensors = [
+        torch.empty(0, dtype=torch.float32),  # zero bytes
+        torch.randn(3, 5).to(torch.bfloat16),  # small, bf16
+        torch.randint(-9, 9, (7,), dtype=torch.int32),
+        torch.randn(4 * 2**20),  # 16 MiB
+    ]
+    seq = 0
+    for into in (None, [torch.empty_like(x) for x in tensors]):
+        recv = conn.post_recv(seq, into)
+        conn.send(Header("attend", seq=seq, info={"n": seq}), tensors)
+        (m,) = t.wait([recv], 30.0)
+        assert m.header.op == "result" and m.header.info == {"n": seq}
+        for a, b in zip(m.tensors, tensors):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        if into is not None:
+            assert all(a is b for a, b in zip(m.tensors, into))
+        seq += 1
+
+
+@pytest.mark.timeout(60)
+def test_strided_tensors_are_refused(echo):
+    _, conn, _ = echo
+    with pytest.raises(ValueError, match="contiguous"):
+        conn.send(Header("attend", seq=0), [torch.randn(4, 4).t()])
+
+
+@pytest.mark.timeout(60)
+def test_deadline(echo):
+    t, conn, _ = echo
+    recv = conn.post_recv(0)
+    conn.send(Header("stats", seq=0))
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="within 0.3"):
+        t.wait([recv], 0.3)
+    assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.timeout(60)
+def test_dead_peer_is_noticed(echo):
+    t, conn, proc = echo
+    recv = conn.post_recv(0)
+    os.kill(proc.pid, 9)
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="peer"):
+        t.wait([recv], 30.0)[0]
+    assert time.monotonic() - t0 < 3.0
+    with pytest.raises(TransportError):
+        conn.send(Header("attend", seq=1))
+
+
+@pytest.mark.timeout(60)
+def test_bad_address():
+    t = UcxTransport(token=TOKEN)
+    with pytest.raises(TransportError, match="cannot connect"):
+        t.connect("127.0.0.1:1", timeout=2)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        t.connect("nowhere", timeout=2)
+    t.close()

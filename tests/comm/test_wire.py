@@ -1,0 +1,59 @@
+"""The wire header: round trips, and refusal of anything malformed (never unpickled)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from kflume.comm.wire import MAX_HEADER, Header, WireError, decode, encode
+
+
+def test_round_trip():
+    t = [torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.float32)]
+    h = Header("attend", seq=7, layer=3, epoch=11, requests=[1, "r-2"],
+               ints={"kv_len": [5, 0]}, info={"scale": 0.125}).describe(t)
+    d = decode(encode(h) + b"slack after the header is ignored")
+    assert d == h and d.tensors == [("bfloat16", (3, 4)), ("float32", (0,))]
+
+
+def raw(d: dict) -> bytes:
+    body = msgpack.packb(d)
+    return len(body).to_bytes(4, "little") + body
+
+
+GOOD = {"v": 1, "op": "ok", "seq": 0}
+
+
+@pytest.mark.parametrize("payload,match", [
+    (b"\x01\x00", "shorter than its 4-byte length"),
+    (b"\xff\xff\x00\x00abc", "does not fit"),
+    (b"\x03\x00\x00\x00\xc1\xc1\xc1", "not valid msgpack"),
+    (raw([1, 2]), "must be a map"),
+    (raw({**GOOD, "v": 2}), "wire version 2 is not supported"),
+    (raw({**GOOD, "op": "exec"}), "unknown op 'exec'"),
+    (raw({**GOOD, "seq": "1"}), "seq must be an integer"),
+    (raw({**GOOD, "req": [1.5]}), "request ids"),
+    (raw({**GOOD, "ints": {"kv_len": ["x"]}}), r"ints\[kv_len\]"),
+    (raw({**GOOD, "t": [["complex64", [2]]]}), "bad tensor descriptor"),
+    (raw({**GOOD, "t": [["float32", [-1]]]}), "shape must be an integer"),
+    (raw({**GOOD, "t": [["float32", [2**30, 2**30]]]}), "exceeds"),
+    (raw({**GOOD, "err": 5}), "err a string"),
+])
+def test_malformed_headers_are_refused(payload, match):
+    with pytest.raises(WireError, match=match):
+        decode(payload)
+
+
+def test_pickle_is_never_a_header():
+    import pickle
+
+    with pytest.raises(WireError):
+        decode(len(b := pickle.dumps({"op": "ok"})).to_bytes(4, "little") + b)
+
+
+def test_header_size_limit():
+    with pytest.raises(WireError, match="exceeds"):
+        encode(Header("ok", requests=list(range(MAX_HEADER))))
+    with pytest.raises(WireError, match="cannot be sent"):
+        Header("ok").describe([torch.zeros(2, dtype=torch.complex64)])
