@@ -2,18 +2,36 @@
 
 A weight node runs projections and the FFN and owns the decode loop; weightless
 attention nodes hold token ranges of each request's KV and compute core attention over
-them; partial outputs are merged by their log-sum-exp. See docs/ and DESIGN.md.
+them; partial outputs are merged by their log-sum-exp. Conventions: docs/conventions.md.
+
+Imports work without a GPU, UCX or transformers: those are loaded where used.
 """
 
 from . import kernels
+from .cluster import Cluster
 from .kernels import append_kv, merge_attention_states, merge_state_, split_kv_attention
+from .node import AttentionNode, NodeConfig
+from .patch import KflumeCache, patch, unpatch
+from .remote import RemoteAttention
+from .router import FillThenLeastLoaded, StepPlan, TokenRange, TokenRangeRouter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionNode",
+    "Cluster",
+    "FillThenLeastLoaded",
+    "KflumeCache",
+    "NodeConfig",
+    "RemoteAttention",
+    "StepPlan",
+    "TokenRange",
+    "TokenRangeRouter",
     "append_kv",
     "kernels",
     "merge_attention_states",
     "merge_state_",
+    "patch",
     "split_kv_attention",
+    "unpatch",
 ]

@@ -1,5 +1,5 @@
-"""The `kflume` command: `kflume node ...` starts an attention node; `kflume check` checks
-the kernels on this machine."""
+"""The `kflume` command: `kflume demo` runs the end-to-end demo, `kflume node ...` starts an
+attention node, `kflume check` checks the kernels on this machine."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 USAGE = """usage: kflume COMMAND [ARGS]
 
 commands:
+  demo    a small Llama generating with its attention on attention nodes (kflume demo --help)
   node    start a weightless attention node (kflume node --help)
   check   check the kernels against float64 references and time them
 """
@@ -23,6 +24,10 @@ def main(argv=None) -> int:
         from .node import main as node_main
 
         return node_main(rest)
+    if cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
     if cmd == "check":
         from .kernels.check import main as check_main
 

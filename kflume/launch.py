@@ -1,6 +1,6 @@
 """Starting attention nodes as processes, and never leaving one behind.
 
-`NodeProcess` runs `python -m kflume.node` (a fresh interpreter: never a fork of a
+`NodeProcess` runs `python -m kflume node` (a fresh interpreter: never a fork of a
 process that may have initialised UCX or CUDA), reads the address it listens on from its
 first line of output, and stops it on `stop()`, on exit of the `with` block, at
 interpreter exit, and, on Linux, when the parent dies (PR_SET_PDEATHSIG).
@@ -46,9 +46,10 @@ class NodeProcess:
 
     def __init__(self, config: NodeConfig, *, listen: str = "127.0.0.1:0",
                  token: str | None = None, env: dict | None = None, timeout: float = 60.0,
-                 log_level: str = "warning", progress: str = "hybrid") -> None:
+                 log_level: str = "warning", progress: str = "hybrid",
+                 wait: bool = True) -> None:
         self.config = config
-        cmd = [sys.executable, "-m", "kflume.node", "--listen", listen,
+        cmd = [sys.executable, "-m", "kflume", "node", "--listen", listen,
                "--device", config.device, "--capacity-tokens", str(config.capacity_tokens),
                "--layers", str(config.layers), "--kv-heads", str(config.kv_heads),
                "--head-dim", str(config.head_dim), "--dtype", config.dtype,
@@ -61,29 +62,43 @@ class NodeProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=full_env,
                                      preexec_fn=_die_with_parent if os.name == "posix" else None)
         _LIVE.add(self)
-        self.address = self._read_address(timeout)
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.address: str | None = None
+        self._line = b""
+        if wait:
+            self.wait_ready()
 
-    def _read_address(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        line = b""
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
+    def ready(self) -> bool:
+        """True once the node listens (reads its first line of output without blocking)."""
+        while self.address is None:
+            if self.proc.poll() is not None:
                 self.stop()
-                why = f"exited with {self.proc.returncode}" if left > 0 else "timed out"
-                raise RuntimeError(f"attention node did not start ({why}); see its log above")
-            ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 0.2))
-            if ready:
-                ch = os.read(self.proc.stdout.fileno(), 1)
-                if not ch:
-                    continue
-                line += ch
-        text = line.decode().strip()
-        prefix = "kflume node listening on "
-        if not text.startswith(prefix):
-            self.stop()
-            raise RuntimeError(f"unexpected first line from the node: {text!r}")
-        return text[len(prefix):]
+                raise RuntimeError(f"attention node exited with {self.proc.returncode} before "
+                                   "listening; see its log above")
+            if time.monotonic() - self.started > self.timeout:
+                self.stop()
+                raise RuntimeError(f"attention node did not listen within {self.timeout} s")
+            r, _, _ = select.select([self.proc.stdout], [], [], 0)
+            if not r:
+                return False
+            ch = os.read(self.proc.stdout.fileno(), 1)
+            if ch == b"\n":
+                text = self._line.decode().strip()
+                prefix = "kflume node listening on "
+                if not text.startswith(prefix):
+                    self.stop()
+                    raise RuntimeError(f"unexpected first line from the node: {text!r}")
+                self.address = text[len(prefix):]
+            else:
+                self._line += ch
+        return True
+
+    def wait_ready(self) -> str:
+        """Block until the node listens (at most `timeout` from its start); its address."""
+        while not self.ready():
+            select.select([self.proc.stdout], [], [], 0.2)
+        return self.address
 
     @property
     def pid(self) -> int:

@@ -89,7 +89,9 @@ class RemoteAttention:
 
         wait=False looks only at what has arrived (no stall); wait=True waits for all.
         """
-        for w in self._plan().nodes:
+        if self.plan is None:
+            return
+        for w in self.plan.nodes:
             c = self.clients.get(w.node)
             if c is not None:
                 c.flush(self.timeout) if wait else c.check()

@@ -240,6 +240,11 @@ class TokenRangeRouter:
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def last_plan(self) -> StepPlan | None:
+        """The plan the last `begin_step()` returned."""
+        return self._last_plan
+
     def nodes(self) -> tuple[str, ...]:
         return tuple(self._nodes)
 

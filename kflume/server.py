@@ -108,8 +108,9 @@ class NodeServer:
     def _drop(self, peer: _Peer, why: str) -> None:
         self.peers.remove(peer)
         freed = self.node.free(sorted(peer.requests, key=str))
-        log.warning("peer %s left (%s); freed its %d requests (%d tokens)", peer.conn.peer, why,
-                    len(peer.requests), freed)
+        level = logging.WARNING if peer.requests else logging.INFO
+        log.log(level, "peer %s left (%s); freed its %d requests (%d tokens)", peer.conn.peer,
+                why, len(peer.requests), freed)
         peer.conn.close()
 
     # ---- messages ----------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""The examples and the demo run, end to end, on this machine's CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("ucxx", reason="examples start attention nodes over UCX")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=240):
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("flags", [[], ["--ucx"]], ids=["in-process", "ucx"])
+def test_decode_loop(flags):
+    out = run("examples/decode_loop.py", *flags)
+    assert "identical to the local cache" in out
+
+
+@pytest.mark.timeout(300)
+def test_hf_generate():
+    assert "same tokens as the model without kflume: True" in run("examples/hf_generate.py")
+
+
+@pytest.mark.timeout(300)
+def test_elastic_scale_out():
+    out = run("examples/elastic_scale_out.py")
+    assert "node node1 joined" in out and "worst relative error" in out
+
+
+@pytest.mark.timeout(300)
+def test_demo_under_a_minute():
+    import time
+
+    t0 = time.monotonic()
+    out = run("-m", "kflume", "demo", "--quiet")
+    assert time.monotonic() - t0 < 60
+    assert "tokens identical (100.0% agree)" in out
+    assert "joined the routing table" in out
+    assert "routing table after the prompt" in out and "routing table at the last token" in out
