@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header as bench_header  # noqa: E402
 from common import save_json  # noqa: E402
 
-B, HQ, D = 32, 32, 128
+HQ, D = 32, 128
+B = int(os.environ.get("KFLUME_BENCH_B", "32"))  # rows of q (--batch)
 
 
 def _device(kind: str) -> torch.device:
@@ -184,10 +185,14 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--modes", nargs="*", default=["poll", "hybrid", "blocking", "thread"])
+    ap.add_argument("--batch", type=int, default=32, help="rows of q (B)")
     args = ap.parse_args()
+    os.environ["KFLUME_BENCH_B"] = str(args.batch)  # spawned peers read it too
     _env(args.device, 0)
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         sys.exit("--device cuda needs two GPUs")
+    global B
+    B = args.batch
     res = {"raw": summary(raw_client(args.device, args.iters, args.warmup))}
     for mode in args.modes:
         iters = args.iters if mode != "thread" else max(200, args.iters // 5)
@@ -201,7 +206,7 @@ def main() -> None:
     for k, v in res.items():
         print(f"| {k} | {v['median_us']:.1f} | {v['p99_us']:.1f} | "
               f"{v['median_us'] / raw:.2f} |")
-    save_json(f"transport-{args.device}.json", res)
+    save_json(f"transport-{args.device}-b{B}.json", res)
 
 
 if __name__ == "__main__":

@@ -84,11 +84,13 @@ class NodeClient:
         return getattr(self.conn, "info", {}) or {}
 
     def call(self, header: Header, tensors: Sequence[torch.Tensor] = (),
-             into: Sequence[torch.Tensor] | None = None) -> Pending:
+             into: Sequence[torch.Tensor] | None = None, ready: bool = False) -> Pending:
+        """Post the reply's receive, then send. `ready=True`: CUDA tensors are known to be
+        written (e.g. a captured graph posted them), so the current stream is not synced."""
         header.seq = self._seq
         self._seq += 1
         recv = self.conn.post_recv(header.seq, into)  # posted before the send
-        self.conn.send(header, tensors)
+        self.conn.send(header, tensors, ready=ready)
         return Pending(self, header.op, recv)
 
     # ---- the data path ----------------------------------------------------------------
@@ -101,12 +103,20 @@ class NodeClient:
         return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
                                 ints={"kv_len": list(kv_len)}, info=info), [q], into)
 
+    def call_attend(self, layer, epoch, requests, kv_len, q, out, lse, scale) -> Pending:
+        """`attend` from a graph's buffers: q is known to be written (no stream sync)."""
+        info = {"scale": float(scale)}
+        return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
+                                ints={"kv_len": list(kv_len)}, info=info), [q], [out, lse],
+                         ready=True)
+
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
-               positions: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> Pending:
+               positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,
+               ready: bool = False) -> Pending:
         """k, v `[b, T, Hkv, D]` at local offsets; the acknowledgement is kept outstanding."""
         p = self.call(Header("append", layer=layer, requests=list(requests),
                              ints={"offsets": list(offsets), "positions": list(positions)}),
-                      [k, v])
+                      [k, v], ready=ready)
         self.outstanding.append(p)
         return p
 

@@ -97,6 +97,8 @@ class AttentionNode:
         self.requests: dict[object, _Request] = {}
         self._free_slots: list[int] = []
         self._pt = torch.zeros(8, 8, dtype=torch.int32, device=self.device)  # [slots, pages]
+        self._pt_version = 0  # bumped whenever the page table changes
+        self._batches: dict[tuple, tuple] = {}  # device index tensors of recent batches
         self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if self.device.type == "cuda" else 132)
 
@@ -135,6 +137,21 @@ class AttentionNode:
         pt = torch.zeros(rows or r0, cols or c0, dtype=torch.int32, device=self.device)
         pt[:r0, :c0] = self._pt
         self._pt = pt
+        self._pt_version += 1
+
+    def _batch(self, requests: Sequence, ints: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """(page table rows, int32 values) of a batch on the device, cached: every layer of
+        a step sends the same requests, so the host-to-device copies happen once a step."""
+        key = (tuple(requests), tuple(ints), self._pt_version)
+        hit = self._batches.get(key)
+        if hit is None:
+            slots = torch.tensor([self.requests[r].slot for r in requests], device=self.device)
+            vals = torch.tensor(list(ints), dtype=torch.int32, device=self.device)
+            hit = (self._pt.index_select(0, slots), vals, torch.zeros_like(vals))
+            if len(self._batches) >= 16:
+                self._batches.pop(next(iter(self._batches)))
+            self._batches[key] = hit
+        return hit
 
     def _reserve(self, reqs: Sequence[tuple[object, int]]) -> None:
         """Make sure each (request, tokens) has pages for `tokens` local slots; all or none."""
@@ -158,6 +175,7 @@ class AttentionNode:
                 col = len(req.pages)
                 req.pages.extend(new)
                 self._pt[req.slot, col : col + len(new)] = torch.tensor(new, dtype=torch.int32)
+                self._pt_version += 1
 
     def open(self, requests: Sequence, tokens: Sequence[int]) -> None:
         """Reserve room for `tokens[i]` tokens of `requests[i]` (creating it if new)."""
@@ -176,6 +194,7 @@ class AttentionNode:
             freed += max(req.lengths)
             self.free_pages.extend(reversed(req.pages))
             self._free_slots.append(req.slot)
+            self._pt_version += 1  # the slot and its pages may be handed out again
         return freed
 
     # ---- data path ----------------------------------------------------------------------
@@ -216,9 +235,7 @@ class AttentionNode:
                 raise ValueError(f"append offset {off} for request {rid!r} leaves a gap: the "
                                  f"node holds {have} of its tokens")
         self._reserve([(rid, off + t) for rid, off in zip(requests, offsets)])
-        slots = torch.tensor([self.requests[r].slot for r in requests], device=self.device)
-        pt = self._pt.index_select(0, slots)
-        offs = torch.tensor(list(offsets), dtype=torch.int32, device=self.device)
+        pt, offs, _ = self._batch(requests, offsets)
         append_kv(self.k_pool[layer], self.v_pool[layer], pt, offs,
                   k.to(self.device, self.dtype), v.to(self.device, self.dtype), check=False)
         for rid, off, pos in zip(requests, offsets, positions):
@@ -246,10 +263,7 @@ class AttentionNode:
             have = self._req(rid).lengths[layer]
             if not 0 <= n <= have:
                 raise ValueError(f"kv_len {n} for request {rid!r}: the node holds {have} tokens")
-        slots = torch.tensor([self.requests[r].slot for r in requests], device=self.device)
-        pt = self._pt.index_select(0, slots)
-        lens = torch.tensor(list(kv_len), dtype=torch.int32, device=self.device)
-        start = torch.zeros_like(lens)
+        pt, lens, start = self._batch(requests, kv_len)
         splits = default_num_splits(b, c.kv_heads, pt.shape[1] * c.page_size, self._sms)
         return split_kv_attention(q.to(self.device, self.dtype), self.k_pool[layer],
                                   self.v_pool[layer], pt, start, lens, scale=scale,

@@ -18,10 +18,11 @@ in-process transport and over UCX between processes.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from .client import NodeClient, Pending, wait_all
+from .client import NodeClient, wait_all
 from .kernels import merge_attention_states
 from .plan import PlanBuffers
 from .router import StepPlan
@@ -56,6 +57,7 @@ class RemoteAttention:
         self.buffers = PlanBuffers(max_nodes, max_batch, self.device)
         self.plan: StepPlan | None = None
         self._recv_bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shares: dict[tuple[int, int], list[_Share]] = {}
 
     def _client(self, node: str) -> NodeClient:
         try:
@@ -83,6 +85,7 @@ class RemoteAttention:
                 self._client(node).flush(self.timeout)
         self.buffers.load(plan)
         self.plan = plan
+        self._shares = {}
 
     def end_step(self, wait: bool = False) -> None:
         """Check the nodes' acknowledgements of appends; raise any refusal.
@@ -133,48 +136,77 @@ class RemoteAttention:
             )
         return self._recv_bufs[key]
 
-    def dispatch(self, layer: int, q: torch.Tensor) -> list[tuple[str, torch.Tensor, Pending]]:
-        """Send q of each node's rows to that node; returns what `combine` needs."""
+    def shares(self, start: int, stop: int) -> list[_Share]:
+        """Each node's part of plan rows [start, stop), with row indices local to the range.
+
+        Built once per step and range (the plan does not change within a step).
+        """
         plan = self._plan()
+        key = (start, stop)
+        if key not in self._shares:
+            out = []
+            for w in plan.nodes:
+                att = [(r - start, n) for r, n in zip(w.rows, w.kv_len) if start <= r < stop]
+                app = [(r - start, o) for r, o in zip(w.append_rows, w.append_offsets)
+                       if start <= r < stop]
+                if not att and not app:
+                    continue
+                idx = lambda rs: torch.tensor(rs, dtype=torch.long, device=self.device)  # noqa
+                out.append(_Share(
+                    w.node, idx([r for r, _ in att]), [plan.requests[r + start] for r, _ in att],
+                    [n for _, n in att], idx([r for r, _ in app]),
+                    [plan.requests[r + start] for r, _ in app], [o for _, o in app],
+                    [plan.positions[r + start] for r, _ in app]))
+            self._shares[key] = out
+        return self._shares[key]
+
+    def start(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+              rows: slice | None = None) -> _Handle:
+        """Send q of plan rows `rows` (all by default) to the nodes that hold their KV, and
+        the new k, v to their tail nodes; returns the handle `finish` waits on.
+
+        q `[b, Hq, D]`, k_new, v_new `[b, Hkv, D]` (RoPE applied): the rows of `rows`, in
+        the plan's order. Queries go out first; appends are acknowledged later.
+        """
+        plan = self._plan()
+        a, b = (0, len(plan.requests)) if rows is None else rows.indices(len(plan.requests))[:2]
+        if q.dim() != 3 or q.shape[0] != b - a or tuple(q.shape[1:]) != (self.hq, self.d):
+            raise ValueError(f"q must be [{b - a}, {self.hq}, {self.d}] (plan rows {a}..{b}); "
+                             f"got {list(q.shape)}")
+        want = (b - a, self.hkv, self.d)
+        if tuple(k_new.shape) != want or tuple(v_new.shape) != want:
+            raise ValueError(f"k_new and v_new must be {list(want)}; got {list(k_new.shape)} "
+                             f"and {list(v_new.shape)}")
+        shares = self.shares(a, b)
         sent = []
-        for w in plan.nodes:
-            if not w.rows:
-                continue
-            rows = self.buffers.node_rows(w.node)
-            out, lse = self._recv_buffers(w.node, len(w.rows), q.dtype)
-            reqs = [plan.requests[r] for r in w.rows]
-            p = self._client(w.node).attend(layer, plan.epoch, reqs, w.kv_len,
-                                            q.index_select(0, rows), out, lse, self.scale)
-            sent.append((w.node, rows, p))
-        return sent
+        for s in shares:  # query first
+            if s.requests:
+                out, lse = self._recv_buffers((s.node, a), len(s.requests), q.dtype)
+                p = self._client(s.node).attend(layer, plan.epoch, s.requests, s.kv_len,
+                                                q.index_select(0, s.rows), out, lse, self.scale)
+                sent.append((s.rows, p))
+        for s in shares:  # then the new tokens, off the critical path
+            if s.append_requests:
+                k = k_new.index_select(0, s.append_rows)[:, None]  # [a, 1, Hkv, D]
+                v = v_new.index_select(0, s.append_rows)[:, None]
+                self._client(s.node).append(layer, s.append_requests, s.append_offsets,
+                                            s.positions, k, v)
+        return _Handle(sent, q, k_new, v_new)
 
-    def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """Send each row's new k, v `[B, Hkv, D]` to its tail node (acknowledged later)."""
-        plan = self._plan()
-        for w in plan.nodes:
-            if not w.append_rows:
-                continue
-            rows = self.buffers.node_append_rows(w.node)
-            reqs = [plan.requests[r] for r in w.append_rows]
-            pos = [plan.positions[r] for r in w.append_rows]
-            self._client(w.node).append(layer, reqs, w.append_offsets, pos,
-                                        k_new.index_select(0, rows).unsqueeze(1),
-                                        v_new.index_select(0, rows).unsqueeze(1))
-
-    def combine(self, sent, q: torch.Tensor, k_new: torch.Tensor,
-                v_new: torch.Tensor) -> torch.Tensor:
+    def finish(self, h: _Handle) -> torch.Tensor:
         """Wait for the nodes' partials and merge them with the new token's own partial."""
+        q = h.q
         bsz = q.shape[0]
         g = self.hq // self.hkv
-        parts_out = torch.zeros(len(sent) + 1, bsz, self.hq, self.d, dtype=q.dtype,
+        parts_out = torch.zeros(len(h.sent) + 1, bsz, self.hq, self.d, dtype=q.dtype,
                                 device=q.device)
-        parts_lse = torch.full((len(sent) + 1, bsz, self.hq), float("-inf"), device=q.device)
+        parts_lse = torch.full((len(h.sent) + 1, bsz, self.hq), float("-inf"), device=q.device)
         # The new token attends to itself: softmax over one score is 1.
-        k_rep = k_new.repeat_interleave(g, dim=1)  # [B, Hq, D]
+        k_rep = h.k_new.repeat_interleave(g, dim=1)  # [b, Hq, D]
         parts_lse[0] = (q.float() * k_rep.float()).sum(-1) * self.scale
-        parts_out[0] = v_new.repeat_interleave(g, dim=1)
-        msgs = wait_all([p for _, _, p in sent], self.timeout)
-        for i, ((_, rows, _), m) in enumerate(zip(sent, msgs)):
+        parts_out[0] = h.v_new.repeat_interleave(g, dim=1)
+        msgs = wait_all([p for _, p in h.sent], self.timeout)
+        for i, ((rows, _), m) in enumerate(zip(h.sent, msgs)):
             out, lse = m.tensors
             parts_out[i + 1].index_copy_(0, rows, out.to(q.dtype))
             parts_lse[i + 1].index_copy_(0, rows, lse)
@@ -183,20 +215,31 @@ class RemoteAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k_new: torch.Tensor,
                  v_new: torch.Tensor) -> torch.Tensor:
-        """Decode attention of one layer: q `[B, Hq, D]`, k_new, v_new `[B, Hkv, D]` (RoPE
-        applied), rows in the plan's request order. Returns out `[B, Hq, D]`."""
-        plan = self._plan()
-        if q.dim() != 3 or q.shape[0] != len(plan.requests) or tuple(q.shape[1:]) != (self.hq,
-                                                                                      self.d):
-            raise ValueError(f"q must be [{len(plan.requests)}, {self.hq}, {self.d}] (the "
-                             f"plan's batch); got {list(q.shape)}")
-        want = (q.shape[0], self.hkv, self.d)
-        if tuple(k_new.shape) != want or tuple(v_new.shape) != want:
-            raise ValueError(f"k_new and v_new must be {list(want)}; got {list(k_new.shape)} "
-                             f"and {list(v_new.shape)}")
-        sent = self.dispatch(layer, q)  # query first
-        self.append(layer, k_new, v_new)  # off the critical path
-        return self.combine(sent, q, k_new, v_new)
+        """Decode attention of one layer for the plan's whole batch: q `[B, Hq, D]`, k_new,
+        v_new `[B, Hkv, D]` (RoPE applied), rows in the plan's order. Returns `[B, Hq, D]`."""
+        return self.finish(self.start(layer, q, k_new, v_new))
+
+
+@dataclass(slots=True)
+class _Share:
+    """One node's part of a range of plan rows (row indices local to the range)."""
+
+    node: str
+    rows: torch.Tensor
+    requests: list
+    kv_len: list
+    append_rows: torch.Tensor
+    append_requests: list
+    append_offsets: list
+    positions: list
+
+
+@dataclass(slots=True)
+class _Handle:
+    sent: list
+    q: torch.Tensor
+    k_new: torch.Tensor
+    v_new: torch.Tensor
 
 
 def _group(pairs) -> dict[str, list]:

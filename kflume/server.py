@@ -49,6 +49,9 @@ class NodeServer:
         self.peers: list[_Peer] = []
         self.stopped = False
         self.handled = 0
+        # Replies whose tensors a GPU kernel is still writing: sent once its event is done,
+        # while the loop goes on receiving (the next message's overhead hides the kernel).
+        self._deferred: list[tuple] = []
 
     @property
     def address(self) -> str:
@@ -65,6 +68,7 @@ class NodeServer:
         refused = getattr(self.listener, "refused", None)
         while refused:
             log.warning("refused a peer: %s", refused.pop(0))
+        self._send_deferred()
         handled = 0
         for peer in list(self.peers):
             while not self.stopped:
@@ -96,7 +100,11 @@ class NodeServer:
         """Serve until a "shutdown" message or `should_stop()` returns True."""
         while not self.stopped and not should_stop():
             if self.poll() == 0:
-                self.transport.progress(idle_sleep)
+                # Never sleep while a reply waits on its kernel: poll again at once.
+                self.transport.progress(0.0 if self._deferred else idle_sleep)
+        while self._deferred:  # replies already computed still go out
+            self._send_deferred()
+            self.transport.progress(0.0)
         log.info("server at %s stopped", self.address)
 
     def close(self) -> None:
@@ -135,7 +143,18 @@ class NodeServer:
             self._reply_error(peer, h, e)
             return
         reply.seq = h.seq
-        peer.conn.send(reply, out)
+        if any(t.is_cuda for t in out):
+            event = torch.cuda.Event()
+            event.record()
+            self._deferred.append((event, peer, reply, out))
+        else:
+            peer.conn.send(reply, out)
+
+    def _send_deferred(self) -> None:
+        while self._deferred and self._deferred[0][0].query():
+            _, peer, reply, out = self._deferred.pop(0)
+            if peer.conn.alive:
+                peer.conn.send(reply, out, ready=True)
 
     @staticmethod
     def _ints(h: Header, name: str, n: int) -> list[int]:

@@ -96,8 +96,12 @@ class Connection(ABC):
     peer: str
 
     @abstractmethod
-    def send(self, header: Header, tensors: Sequence[torch.Tensor] = ()) -> None:
-        """Post `header` (its tensor descriptors filled from `tensors`) and the tensors."""
+    def send(self, header: Header, tensors: Sequence[torch.Tensor] = (),
+             ready: bool = False) -> None:
+        """Post `header` (its tensor descriptors filled from `tensors`) and the tensors.
+
+        CUDA tensors are read by the transport without a stream: unless `ready`, the
+        current stream is synchronised first."""
 
     @abstractmethod
     def post_recv(self, seq: int, into: Sequence[torch.Tensor] | None = None) -> Recv:

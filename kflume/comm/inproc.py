@@ -67,6 +67,8 @@ class _InProcRecv(Recv):
         if into is not None:
             for dst, src in zip(into, tensors):
                 dst.copy_(src)
+            if any(t.is_cuda for t in into):  # complete, like a real transport's receive
+                torch.cuda.current_stream().synchronize()
             tensors = list(into)
         return Message(header, tensors)
 
@@ -84,7 +86,8 @@ class _InProcConnection(Connection):
         self.other: _InProcConnection | None = None
         self._alive = True
 
-    def send(self, header: Header, tensors: Sequence[torch.Tensor] = ()) -> None:
+    def send(self, header: Header, tensors: Sequence[torch.Tensor] = (),
+             ready: bool = False) -> None:
         if not self._alive or self.other is None or not self.other._alive:
             raise TransportError(f"{self.peer}: connection is closed")
         header.describe(tensors)

@@ -282,7 +282,8 @@ class UcxConnection(Connection):
     def _give_buffer(self, slot) -> None:
         slot[2].append(slot)
 
-    def send(self, header: Header, tensors: Sequence[torch.Tensor] = ()) -> None:
+    def send(self, header: Header, tensors: Sequence[torch.Tensor] = (),
+             ready: bool = False) -> None:
         if not self.alive:
             raise TransportError(f"{self.peer}: peer is gone ({self.why})")
         if len(tensors) >= 255:
@@ -305,7 +306,7 @@ class UcxConnection(Connection):
             if n:
                 np.copyto(buf[end : end + n], t.reshape(-1).view(torch.uint8).numpy())
             end += n
-        if any(t.is_cuda for t in tensors):
+        if not ready and any(t.is_cuda for t in tensors):
             torch.cuda.current_stream().synchronize()  # the array interface carries no stream
         req = self.ep.tag_send(Array(buf[:end]), L.UCXXTag(_tag(self.tx_channel, header.seq, 0)))
         inflight = self.transport._inflight

@@ -133,11 +133,11 @@ def test_node_killed_mid_step(transport):
         sc.remote.begin_step(plan)
         q = torch.randn(2, 8, 64)
         kv = torch.randn(2, 2, 64)
-        sent = sc.remote.dispatch(0, q)  # queries are out ...
+        handle = sc.remote.start(0, q, kv, kv)  # queries are out ...
         victim.kill()  # ... and the node dies before answering
         t0 = time.monotonic()
         with pytest.raises((TransportError, DeadlineExceeded), match="n0|127.0.0.1"):
-            sc.remote.combine(sent, q, kv, kv)
+            sc.remote.finish(handle)
         assert time.monotonic() - t0 < 5.0, "a dead node must be noticed well before the deadline"
         # The surviving node keeps serving.
         assert clients["n1"].stats()["requests"] == 2

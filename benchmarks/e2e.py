@@ -1,0 +1,393 @@
+"""End-to-end TPOT: Llama-3.1-8B-shaped decode, colocated vs disaggregated, same run.
+
+- weights: random bf16 tensors of the Llama-3.1-8B shape (32 layers, hidden 4096,
+  32/8 heads of 128, FFN 14336, vocab 128256), made here, saved as safetensors shards
+  and loaded back by the weight node (attention nodes never see them);
+- colocated: the same model on GPU0, SDPA (cuDNN) attention over a KV cache, the whole
+  step in one CUDA graph;
+- kflume: the weight node on GPU0, one attention node process on GPU1 (UCX, cuda_ipc),
+  the whole step in one CUDA graph with GraphSignal and the transport on the host;
+  without pipelining and with LayerPipeline (2 micro-batches); then a second attention
+  node joins during the run.
+
+Every figure is a per-step wall time (host bookkeeping, graph replay and transport) over
+`--steps` steps after `--warmup`, p50 and p99.
+
+    python benchmarks/e2e.py                       # GPU host with 2 GPUs
+    python benchmarks/e2e.py --tiny --device cpu   # a few-second smoke run of the code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, save_json  # noqa: E402
+
+from kflume.captured import CapturedRemoteAttention  # noqa: E402
+from kflume.cluster import Cluster  # noqa: E402
+from kflume.pipeline import LayerPipeline  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 32
+    dim: int = 4096
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    ffn: int = 14336
+    vocab: int = 128256
+
+
+TINY = Shape(layers=2, dim=256, heads=8, kv_heads=2, head_dim=32, ffn=512, vocab=1024)
+
+
+# ---- weights: made here, saved as safetensors, loaded by the weight node ------------------------
+def make_checkpoint(shape: Shape, path: Path, device: str) -> None:
+    from safetensors.torch import save_file
+
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def w(*s):
+        return (torch.randn(*s, generator=g, device=device) * s[-1] ** -0.5).to(torch.bfloat16)
+
+    save_file({"embed": w(shape.vocab, shape.dim), "head": w(shape.vocab, shape.dim),
+               "norm": torch.ones(shape.dim, dtype=torch.bfloat16, device=device)},
+              path / "base.safetensors")
+    hd = shape.head_dim
+    for i in range(shape.layers):
+        save_file({"wqkv": w((shape.heads + 2 * shape.kv_heads) * hd, shape.dim),
+                   "wo": w(shape.dim, shape.heads * hd), "w13": w(2 * shape.ffn, shape.dim),
+                   "w2": w(shape.dim, shape.ffn),
+                   "n1": torch.ones(shape.dim, dtype=torch.bfloat16, device=device),
+                   "n2": torch.ones(shape.dim, dtype=torch.bfloat16, device=device)},
+                  path / f"layer{i:02d}.safetensors")
+
+
+def load_checkpoint(shape: Shape, path: Path, device: str) -> dict:
+    from safetensors.torch import load_file
+
+    W = load_file(path / "base.safetensors", device=device)
+    W["layers"] = [load_file(path / f"layer{i:02d}.safetensors", device=device)
+                   for i in range(shape.layers)]
+    return W
+
+
+# ---- the weight node's model: plain functions, static buffers (gpt-fast style) --------------
+class Model:
+    def __init__(self, shape: Shape, W: dict, batch: int, context: int, device: str):
+        self.s, self.W, self.device = shape, W, device
+        hd = shape.head_dim
+        freq = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=device).float() / hd))
+        ang = torch.arange(context + 4096, device=device).float()[:, None] * freq
+        self.cos, self.sin = ang.cos(), ang.sin()
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pos = torch.full((batch,), context, dtype=torch.long, device=device)
+
+    def rope(self, x, pos):  # x [b, H, D], pos [b]
+        c, s = self.cos[pos][:, None], self.sin[pos][:, None]
+        x1, x2 = x[..., ::2].float(), x[..., 1::2].float()
+        return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).to(x.dtype)
+
+    @staticmethod
+    def rms(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+    def before(self, layer, state):
+        x, pos = state
+        s, lw = self.s, self.W["layers"][layer]
+        b, hd = x.shape[0], s.head_dim
+        qkv = F.linear(self.rms(x, lw["n1"]), lw["wqkv"])
+        q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], -1)
+        return (self.rope(q.view(b, s.heads, hd), pos), self.rope(k.view(b, s.kv_heads, hd), pos),
+                v.reshape(b, s.kv_heads, hd))
+
+    def after(self, layer, state, attn):
+        x, pos = state
+        lw = self.W["layers"][layer]
+        x = x + F.linear(attn.reshape(x.shape[0], -1), lw["wo"])
+        h = F.linear(self.rms(x, lw["n2"]), lw["w13"])
+        gate, up = h.chunk(2, -1)
+        return (x + F.linear(F.silu(gate) * up, lw["w2"]), pos)
+
+    def finish_step(self, x):
+        logits = F.linear(self.rms(x, self.W["norm"]), self.W["head"])
+        self.ids.copy_(logits.argmax(-1))
+        self.pos.add_(1)
+
+
+# ---- attention back ends for the pipeline ------------------------------------------------------
+class LocalKV:
+    """Colocated attention: SDPA (cuDNN) over a [B, Hkv, L, D] cache per layer."""
+
+    def __init__(self, shape: Shape, batch: int, context: int, device: str):
+        g = torch.Generator(device=device).manual_seed(1)
+        mk = lambda: torch.randn(batch, shape.kv_heads, context, shape.head_dim,  # noqa: E731
+                                 generator=g, device=device, dtype=torch.bfloat16)
+        self.k = [mk() for _ in range(shape.layers)]
+        self.v = [mk() for _ in range(shape.layers)]
+        self.context, self.rows = context, torch.arange(batch, device=device)
+
+    def start(self, layer, q, k, v, rows=None):
+        r = self.rows[rows] if rows is not None else self.rows
+        return (layer, q, k, v, r)
+
+    def finish(self, h):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        layer, q, k, v, r = h
+        slot = torch.full_like(r, self.context - 1)  # the step's token, at a fixed slot
+        self.k[layer][r, :, slot] = k
+        self.v[layer][r, :, slot] = v
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if q.is_cuda \
+            else [SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            o = F.scaled_dot_product_attention(q[:, :, None], self.k[layer][r], self.v[layer][r],
+                                               enable_gqa=True)
+        return o[:, :, 0]
+
+
+class NoAttention:
+    """The weight node's work alone (attention output = zeros): the local-compute time."""
+
+    def start(self, layer, q, k, v, rows=None):
+        return q
+
+    def finish(self, q):
+        return torch.zeros_like(q)
+
+
+def step_fn(model: Model, pipe: LayerPipeline, batch: int):
+    rows = pipe.split(batch)
+
+    def step():
+        x = model.W["embed"][model.ids]
+        out = pipe([(x[r], model.pos[r]) for r in rows], rows)
+        model.finish_step(torch.cat([o[0] for o in out]))
+
+    return step, rows
+
+
+def capture(step, stream, serve=None):
+    """Warm up (eagerly, served from a thread if needed), then capture one step."""
+    t = threading.Thread(target=serve) if serve else None
+    if t:
+        t.start()
+    with torch.cuda.stream(stream):
+        step()
+    if t:
+        t.join(120)
+    stream.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=stream):
+        step()
+    return g
+
+
+def time_steps(n, run_one) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run_one()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def stats(ms: list[float]) -> dict:
+    s = sorted(ms)
+    p99 = s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
+    return {"p50_ms": statistics.median(s), "p99_ms": p99, "mean_ms": statistics.fmean(s),
+            "n": len(s)}
+
+
+# ---- runs -------------------------------------------------------------------------------
+def run_colocated(shape, W, batch, context, device, args) -> dict:
+    model = Model(shape, W, batch, context, device)
+    kv = LocalKV(shape, batch, context, device)
+    out = {}
+    for label, attn in (("colocated", kv), ("local_compute", NoAttention())):
+        for mb in (1, 2):
+            if label == "colocated" and mb == 2:
+                continue
+            pipe = LayerPipeline(shape.layers, model.before, model.after, attn, mb)
+            step, _ = step_fn(model, pipe, batch)
+            s = torch.cuda.Stream()
+            g = capture(step, s)
+
+            def one(g=g, s=s):
+                with torch.cuda.stream(s):
+                    g.replay()
+                s.synchronize()
+            time_steps(args.warmup, one)
+            out[f"{label}_mb{mb}" if label == "local_compute" else label] = stats(
+                time_steps(args.steps, one))
+    del kv
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bool) -> dict:
+    env = {"CUDA_VISIBLE_DEVICES": "1,0"} if node_device == "cuda" else {}
+    capacity = batch * (context + args.warmup * 3 + args.steps * 3 + 64)
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    cl = Cluster.local(1, layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                       dtype=dtype, capacity_tokens=capacity, device=node_device, env=env,
+                       range_tokens=args.range_tokens, timeout=60.0)
+    try:
+        remote = cl.attention(num_q_heads=shape.heads, device=device, max_batch=batch)
+        t0 = time.perf_counter()
+        for r in range(batch):
+            cl.router.add_request(r, context)
+        cl.begin_step()
+        g = torch.Generator(device=device).manual_seed(2)
+        wdt = W["embed"].dtype
+        for layer in range(shape.layers):
+            for r in range(batch):
+                k = torch.randn(context, shape.kv_heads, shape.head_dim, device=device,
+                                generator=g).to(wdt)
+                remote.prefill(layer, r, k, torch.randn_like(k))
+            remote.end_step(wait=True)
+        prefill_s = time.perf_counter() - t0
+        out = {"prefill_s": prefill_s}
+        model = Model(shape, W, batch, context, device)
+        for mb in (1, 2):
+            pipe_rows = LayerPipeline(shape.layers, None, None, None, mb).split(batch)
+            cap = CapturedRemoteAttention(remote, batch=batch, num_layers=shape.layers,
+                                          row_ranges=pipe_rows, max_nodes=2,
+                                          mechanism=args.mechanism, dtype=wdt)
+            pipe = LayerPipeline(shape.layers, model.before, model.after, cap, mb)
+            step, _ = step_fn(model, pipe, batch)
+
+            def boundary(cap=cap):
+                remote.end_step()
+                for r in range(batch):
+                    cl.router.advance(r)
+                cap.load(cl.begin_step())
+
+            cap.load(cl.router.last_plan)
+            s = torch.cuda.Stream() if device == "cuda" else None
+            graph = None
+            if s is not None:  # the warm-up before capture ran this step: advance past it
+                graph = capture(step, s, serve=cap.serve_step)
+                boundary()
+
+            def one(cap=cap, graph=graph, s=s, step=step):
+                if graph is not None:
+                    with torch.cuda.stream(s):
+                        graph.replay()
+                    cap.serve_step()
+                    s.synchronize()
+                else:  # CPU smoke run: eager, served from a thread
+                    t = threading.Thread(target=cap.serve_step)
+                    t.start()
+                    step()
+                    t.join(60)
+                boundary()
+
+            time_steps(args.warmup, one)
+            key = "kflume" if mb == 1 else "kflume_pipelined"
+            out[key] = stats(time_steps(args.steps, one))
+            if add_node and mb == 2:
+                before = time_steps(20, one)
+                name = cl.add_node(capacity, wait=False)
+                cl.processes[name].wait_ready()
+                cl.router.drain_node("node0")  # new tokens go to the new node from now on
+                joined = time_steps(2, one)
+                after = time_steps(20, one)
+                load = cl.router.node_load(name)
+                out["add_node"] = {"before": stats(before), "after": stats(after),
+                                   "join_steps_ms": joined, "new_node_tokens": load}
+        return out
+    finally:
+        cl.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer toy shape (smoke test)")
+    ap.add_argument("--configs", nargs="*", default=["8x32768", "32x32768", "8x131072"],
+                    help="BATCHxCONTEXT")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--range-tokens", type=int, default=4096)
+    ap.add_argument("--mechanism", default=None, help="GraphSignal mechanism (memop, kernel)")
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count")
+    args = ap.parse_args()
+    shape = TINY if args.tiny else Shape()
+    if args.layers:
+        shape = Shape(**{**shape.__dict__, "layers": args.layers})
+    device = args.device
+    node_device = "cuda" if device == "cuda" else "cpu"
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        sys.exit("benchmarks/e2e.py needs two GPUs (weight node on GPU0, attention nodes on GPU1)")
+    if device == "cpu":
+        args.mechanism = "host"
+    results = {"shape": shape.__dict__, "configs": {}}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("E2E_TMP")) as tmp:
+        t0 = time.perf_counter()
+        make_checkpoint(shape, Path(tmp), device)
+        W = load_checkpoint(shape, Path(tmp), device)
+        if device == "cpu":
+            W = {k: (v if k == "layers" else v.float()) for k, v in W.items()}
+            W["layers"] = [{k: v.float() for k, v in lw.items()} for lw in W["layers"]]
+        results["weights_s"] = time.perf_counter() - t0
+    free_gb = torch.cuda.mem_get_info(0)[0] / 2**30 if device == "cuda" else 1e9
+    for cfg in args.configs:
+        batch, context = (int(x) for x in cfg.split("x"))
+        kv_gb = shape.layers * batch * context * shape.kv_heads * shape.head_dim * 2 * 2 / 2**30
+        res = {}
+        if device == "cuda" and kv_gb + 4 < free_gb:
+            res.update(run_colocated(shape, W, batch, context, device, args))
+        else:
+            res["colocated"] = f"does not fit: {kv_gb:.0f} GiB of KV next to the weights"
+        res.update(run_kflume(shape, W, batch, context, device, node_device, args,
+                              add_node=(cfg == args.configs[0])))
+        results["configs"][cfg] = res
+        print(f"{cfg}: {res}", flush=True)
+    report(results, args)
+    save_json("e2e.json", results)
+
+
+def report(results, args) -> None:
+    print(header("End-to-end TPOT, Llama-3.1-8B shape" + (" (tiny)" if args.tiny else "")))
+    print(f"weights made, saved as safetensors and loaded in {results['weights_s']:.1f} s")
+    print("| B x L | colocated p50 / p99 ms | kflume p50 / p99 | pipelined p50 / p99 | "
+          "kflume / colocated | pipelined / colocated | local compute (1 mb / 2 mb) |")
+    print("|---|---|---|---|---|---|---|")
+    for cfg, r in results["configs"].items():
+        col = r.get("colocated")
+        c50 = col["p50_ms"] if isinstance(col, dict) else None
+        k, p = r["kflume"], r["kflume_pipelined"]
+        lc1, lc2 = r.get("local_compute_mb1"), r.get("local_compute_mb2")
+        fmt = lambda d: f"{d['p50_ms']:.2f} / {d['p99_ms']:.2f}"  # noqa: E731
+        print(f"| {cfg} | {fmt(col) if c50 else col} | {fmt(k)} | {fmt(p)} | "
+              f"{k['p50_ms'] / c50:.2f} | {p['p50_ms'] / c50:.2f} | " if c50 else
+              f"| {cfg} | {col} | {fmt(k)} | {fmt(p)} | n/a | n/a | ", end="")
+        print(f"{lc1['p50_ms']:.2f} / {lc2['p50_ms']:.2f} |" if lc1 else "n/a |")
+    for cfg, r in results["configs"].items():
+        if "add_node" in r:
+            a = r["add_node"]
+            print(f"\n{cfg}, pipelined, a second attention node joins: p99 of the 20 steps before "
+                  f"{a['before']['p99_ms']:.2f} ms, after {a['after']['p99_ms']:.2f} ms "
+                  f"({a['after']['p99_ms'] / a['before']['p99_ms']:.2f}x); steps while it joined "
+                  f"{[round(x, 2) for x in a['join_steps_ms']]} ms; it holds "
+                  f"{a['new_node_tokens']} tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (see /work/.library/device): install the carried ucxx
+# wheels, then run the named phases, each with a time limit, logs under $OUT.
+#   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
+# Phases: tests kernels signal transport e2e-smoke e2e-8x32k e2e-big
+set -u
+export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+unset PYTORCH_CUDA_ALLOC_CONF  # expandable segments lose cuda_ipc in UCX 1.21
+mkdir -p "$OUT"
+if [ -d .whl ] && ! python3 -c "import ucxx" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target .site .whl/*.whl
+fi
+nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
+run() {  # run NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "--- rc=$? ($(date +%T))"
+  tail -n 25 "$OUT/$name.log"
+}
+for phase in "$@"; do
+  case $phase in
+    tests) run tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ;;
+    kernels) run kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k cuda ;;
+    signal) run signal 120 python3 benchmarks/graph_signal.py ;;
+    transport)
+      run transport-cuda 150 python3 benchmarks/transport.py --device cuda --iters 2000 --modes poll blocking
+      run transport-cuda-b4 100 python3 benchmarks/transport.py --device cuda --batch 4 --iters 2000 --modes poll
+      run transport-cpu 150 python3 benchmarks/transport.py --device cpu --iters 2000 ;;
+    e2e-smoke) run e2e-smoke 300 python3 benchmarks/e2e.py --layers 4 --configs 8x32768 --steps 20 --warmup 5 ;;
+    e2e-8x32k) run e2e-8x32k 540 python3 benchmarks/e2e.py --configs 8x32768 ;;
+    e2e-big) run e2e-big 540 python3 benchmarks/e2e.py --configs 32x32768 8x131072 ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done

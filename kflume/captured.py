@@ -1,0 +1,212 @@
+"""CapturedRemoteAttention: remote attention inside one captured CUDA graph per step.
+
+The graph holds everything that runs on the GPU: gathering each node's query rows and
+new k, v into send buffers, `GraphSignal.post`, `GraphSignal.wait`, scattering the
+replies and the LSE merge. The transport runs on the host, outside the graph:
+`serve_step()` (in any thread) waits for each posted slot, sends that slot's buffers to
+the nodes, receives out/lse into registered reply buffers and releases the slot.
+
+Every buffer has a fixed address and shape (per node slot and micro-batch, sized for the
+micro-batch's rows); `load(plan)` rewrites their index buffers in place between steps, so
+a routing change (a node joining, ranges moving) needs no recapture. Rows a node does
+not hold are padding: gathered from row 0, never sent, scattered into a dummy row.
+
+Plan / run: `load(plan)` is the host half (not capturable); `start` / `finish` are the
+device half (capturable, no host sync, no allocation after the first call).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .client import Pending
+from .graph import GraphSignal, SignalTimeout
+from .kernels import merge_attention_states
+from .remote import RemoteAttention
+from .router import StepPlan
+
+__all__ = ["CapturedRemoteAttention"]
+
+
+@dataclass(slots=True)
+class _Slot:
+    """What the host sends for one (node, micro-batch) in the current plan."""
+
+    node: str = ""
+    requests: list = field(default_factory=list)
+    kv_len: list = field(default_factory=list)
+    append_requests: list = field(default_factory=list)
+    append_offsets: list = field(default_factory=list)
+    positions: list = field(default_factory=list)
+
+
+class CapturedRemoteAttention:
+    """Graph-capturable remote attention over `remote`'s nodes, for a fixed batch.
+
+    Args:
+        remote: the RemoteAttention whose clients, geometry and plan are used.
+        batch: rows of every step (fixed for the graph).
+        num_layers: layers per step.
+        row_ranges: the micro-batches' row ranges (default: one range of all rows).
+        max_nodes: node slots in the graph.
+        mechanism: GraphSignal mechanism ("memop", "kernel"; "host" on CPU).
+        dtype: of q, k, v.
+    """
+
+    def __init__(self, remote: RemoteAttention, *, batch: int, num_layers: int,
+                 row_ranges: list[slice] | None = None, max_nodes: int = 4,
+                 mechanism: str | None = None, dtype=torch.bfloat16) -> None:
+        self.remote, self.batch, self.num_layers = remote, batch, num_layers
+        self.ranges = row_ranges or [slice(0, batch)]
+        self.max_nodes, self.dtype = max_nodes, dtype
+        dev = self.device = remote.device
+        hq, hkv, d = remote.hq, remote.hkv, remote.d
+        m = len(self.ranges)
+        self.signal = GraphSignal(num_layers * m, dev, mechanism)
+        self.node_slots: list[str] = [""] * max_nodes
+        sizes = [r.stop - r.start for r in self.ranges]
+        z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
+        # [node slot][micro-batch] buffers, fixed for the graph's lifetime.
+        self.send_q = [[z(n, hq, d) for n in sizes] for _ in range(max_nodes)]
+        self.send_k = [[z(n, 1, hkv, d) for n in sizes] for _ in range(max_nodes)]
+        self.send_v = [[z(n, 1, hkv, d) for n in sizes] for _ in range(max_nodes)]
+        self.recv_out = [[z(n, hq, d) for n in sizes] for _ in range(max_nodes)]
+        self.recv_lse = [[z(n, hq, dt=torch.float32) for n in sizes] for _ in range(max_nodes)]
+        i64 = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
+        self.gather = [[i64(n) for n in sizes] for _ in range(max_nodes)]
+        self.scatter = [[i64(n) for n in sizes] for _ in range(max_nodes)]
+        self.append_gather = [[i64(n) for n in sizes] for _ in range(max_nodes)]
+        self.parts_out = [z(max_nodes + 1, n + 1, hq, d) for n in sizes]  # +1: dummy row
+        self.parts_lse = [z(max_nodes + 1, n + 1, hq, dt=torch.float32) for n in sizes]
+        self.out = [z(n, hq, d) for n in sizes]
+        self.out_lse = [z(n, hq, dt=torch.float32) for n in sizes]
+        self.plan_slots: list[list[_Slot]] = [[_Slot() for _ in sizes] for _ in range(max_nodes)]
+        self.epoch = -1
+        self.steps = 0
+
+    # ---- host half: between steps ------------------------------------------------------
+    def load(self, plan: StepPlan) -> None:
+        """Point the buffers at `plan` (in place; outside the graph, before its replay)."""
+        if len(plan.requests) != self.batch:
+            raise ValueError(f"the graph was captured for {self.batch} rows; the plan has "
+                             f"{len(plan.requests)}")
+        live = [w.node for w in plan.nodes]
+        self.node_slots = [n if n in live else "" for n in self.node_slots]
+        for n in live:
+            if n not in self.node_slots:
+                if "" not in self.node_slots:
+                    raise ValueError(f"more than max_nodes={self.max_nodes} attention nodes")
+                self.node_slots[self.node_slots.index("")] = n
+        by_node = {w.node: w for w in plan.nodes}
+        for i, name in enumerate(self.node_slots):
+            for m, r in enumerate(self.ranges):
+                size, slot = r.stop - r.start, _Slot(name)
+                gather, scatter, agather = [0] * size, [size] * size, [0] * size
+                w = by_node.get(name)
+                if w is not None:
+                    for row, n in zip(w.rows, w.kv_len):
+                        if r.start <= row < r.stop:
+                            gather[len(slot.requests)] = scatter[len(slot.requests)] = (
+                                row - r.start)
+                            slot.requests.append(plan.requests[row])
+                            slot.kv_len.append(n)
+                    for row, off in zip(w.append_rows, w.append_offsets):
+                        if r.start <= row < r.stop:
+                            agather[len(slot.append_requests)] = row - r.start
+                            slot.append_requests.append(plan.requests[row])
+                            slot.append_offsets.append(off)
+                            slot.positions.append(plan.positions[row])
+                self.plan_slots[i][m] = slot
+                for buf, vals in ((self.gather, gather), (self.scatter, scatter),
+                                  (self.append_gather, agather)):
+                    buf[i][m].copy_(torch.tensor(vals, dtype=torch.long), non_blocking=False)
+        self.epoch = plan.epoch
+
+    # ---- device half: inside the graph ---------------------------------------------------
+    def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rows: slice | None = None):
+        """Gather each node's rows into its send buffers and post the slot. q `[b, Hq, D]`,
+        k, v `[b, Hkv, D]` of micro-batch `rows`."""
+        m = self.ranges.index(rows) if rows is not None else 0
+        for i in range(self.max_nodes):
+            torch.index_select(q, 0, self.gather[i][m], out=self.send_q[i][m])
+            torch.index_select(k, 0, self.append_gather[i][m], out=self.send_k[i][m][:, 0])
+            torch.index_select(v, 0, self.append_gather[i][m], out=self.send_v[i][m][:, 0])
+        slot = layer * len(self.ranges) + m
+        self.signal.post(slot)
+        return (slot, m, q, k, v)
+
+    def finish(self, handle) -> torch.Tensor:
+        """Wait for the host's release of the slot, then merge the replies with the new
+        token's own partial. Returns `[b, Hq, D]` (a buffer reused by the next step)."""
+        slot, m, q, k, v = handle
+        r = self.remote
+        g = r.hq // r.hkv
+        po, pl = self.parts_out[m], self.parts_lse[m]
+        n = q.shape[0]
+        pl.fill_(float("-inf"))
+        pl[0, :n] = (q.float() * k.repeat_interleave(g, 1).float()).sum(-1) * r.scale
+        po[0, :n] = v.repeat_interleave(g, 1)
+        self.signal.wait(slot)
+        for i in range(self.max_nodes):
+            po[i + 1].index_copy_(0, self.scatter[i][m], self.recv_out[i][m])
+            pl[i + 1].index_copy_(0, self.scatter[i][m], self.recv_lse[i][m])
+        merge_attention_states(po[:, :n], pl[:, :n], out=self.out[m], lse=self.out_lse[m])
+        return self.out[m]
+
+    # ---- host half: during the replay ------------------------------------------------------
+    def _send(self, slot: int) -> list[Pending]:
+        layer, m = divmod(slot, len(self.ranges))
+        pend = []
+        for i, name in enumerate(self.node_slots):
+            s = self.plan_slots[i][m]
+            if not name or (not s.requests and not s.append_requests):
+                continue
+            client = self.remote.clients[name]
+            if s.requests:
+                b = len(s.requests)
+                pend.append(client.call_attend(layer, self.epoch, s.requests, s.kv_len,
+                                               self.send_q[i][m][:b], self.recv_out[i][m][:b],
+                                               self.recv_lse[i][m][:b], self.remote.scale))
+            if s.append_requests:
+                a = len(s.append_requests)
+                client.append(layer, s.append_requests, s.append_offsets, s.positions,
+                              self.send_k[i][m][:a], self.send_v[i][m][:a], ready=True)
+        return pend
+
+    def serve_step(self, timeout: float = 30.0) -> None:
+        """Serve every slot of one replay: send when posted, release when answered.
+
+        Slots are dispatched as soon as the graph posts them (so a node can work on the
+        next micro-batch while the previous one's reply travels) and released in order.
+        On any error every slot is released (the graph finishes, its results invalid)
+        and the error is raised.
+        """
+        total = self.signal.slots
+        deadline = time.monotonic() + timeout
+        inflight: dict[int, list[Pending]] = {}
+        sent = released = 0
+        transport = next(iter(self.remote.clients.values())).transport
+        try:
+            while released < total:
+                if sent < total and self.signal.posted(sent):
+                    self.signal.wait_posted(sent, 0.0)
+                    inflight[sent] = self._send(sent)
+                    sent += 1
+                elif released < sent and all(p.done for p in inflight[released]):
+                    for p in inflight.pop(released):
+                        p.result(0.0)  # raises a node's refusal
+                    self.signal.release(released)
+                    released += 1
+                else:
+                    transport.progress(0.0)
+                    if time.monotonic() > deadline:
+                        raise SignalTimeout(f"step not served within {timeout} s ({sent} of "
+                                            f"{total} slots sent, {released} released)")
+        except BaseException:
+            self.signal.abort()
+            raise
+        self.steps += 1

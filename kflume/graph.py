@@ -1,0 +1,182 @@
+"""GraphSignal: host-visible signals between a captured CUDA graph and a host thread.
+
+A decode step can live in one CUDA graph while the transport runs on a host thread:
+inside the graph, `post(slot)` publishes "buffer ready" to pinned host memory once the
+data it guards is written; the host thread sees it (`wait_posted`), moves the data
+(e.g. sends q and receives out/lse into registered buffers) and calls `release(slot)`;
+the graph's `wait(slot)` then lets the kernels after it run. Slots are independent
+(one per layer and micro-batch, say), each used once per replay.
+
+Mechanisms (chosen by `mechanism=`, measured by benchmarks/graph_signal.py):
+
+- "memop": stream memory operations (`cuStreamWriteValue32` / `cuStreamWaitValue32`
+  through cuda-bindings), captured as graph memop nodes: the wait polls in the GPU's
+  front end and holds no SM. A replayed graph cannot take new host scalars, so the
+  values are constants: post writes 1, the host consumes it (0), releases with 1, and
+  the graph resets the release word to 0 after waiting.
+- "kernel": two one-thread Triton kernels. The step's sequence number lives on the
+  device: post increments it and writes it to the host word with a system-scope release;
+  wait spins (system-scope acquire loads) until the host's release reaches it.
+- "host": no GPU; the same API over plain memory, for code that runs on CPU (eager).
+
+Hazards handled: the data a slot guards is visible before its flag (memops carry a
+memory barrier, the kernel uses a system-scope release); the host side never launches
+kernels while a graph waits (modules that load lazily would deadlock it: warm up first,
+or set CUDA_MODULE_LOADING=EAGER); every host wait has a deadline, and `abort()` releases
+every slot so that a stuck graph finishes (its outputs are then flagged invalid).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+__all__ = ["GraphSignal", "SignalTimeout"]
+
+
+class SignalTimeout(TimeoutError):
+    """A graph did not post, or a host thread did not release, within the deadline."""
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver, runtime
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("GraphSignal's memop mechanism needs cuda-bindings "
+                          "(pip install cuda-bindings)") from e
+    return driver, runtime
+
+
+def _check(result, what: str):
+    err = result[0]
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {err}")
+    return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
+
+
+class GraphSignal:
+    """`slots` independent post/wait pairs between device work and a host thread.
+
+    Args:
+        slots: how many signal points one step (one graph replay) uses.
+        device: the CUDA device whose streams post and wait (None: host only).
+        mechanism: "memop", "kernel" or "host" (default: memop on CUDA, host on CPU).
+    """
+
+    def __init__(self, slots: int, device: str | torch.device | None = None,
+                 mechanism: str | None = None) -> None:
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self.slots = slots
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        cuda = self.device.type == "cuda"
+        self.mechanism = mechanism or ("memop" if cuda else "host")
+        if self.mechanism not in ("memop", "kernel", "host"):
+            raise ValueError(f"mechanism must be memop, kernel or host; got {self.mechanism}")
+        if self.mechanism != "host" and not cuda:
+            raise ValueError(f"mechanism {self.mechanism!r} needs a CUDA device")
+        # Host-visible words: flag (device -> host) and ack (host -> device), per slot.
+        pin = self.mechanism != "host"
+        self.flag = torch.zeros(slots, dtype=torch.int32, pin_memory=pin)
+        self.ack = torch.zeros(slots, dtype=torch.int32, pin_memory=pin)
+        self._flag_np, self._ack_np = self.flag.numpy(), self.ack.numpy()
+        self.seen = [0] * slots  # host: the last sequence number seen per slot
+        self.aborted = False
+        if self.mechanism == "memop":
+            self._driver, runtime = _driver()
+            self._flag_dev = self._dev_ptr(runtime, self.flag)
+            self._ack_dev = self._dev_ptr(runtime, self.ack)
+        elif self.mechanism == "kernel":
+            self.seq = torch.zeros(slots, dtype=torch.int32, device=self.device)
+
+    @staticmethod
+    def _dev_ptr(runtime, t: torch.Tensor) -> int:
+        """Device address of pinned host memory (the same address under UVA)."""
+        res = runtime.cudaHostGetDevicePointer(t.data_ptr(), 0)
+        if int(res[0]) != 0:
+            return t.data_ptr()
+        return int(res[1])
+
+    # ---- device side: enqueue on the current stream (capturable) ---------------------
+    def post(self, slot: int) -> None:
+        """Publish "slot is ready" after everything enqueued before it on this stream."""
+        if self.mechanism == "host":
+            self._flag_np[slot] += 1
+        elif self.mechanism == "memop":
+            d = self._driver
+            _check(d.cuStreamWriteValue32(
+                d.CUstream(torch.cuda.current_stream(self.device).cuda_stream),
+                d.CUdeviceptr(self._flag_dev + 4 * slot), 1,
+                d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT), "cuStreamWriteValue32")
+        else:
+            from ._graph_triton import post_kernel
+
+            post_kernel[(1,)](self.seq, self.flag, slot, num_warps=1)
+
+    def wait(self, slot: int) -> None:
+        """Hold the work enqueued after this until the host releases `slot`."""
+        if self.mechanism == "host":
+            self._host_wait(slot)
+        elif self.mechanism == "memop":
+            d = self._driver
+            stream = d.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
+            ack = d.CUdeviceptr(self._ack_dev + 4 * slot)
+            _check(d.cuStreamWaitValue32(stream, ack, 1,
+                                         d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ),
+                   "cuStreamWaitValue32")
+            _check(d.cuStreamWriteValue32(stream, ack, 0,
+                                          d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT),
+                   "cuStreamWriteValue32")
+        else:
+            from ._graph_triton import wait_kernel
+
+            wait_kernel[(1,)](self.seq, self.ack, slot, num_warps=1)
+
+    def _host_wait(self, slot: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._ack_np[slot] < self._flag_np[slot]:
+            if time.monotonic() > deadline:
+                raise SignalTimeout(f"slot {slot} was not released within {timeout} s")
+            time.sleep(0)
+
+    # ---- host side ----------------------------------------------------------------------
+    def wait_posted(self, slot: int, timeout: float = 30.0) -> int:
+        """Block until the device posts `slot` (again); returns the step's sequence number."""
+        deadline = time.monotonic() + timeout
+        flag = self._flag_np
+        while True:
+            v = int(flag[slot])
+            if self.mechanism == "memop":
+                if v == 1:
+                    flag[slot] = 0  # consume: the next replay writes 1 again
+                    self.seen[slot] += 1
+                    return self.seen[slot]
+            elif v > self.seen[slot]:
+                self.seen[slot] = v
+                return v
+            if self.aborted:
+                raise SignalTimeout("signal aborted")
+            if time.monotonic() > deadline:
+                raise SignalTimeout(f"slot {slot} was not posted within {timeout} s (seen "
+                                    f"{self.seen[slot]})")
+
+    def posted(self, slot: int) -> bool:
+        """Non-blocking: has the device posted `slot` since it was last consumed?"""
+        v = int(self._flag_np[slot])
+        return v == 1 if self.mechanism == "memop" else v > self.seen[slot]
+
+    def release(self, slot: int) -> None:
+        """Let the device's `wait(slot)` go on."""
+        if self.mechanism == "memop":
+            self._ack_np[slot] = 1
+        else:
+            self._ack_np[slot] = self.seen[slot]
+
+    def abort(self) -> None:
+        """Release every slot so that a waiting graph can finish; its results are invalid."""
+        self.aborted = True
+        if self.mechanism == "memop":
+            self._ack_np[:] = 1
+        else:
+            self._ack_np[:] = 2**31 - 1

@@ -1,0 +1,183 @@
+"""GraphSignal and CapturedRemoteAttention inside real CUDA graphs (GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kflume.captured import CapturedRemoteAttention
+from kflume.graph import GraphSignal
+from kflume.pipeline import LayerPipeline
+
+pytestmark = pytest.mark.cuda
+
+MECHANISMS = ["memop", "kernel"]
+
+
+def capture(fn, stream):
+    """Warm `fn` up eagerly, then capture it (the usual torch recipe)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_signal_orders_device_and_host_work(mechanism):
+    """Graph: a = x + 1; post; wait; b = a * h, where the host writes h before releasing.
+    1000 replays with a new h each time: b is right every time, and nothing hangs."""
+    sig = GraphSignal(2, "cuda", mechanism)
+    x = torch.randn(1 << 16, device="cuda")
+    a = torch.empty_like(x)
+    b = torch.empty_like(x)
+    h = torch.zeros(1, pin_memory=True)
+    h_dev = torch.zeros(1, device="cuda")
+    seen = torch.zeros(1 << 16, pin_memory=True)
+    s = torch.cuda.Stream()
+
+    def step():
+        torch.add(x, 1, out=a)
+        sig.post(0)
+        sig.wait(0)
+        h_dev.copy_(h, non_blocking=True)  # reads the host's value after the release
+        torch.mul(a, h_dev, out=b)
+        sig.post(1)  # the host may read b now
+        sig.wait(1)
+
+    graph = None
+    for i in range(1001):
+        with torch.cuda.stream(s):
+            if i == 0:
+                step()  # warm-up, eagerly: every kernel is loaded before any capture
+            else:
+                if graph is None:
+                    graph = capture(step, s)
+                graph.replay()
+        sig.wait_posted(0, timeout=10)
+        h[0] = float(i % 7 + 1)
+        sig.release(0)
+        sig.wait_posted(1, timeout=10)
+        if i % 250 == 0:
+            seen.copy_(b.cpu())
+        sig.release(1)
+        s.synchronize()
+        if i % 250 == 0:
+            torch.testing.assert_close(seen, ((x + 1) * (i % 7 + 1)).cpu())
+    torch.testing.assert_close(b, (x + 1) * (1000 % 7 + 1))
+
+
+@pytest.mark.timeout(60)
+def test_abort_lets_a_waiting_graph_finish():
+    sig = GraphSignal(1, "cuda", "memop")
+    s = torch.cuda.Stream()
+    y = torch.zeros(4, device="cuda")
+    graph = capture(lambda: (sig.post(0), sig.wait(0), y.add_(1)), s)
+    with torch.cuda.stream(s):
+        graph.replay()
+    sig.wait_posted(0, timeout=10)
+    sig.abort()  # e.g. the host side failed: the graph must not hang
+    s.synchronize()
+    assert y.sum().item() == 4
+
+
+LAYERS, HQ, HKV, D, DIM = 3, 8, 2, 64, 128
+
+
+def _model(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = lambda *sh: torch.randn(*sh, generator=g, device="cuda") * sh[-1] ** -0.5  # noqa: E731
+    W = [dict(q=w(HQ * D, DIM), k=w(HKV * D, DIM), v=w(HKV * D, DIM), o=w(DIM, HQ * D))
+         for _ in range(LAYERS)]
+
+    def before(layer, x):
+        b = x.shape[0]
+        return ((x @ W[layer]["q"].T).view(b, HQ, D), (x @ W[layer]["k"].T).view(b, HKV, D),
+                (x @ W[layer]["v"].T).view(b, HKV, D))
+
+    def after(layer, x, out):
+        return x + out.reshape(x.shape[0], -1) @ W[layer]["o"].T
+
+    return before, after
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_captured_step_1000_replays_with_plan_changes(mechanism):
+    """A whole step (3 layers, 2 micro-batches) in one graph, attention on in-process
+    nodes served from the host between post and wait. The plan changes between replays
+    (tokens appended every step, a node joins at replay 300): no recapture, every
+    replay equals the eager RemoteAttention on an identical cluster."""
+    from kflume.cluster import Cluster
+
+    prompts = {"a": 300, "b": 17, "c": 1000, "d": 64}
+    clusters = []
+    for _ in range(2):
+        cl = Cluster.in_process(2, layers=LAYERS, kv_heads=HKV, head_dim=D, dtype="float32",
+                                capacity_tokens=8192, device="cuda", range_tokens=250)
+        cl.attention(num_q_heads=HQ, device="cuda")
+        for rid, n in prompts.items():
+            cl.router.add_request(rid, n)
+        cl.begin_step()
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for layer in range(LAYERS):
+            for rid, n in prompts.items():
+                k = torch.randn(n, HKV, D, device="cuda", generator=g)
+                cl.remote.prefill(layer, rid, k, torch.randn_like(k))
+        cl.remote.end_step(wait=True)
+        clusters.append(cl)
+    ref_cl, cl = clusters
+    before, after = _model(2)
+    b = len(prompts)
+    x_in = torch.zeros(b, DIM, device="cuda")
+    rows = LayerPipeline(LAYERS, before, after, None, 2).split(b)
+    cap = CapturedRemoteAttention(cl.remote, batch=b, num_layers=LAYERS, row_ranges=rows,
+                                  max_nodes=3, mechanism=mechanism, dtype=torch.float32)
+    pipe = LayerPipeline(LAYERS, before, after, cap, 2)
+    out_buf = torch.zeros(b, DIM, device="cuda")
+
+    def step():
+        out_buf.copy_(torch.cat(pipe([x_in[r] for r in rows], rows)))
+
+    def boundary(i):
+        if i == 300:
+            cl.add_node(8192)
+            ref_cl.add_node(8192)
+        if i > 0:
+            for c in clusters:
+                c.remote.end_step(wait=True)
+                for rid in prompts:
+                    c.router.advance(rid)
+        ref_cl.begin_step()
+        cap.load(cl.begin_step())
+
+    s = torch.cuda.Stream()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    graph = None
+    for i in range(1000):
+        boundary(i)
+        x_in.copy_(torch.randn(b, DIM, device="cuda", generator=gen))
+        if graph is None:  # warm up every kernel eagerly (served from a thread), then capture
+            import threading
+
+            t = threading.Thread(target=cap.serve_step)
+            t.start()
+            with torch.cuda.stream(s):
+                step()
+            t.join(60)
+            s.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            # the warm-up appended this step's tokens once: capture only, then replay it
+            with torch.cuda.graph(graph, stream=s):
+                step()
+        with torch.cuda.stream(s):
+            graph.replay()
+        cap.serve_step(timeout=30)
+        s.synchronize()
+        x = x_in.clone()
+        for layer in range(LAYERS):
+            q, k, v = before(layer, x)
+            x = after(layer, x, ref_cl.remote(layer, q, k, v))
+        if i % 100 == 0 or i == 999:
+            torch.testing.assert_close(out_buf, x, rtol=2e-4, atol=2e-4)
+    assert cap.steps >= 1000 and "node2" in cap.node_slots

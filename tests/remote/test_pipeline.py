@@ -1,0 +1,119 @@
+"""LayerPipeline and CapturedRemoteAttention compute what the plain per-layer loop does."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from kflume.captured import CapturedRemoteAttention
+from kflume.cluster import Cluster
+from kflume.pipeline import LayerPipeline
+
+LAYERS, HQ, HKV, D, DIM = 3, 8, 2, 32, 64
+
+
+class TinyModel:
+    """Per-layer callables of a small attention stack (random weights, no RoPE)."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        w = lambda *s: torch.randn(*s, generator=g) * s[-1] ** -0.5  # noqa: E731
+        self.w = [dict(q=w(HQ * D, DIM), k=w(HKV * D, DIM), v=w(HKV * D, DIM), o=w(DIM, HQ * D),
+                       f=w(DIM, DIM)) for _ in range(LAYERS)]
+
+    def before(self, layer, x):  # x: [b, DIM]
+        w = self.w[layer]
+        b = x.shape[0]
+        return ((x @ w["q"].T).view(b, HQ, D), (x @ w["k"].T).view(b, HKV, D),
+                (x @ w["v"].T).view(b, HKV, D))
+
+    def after(self, layer, x, out):
+        w = self.w[layer]
+        x = x + out.reshape(x.shape[0], -1) @ w["o"].T
+        return x + torch.tanh(x @ w["f"].T)
+
+
+def make_cluster(prompts, seed):
+    cl = Cluster.in_process(2, layers=LAYERS, kv_heads=HKV, head_dim=D, capacity_tokens=2048,
+                            range_tokens=11)
+    remote = cl.attention(num_q_heads=HQ)
+    for rid, n in prompts.items():
+        cl.router.add_request(rid, n)
+    cl.begin_step()
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(LAYERS):
+        for rid, n in prompts.items():
+            remote.prefill(layer, rid, torch.randn(n, HKV, D, generator=g),
+                           torch.randn(n, HKV, D, generator=g))
+    return cl
+
+
+def sequential(model, remote, x):
+    for layer in range(LAYERS):
+        q, k, v = model.before(layer, x)
+        x = model.after(layer, x, remote(layer, q, k, v))
+    return x
+
+
+PROMPTS = {"a": 30, "b": 7, "c": 45, "d": 12, "e": 1}
+
+
+@pytest.mark.parametrize("microbatches", [1, 2, 3])
+def test_pipeline_matches_sequential(microbatches):
+    model = TinyModel()
+    ref_cl, cl = make_cluster(PROMPTS, 1), make_cluster(PROMPTS, 1)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):  # decode steps
+        x = torch.randn(len(PROMPTS), DIM, generator=g)
+        for c in (ref_cl, cl):
+            c.begin_step()
+        ref = sequential(model, ref_cl.remote, x)
+        pipe = LayerPipeline(LAYERS, model.before, model.after, cl.remote, microbatches)
+        rows = pipe.split(len(PROMPTS))
+        outs = pipe([x[r] for r in rows], rows)
+        torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
+        for c in (ref_cl, cl):
+            c.remote.end_step(wait=True)
+            for rid in PROMPTS:
+                c.router.advance(rid)
+
+
+def test_captured_attention_with_host_signals_matches_eager():
+    """The capturable path (gather, signals, host serving, scatter, merge) on CPU: the host
+    side serves each step from a thread while the 'device' side runs the pipeline."""
+    model = TinyModel(3)
+    ref_cl, cl = make_cluster(PROMPTS, 4), make_cluster(PROMPTS, 4)
+    pipe_rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
+    cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
+                                  row_ranges=pipe_rows, max_nodes=3, mechanism="host",
+                                  dtype=torch.float32)
+    pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+    g = torch.Generator().manual_seed(5)
+    for step in range(6):
+        if step == 3:  # a routing change between steps: a node joins, no new buffers
+            cl.add_node()
+        x = torch.randn(len(PROMPTS), DIM, generator=g)
+        ref_cl.begin_step()
+        cap.load(cl.begin_step())
+        ref = sequential(model, ref_cl.remote, x)
+        errors = []
+        server = threading.Thread(target=_serve, args=(cap, errors))
+        server.start()
+        outs = pipe([x[r] for r in pipe_rows], pipe_rows)
+        server.join(30)
+        assert not errors and not server.is_alive()
+        torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
+        for c in (ref_cl, cl):
+            c.remote.end_step(wait=True)
+            for rid in PROMPTS:
+                c.router.advance(rid)
+    assert cap.steps == 6 and "node2" in cap.node_slots
+
+
+def _serve(cap, errors):
+    try:
+        cap.serve_step(timeout=20)
+    except BaseException as e:  # noqa: BLE001 - reported to the test thread
+        errors.append(e)
