@@ -151,7 +151,7 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism):
         ref_cl.begin_step()
         cap.load(cl.begin_step())
 
-    s = torch.cuda.Stream()
+    s, host = torch.cuda.Stream(), torch.cuda.Stream()
     gen = torch.Generator(device="cuda").manual_seed(3)
     graph = None
     for i in range(1000):
@@ -172,7 +172,8 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism):
                 step()
         with torch.cuda.stream(s):
             graph.replay()
-        cap.serve_step(timeout=30)
+        with torch.cuda.stream(host):  # the in-process nodes' kernels run here
+            cap.serve_step(timeout=30)
         s.synchronize()
         x = x_in.clone()
         for layer in range(LAYERS):
