@@ -241,7 +241,8 @@ def run_colocated(shape, W, batch, context, device, args) -> dict:
 
 
 def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bool) -> dict:
-    env = {"CUDA_VISIBLE_DEVICES": "1,0"} if node_device == "cuda" else {}
+    # Each process sees both GPUs (cuda_ipc needs it), the node's first.
+    env = {"CUDA_VISIBLE_DEVICES": "1,0"} if node_device == "cuda" and args.node_gpu == 1 else {}
     capacity = batch * (context + args.warmup * 3 + args.steps * 3 + 64)
     dtype = "bfloat16" if device == "cuda" else "float32"
     cl = Cluster.local(1, layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
@@ -327,14 +328,17 @@ def main() -> None:
     ap.add_argument("--range-tokens", type=int, default=4096)
     ap.add_argument("--mechanism", default=None, help="GraphSignal mechanism (memop, kernel)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
+    ap.add_argument("--node-gpu", type=int, default=1,
+                    help="GPU of the attention nodes (0: share the weight node's, a smoke run)")
     args = ap.parse_args()
     shape = TINY if args.tiny else Shape()
     if args.layers:
         shape = Shape(**{**shape.__dict__, "layers": args.layers})
     device = args.device
     node_device = "cuda" if device == "cuda" else "cpu"
-    if device == "cuda" and torch.cuda.device_count() < 2:
-        sys.exit("benchmarks/e2e.py needs two GPUs (weight node on GPU0, attention nodes on GPU1)")
+    if device == "cuda" and args.node_gpu == 1 and torch.cuda.device_count() < 2:
+        sys.exit("benchmarks/e2e.py needs two GPUs (weight node on GPU0, attention nodes on "
+                 "GPU1); --node-gpu 0 puts both on one GPU for a smoke run")
     if device == "cpu":
         args.mechanism = "host"
     results = {"shape": shape.__dict__, "configs": {}}

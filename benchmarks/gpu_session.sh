@@ -29,6 +29,7 @@ for phase in "$@"; do
       run transport-cuda-b4 100 python3 benchmarks/transport.py --device cuda --batch 4 --iters 2000 --modes poll
       run transport-cpu 150 python3 benchmarks/transport.py --device cpu --iters 2000 ;;
     e2e-smoke) run e2e-smoke 300 python3 benchmarks/e2e.py --layers 4 --configs 8x32768 --steps 20 --warmup 5 ;;
+    e2e-smoke1) run e2e-smoke1 300 python3 benchmarks/e2e.py --layers 4 --configs 8x8192 --steps 20 --warmup 5 --node-gpu 0 ;;
     e2e-8x32k) run e2e-8x32k 540 python3 benchmarks/e2e.py --configs 8x32768 ;;
     e2e-big) run e2e-big 540 python3 benchmarks/e2e.py --configs 32x32768 8x131072 ;;
     *) echo "unknown phase $phase" ;;
