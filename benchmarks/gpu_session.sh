@@ -15,13 +15,14 @@ nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
 run() {  # run NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   echo "=== $name ($(date +%T))"
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  # SIGABRT at the limit: python -X faulthandler then prints where every thread was
+  timeout -s ABRT -k 10 "$secs" env PYTHONFAULTHANDLER=1 "$@" > "$OUT/$name.log" 2>&1
   echo "--- rc=$? ($(date +%T))"
   tail -n 25 "$OUT/$name.log"
 }
 for phase in "$@"; do
   case $phase in
-    tests) run tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ;;
+    tests) run tests 300 python3 -m pytest -q -x -p no:cacheprovider -o timeout=240 tests/gpu ;;
     kernels) run kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k cuda ;;
     signal) run signal 120 python3 benchmarks/graph_signal.py ;;
     transport)

@@ -55,13 +55,32 @@ def _check(result, what: str):
     return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
 
 
+def stream_mem_ops_supported(device: torch.device) -> bool:
+    """Whether the GPU runs stream memory operations natively (else the driver blocks the
+    calling thread on a wait)."""
+    d, _ = _driver()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    err, dev = d.cuDeviceGet(index)
+    attr = d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1
+    err, value = d.cuDeviceGetAttribute(attr, dev)
+    return int(err) == 0 and value == 1
+
+
+def _best_mechanism(device: torch.device) -> str:
+    try:
+        return "memop" if stream_mem_ops_supported(device) else "kernel"
+    except ImportError:
+        return "kernel"
+
+
 class GraphSignal:
     """`slots` independent post/wait pairs between device work and a host thread.
 
     Args:
         slots: how many signal points one step (one graph replay) uses.
         device: the CUDA device whose streams post and wait (None: host only).
-        mechanism: "memop", "kernel" or "host" (default: memop on CUDA, host on CPU).
+        mechanism: "memop", "kernel" or "host" (default: memop on a CUDA device that runs
+            stream memory operations natively, else kernel; host on CPU).
     """
 
     def __init__(self, slots: int, device: str | torch.device | None = None,
@@ -71,11 +90,16 @@ class GraphSignal:
         self.slots = slots
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         cuda = self.device.type == "cuda"
-        self.mechanism = mechanism or ("memop" if cuda else "host")
+        self.mechanism = mechanism or (_best_mechanism(self.device) if cuda else "host")
         if self.mechanism not in ("memop", "kernel", "host"):
             raise ValueError(f"mechanism must be memop, kernel or host; got {self.mechanism}")
         if self.mechanism != "host" and not cuda:
             raise ValueError(f"mechanism {self.mechanism!r} needs a CUDA device")
+        if self.mechanism == "memop" and not stream_mem_ops_supported(self.device):
+            raise ValueError(
+                "this GPU/driver reports CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS = 0: "
+                "stream memory operations would block the calling host thread (and deadlock a "
+                "host-driven signal); use mechanism='kernel'")
         # Host-visible words: flag (device -> host) and ack (host -> device), per slot.
         pin = self.mechanism != "host"
         self.flag = torch.zeros(slots, dtype=torch.int32, pin_memory=pin)
@@ -88,7 +112,14 @@ class GraphSignal:
             self._flag_dev = self._dev_ptr(runtime, self.flag)
             self._ack_dev = self._dev_ptr(runtime, self.ack)
         elif self.mechanism == "kernel":
+            from ._graph_triton import wait_kernel
+
             self.seq = torch.zeros(slots, dtype=torch.int32, device=self.device)
+            # Load the spin kernel's module now: a module loaded lazily while a spin kernel
+            # runs would wait for the GPU to drain, which it never does.
+            with torch.cuda.device(self.device):
+                wait_kernel[(1,)](self.seq, self.ack, 0, num_warps=1)  # seq 0: returns at once
+                torch.cuda.synchronize(self.device)
 
     @staticmethod
     def _dev_ptr(runtime, t: torch.Tensor) -> int:
@@ -104,6 +135,10 @@ class GraphSignal:
         if self.mechanism == "host":
             self._flag_np[slot] += 1
         elif self.mechanism == "memop":
+            if not torch.cuda.is_current_stream_capturing():  # eager: the same, on the host
+                torch.cuda.current_stream(self.device).synchronize()
+                self._flag_np[slot] = 1
+                return
             d = self._driver
             _check(d.cuStreamWriteValue32(
                 d.CUstream(torch.cuda.current_stream(self.device).cuda_stream),
@@ -115,9 +150,19 @@ class GraphSignal:
             post_kernel[(1,)](self.seq, self.flag, slot, num_warps=1)
 
     def wait(self, slot: int) -> None:
-        """Hold the work enqueued after this until the host releases `slot`."""
+        """Hold the work enqueued after this until the host releases `slot`.
+
+        Outside graph capture (a warm-up step, eager code) the calling thread waits
+        instead, after synchronising its stream: no spin kernel runs while kernels that
+        come after it may still need their modules loaded.
+        """
         if self.mechanism == "host":
             self._host_wait(slot)
+        elif not torch.cuda.is_current_stream_capturing():
+            torch.cuda.current_stream(self.device).synchronize()
+            self._host_wait(slot)
+            if self.mechanism == "memop":
+                self._ack_np[slot] = 0
         elif self.mechanism == "memop":
             d = self._driver
             stream = d.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
@@ -135,7 +180,9 @@ class GraphSignal:
 
     def _host_wait(self, slot: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while self._ack_np[slot] < self._flag_np[slot]:
+        done = (lambda: self._ack_np[slot] == 1) if self.mechanism == "memop" else (
+            lambda: self._ack_np[slot] >= self._flag_np[slot])
+        while not done():
             if time.monotonic() > deadline:
                 raise SignalTimeout(f"slot {slot} was not released within {timeout} s")
             time.sleep(0)
