@@ -94,8 +94,8 @@ def main() -> None:
         sms = "0 (front-end poll)" if m == "memop" else "1 (spin kernel)"
         print(f"| {m} | {r['per_slot_us']:.2f} | {r['p99_us']:.2f} | {sms} |")
     if not memop:
-        print("| memop | not run: CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS = 0 on this GPU/driver "
-              "(the driver would block the host thread in cuStreamWaitValue32) | | |")
+        print("| memop | not run: CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS = 0 on this "
+              "GPU/driver (cuStreamWaitValue32 would block the host thread) | | |")
     save_json("graph_signal.json", {"baseline_us": base, **res})
 
 
