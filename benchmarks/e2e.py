@@ -247,7 +247,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
     dtype = "bfloat16" if device == "cuda" else "float32"
     cl = Cluster.local(1, layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                        dtype=dtype, capacity_tokens=capacity, device=node_device, env=env,
-                       range_tokens=args.range_tokens, timeout=60.0)
+                       range_tokens=args.range_tokens, timeout=60.0, q_heads=shape.heads)
     try:
         remote = cl.attention(num_q_heads=shape.heads, device=device, max_batch=batch)
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,9 +41,11 @@ def run(mechanism: str, reps: int = 200) -> dict:
             sig.wait_posted(i, 10)
             sig.release(i)
 
+    t = threading.Thread(target=serve)  # warm-up, eagerly: waits happen on the host
+    t.start()
     with torch.cuda.stream(s):
-        step()  # warm-up
-    serve()
+        step()
+    t.join(30)
     s.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=s):

@@ -66,7 +66,7 @@ class Cluster:
     def local(cls, n: int, *, layers: int, kv_heads: int, head_dim: int,
               dtype: str = "float32", capacity_tokens: int = 1 << 16, device: str = "cpu",
               page_size: int = 16, token: str | None = None, env: dict | None = None,
-              **kwargs) -> Cluster:
+              q_heads: int | None = None, **kwargs) -> Cluster:
         """Start `n` attention nodes as `kflume node` processes on loopback, over UCX.
 
         They stop with `close()`, at the end of a `with` block, at interpreter exit, on
@@ -83,7 +83,7 @@ class Cluster:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (n + 1))))
         geometry = NodeConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                               capacity_tokens=capacity_tokens, dtype=dtype, device=device,
-                              page_size=page_size)
+                              page_size=page_size, q_heads=q_heads)
         cluster = cls(UcxTransport(token=token), geometry,
                       spawn={"token": token, "env": env}, **kwargs)
         try:
@@ -138,6 +138,8 @@ class Cluster:
             params = getattr(model, "parameters", None)
             dtype = next(params()).dtype if params else getattr(cfg, "dtype", None)
             kwargs["dtype"] = str(dtype or "float32").replace("torch.", "")
+        if kind == "local":
+            kwargs.setdefault("q_heads", cfg.num_attention_heads)
         build = {"local": cls.local, "in_process": cls.in_process}[kind]
         return build(n, layers=cfg.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
                      **kwargs)

@@ -112,12 +112,14 @@ class GraphSignal:
             self._flag_dev = self._dev_ptr(runtime, self.flag)
             self._ack_dev = self._dev_ptr(runtime, self.ack)
         elif self.mechanism == "kernel":
-            from ._graph_triton import wait_kernel
+            from ._graph_triton import post_kernel, wait_kernel
 
             self.seq = torch.zeros(slots, dtype=torch.int32, device=self.device)
-            # Load the spin kernel's module now: a module loaded lazily while a spin kernel
+            # Load both kernels' modules now: a module loaded lazily while a spin kernel
             # runs would wait for the GPU to drain, which it never does.
             with torch.cuda.device(self.device):
+                scratch = torch.zeros(2, dtype=torch.int32, device=self.device)
+                post_kernel[(1,)](scratch, scratch[1:], 0, num_warps=1)
                 wait_kernel[(1,)](self.seq, self.ack, 0, num_warps=1)  # seq 0: returns at once
                 torch.cuda.synchronize(self.device)
 

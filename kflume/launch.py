@@ -24,6 +24,12 @@ __all__ = ["NodeProcess"]
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
+def default_progress(device: str) -> str:
+    """GPU nodes poll (a dedicated server; cuda_ipc copies complete without waking an fd);
+    CPU nodes spin a little, then sleep (they share their cores)."""
+    return "poll" if str(device).startswith("cuda") else "hybrid"
+
+
 def _die_with_parent() -> None:  # runs in the child before exec
     try:
         import ctypes
@@ -46,7 +52,7 @@ class NodeProcess:
 
     def __init__(self, config: NodeConfig, *, listen: str = "127.0.0.1:0",
                  token: str | None = None, env: dict | None = None, timeout: float = 60.0,
-                 log_level: str = "warning", progress: str = "hybrid",
+                 log_level: str = "warning", progress: str | None = None,
                  wait: bool = True) -> None:
         self.config = config
         cmd = [sys.executable, "-m", "kflume", "node", "--listen", listen,
@@ -54,7 +60,9 @@ class NodeProcess:
                "--layers", str(config.layers), "--kv-heads", str(config.kv_heads),
                "--head-dim", str(config.head_dim), "--dtype", config.dtype,
                "--page-size", str(config.page_size), "--log-level", log_level,
-               "--progress", progress]
+               "--progress", progress or default_progress(config.device)]
+        if config.q_heads:
+            cmd += ["--q-heads", str(config.q_heads)]
         full_env = dict(os.environ)
         full_env.update(env or {})
         if token is not None:

@@ -269,6 +269,27 @@ class AttentionNode:
                                   self.v_pool[layer], pt, start, lens, scale=scale,
                                   num_splits=splits, out=out, lse=lse, check=False)
 
+    def warmup(self) -> None:
+        """Run append and attend once on a scratch request, so that kernels are compiled and
+        loaded before the node takes traffic (a node joining mid-run must not stall the
+        step that first uses it). Query heads: `config.q_heads`, else the KV heads."""
+        c = self.config
+        hq = c.q_heads or c.kv_heads
+        tokens = min(2 * c.page_size + 1, c.num_pages * c.page_size - 1)
+        if tokens < 1:
+            return
+        k = torch.randn(1, tokens, c.kv_heads, c.head_dim).to(self.device, self.dtype)
+        rid = ("kflume-warmup",)
+        for t in (k.shape[1], 1):  # a prefill-sized append, then a decode-sized one
+            off = self.requests[rid].length if rid in self.requests else 0
+            for layer in range(c.layers):
+                self.append(layer, [rid], [off], [off], k[:, :t], k[:, :t])
+        q = torch.randn(1, hq, c.head_dim).to(self.device, self.dtype)
+        self.attend(0, [rid], [k.shape[1] + 1], q)
+        self.free([rid])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def export_range(self, rid, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """KV of global positions `[start, end)` of a request, all layers:
         `k, v [layers, end - start, Hkv, D]`."""
@@ -362,8 +383,11 @@ def build_parser():
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--token", default=None,
                    help="cluster token peers must present (default: $KFLUME_TOKEN)")
-    p.add_argument("--progress", default="hybrid", choices=["hybrid", "poll", "blocking"],
-                   help="how the UCX worker is progressed")
+    p.add_argument("--progress", default=None, choices=["hybrid", "poll", "blocking"],
+                   help="how the UCX worker is progressed (default: poll on a GPU, hybrid on "
+                   "CPU)")
+    p.add_argument("--q-heads", type=int, default=None,
+                   help="query heads of the model, to compile its kernels before listening")
     p.add_argument("--port-file", default=None,
                    help="write the address actually listened on to this file")
     p.add_argument("--log-level", default="info")
@@ -378,12 +402,15 @@ def main(argv=None) -> int:
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
     config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                         capacity_tokens=args.capacity_tokens, dtype=args.dtype,
-                        device=args.device, page_size=args.page_size)
+                        device=args.device, page_size=args.page_size, q_heads=args.q_heads)
     from .comm.ucx import SERVER_INLINE_BYTES, UcxTransport
+    from .launch import default_progress
     from .server import NodeServer
 
     node = AttentionNode(config)
-    transport = UcxTransport(token=args.token, progress=args.progress, info=node.stats(),
+    node.warmup()
+    transport = UcxTransport(token=args.token, info=node.stats(),
+                             progress=args.progress or default_progress(args.device),
                              inline_bytes=SERVER_INLINE_BYTES)
     server = NodeServer(node, transport, transport.listen(args.listen))
     stop = []

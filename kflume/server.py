@@ -96,7 +96,7 @@ class NodeServer:
         self.handled += handled
         return handled
 
-    def serve(self, should_stop=lambda: False, idle_sleep: float = 0.05) -> None:
+    def serve(self, should_stop=lambda: False, idle_sleep: float = 0.001) -> None:
         """Serve until a "shutdown" message or `should_stop()` returns True."""
         while not self.stopped and not should_stop():
             if self.poll() == 0:

@@ -59,15 +59,9 @@ def test_signal_orders_device_and_host_work(mechanism):
         sig.post(1)  # the host may read b now
         sig.wait(1)
 
-    graph = None
-    for i in range(1001):
-        with torch.cuda.stream(s):
-            if i == 0:
-                step()  # warm-up, eagerly: every kernel is loaded before any capture
-            else:
-                if graph is None:
-                    graph = capture(step, s)
-                graph.replay()
+    import threading
+
+    def host(i):
         sig.wait_posted(0, timeout=10)
         h[0] = float(i % 7 + 1)
         sig.release(0)
@@ -75,6 +69,20 @@ def test_signal_orders_device_and_host_work(mechanism):
         if i % 250 == 0:
             seen.copy_(b.cpu())
         sig.release(1)
+
+    # Warm-up, eagerly (waits happen on the host there): served from a thread.
+    t = threading.Thread(target=host, args=(0,))
+    t.start()
+    with torch.cuda.stream(s):
+        step()
+    t.join(30)
+    s.synchronize()
+    torch.testing.assert_close(b, (x + 1) * 1)
+    graph = capture(step, s)
+    for i in range(1, 1001):
+        with torch.cuda.stream(s):
+            graph.replay()
+        host(i)
         s.synchronize()
         if i % 250 == 0:
             torch.testing.assert_close(seen, ((x + 1) * (i % 7 + 1)).cpu())
@@ -86,13 +94,14 @@ def test_abort_lets_a_waiting_graph_finish():
     sig = GraphSignal(1, "cuda")
     s = torch.cuda.Stream()
     y = torch.zeros(4, device="cuda")
+    y.add_(1)  # the add kernel is loaded before anything waits
     graph = capture(lambda: (sig.post(0), sig.wait(0), y.add_(1)), s)
     with torch.cuda.stream(s):
         graph.replay()
     sig.wait_posted(0, timeout=10)
     sig.abort()  # e.g. the host side failed: the graph must not hang
     s.synchronize()
-    assert y.sum().item() == 4
+    assert y.sum().item() == 8
 
 
 LAYERS, HQ, HKV, D, DIM = 3, 8, 2, 64, 128
