@@ -207,6 +207,15 @@ def time_steps(n, run_one) -> list[float]:
     return out
 
 
+def slot_breakdown(trace) -> dict:
+    """Median per served slot (a layer's micro-batch), in microseconds: host reaction and
+    sends; at the nodes and on the wire; reply handling and release."""
+    if not trace:
+        return {}
+    med = lambda i: statistics.median(t[i] for t in trace) * 1e6  # noqa: E731
+    return {"send_us": med(1), "remote_us": med(2), "release_us": med(3), "n": len(trace)}
+
+
 def stats(ms: list[float]) -> dict:
     s = sorted(ms)
     p99 = s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
@@ -301,7 +310,10 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
 
             time_steps(args.warmup, one)
             key = "kflume" if mb == 1 else "kflume_pipelined"
+            cap.trace_steps = args.steps
             out[key] = stats(time_steps(args.steps, one))
+            out[key]["slots"] = slot_breakdown(cap.trace)
+            cap.trace_steps = 0
             if add_node and mb == 2:
                 before = time_steps(20, one)
                 name = cl.add_node(capacity, wait=False)

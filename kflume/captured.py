@@ -86,6 +86,10 @@ class CapturedRemoteAttention:
         self.plan_slots: list[list[_Slot]] = [[_Slot() for _ in sizes] for _ in range(max_nodes)]
         self.epoch = -1
         self.steps = 0
+        # Per served slot: (slot, posted->sent, sent->answered, answered->released) in
+        # seconds, for the last `trace_steps` steps (0: off).
+        self.trace: list[tuple] = []
+        self.trace_steps = 0
 
     # ---- host half: between steps ------------------------------------------------------
     def load(self, plan: StepPlan) -> None:
@@ -190,16 +194,26 @@ class CapturedRemoteAttention:
         inflight: dict[int, list[Pending]] = {}
         sent = released = 0
         transport = next(iter(self.remote.clients.values())).transport
+        tr = self.trace_steps > 0
+        times: dict[int, list[float]] = {}
         try:
             while released < total:
                 if sent < total and self.signal.posted(sent):
+                    t0 = time.perf_counter() if tr else 0.0
                     self.signal.wait_posted(sent, 0.0)
                     inflight[sent] = self._send(sent)
+                    if tr:
+                        times[sent] = [t0, time.perf_counter()]
                     sent += 1
                 elif released < sent and all(p.done for p in inflight[released]):
+                    if tr:
+                        times[released].append(time.perf_counter())
                     for p in inflight.pop(released):
                         p.result(0.0)  # raises a node's refusal
                     self.signal.release(released)
+                    if tr:
+                        a, b, c = times.pop(released)
+                        self.trace.append((released, b - a, c - b, time.perf_counter() - c))
                     released += 1
                 else:
                     transport.progress(0.0)
@@ -210,3 +224,5 @@ class CapturedRemoteAttention:
             self.signal.abort()
             raise
         self.steps += 1
+        if tr:
+            self.trace = self.trace[-self.trace_steps * total :]

@@ -185,6 +185,7 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism):
 
             t = threading.Thread(target=cap.serve_step)
             t.start()
+            s.wait_stream(torch.cuda.current_stream())  # x_in was written on this stream
             with torch.cuda.stream(s):
                 step()
             t.join(60)
@@ -193,6 +194,7 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism):
             # the warm-up appended this step's tokens once: capture only, then replay it
             with torch.cuda.graph(graph, stream=s):
                 step()
+        s.wait_stream(torch.cuda.current_stream())  # x_in was written on this stream
         with torch.cuda.stream(s):
             graph.replay()
         with torch.cuda.stream(host):  # the in-process nodes' kernels run here
