@@ -295,24 +295,34 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 graph = capture(step, s, serve=cap.serve_step)
                 boundary()
 
-            def one(cap=cap, graph=graph, s=s, step=step):
+            parts: dict[str, list[float]] = {"serve": [], "sync": [], "boundary": []}
+
+            def one(cap=cap, graph=graph, s=s, step=step, parts=parts):
+                t0 = time.perf_counter()
                 if graph is not None:
                     with torch.cuda.stream(s):
                         graph.replay()
                     cap.serve_step()
+                    t1 = time.perf_counter()
                     s.synchronize()
                 else:  # CPU smoke run: eager, served from a thread
                     t = threading.Thread(target=cap.serve_step)
                     t.start()
                     step()
                     t.join(60)
+                    t1 = time.perf_counter()
+                t2 = time.perf_counter()
                 boundary()
+                t3 = time.perf_counter()
+                for k, v in (("serve", t1 - t0), ("sync", t2 - t1), ("boundary", t3 - t2)):
+                    parts[k].append(v * 1e3)
 
             time_steps(args.warmup, one)
             key = "kflume" if mb == 1 else "kflume_pipelined"
             cap.trace_steps = args.steps
             out[key] = stats(time_steps(args.steps, one))
             out[key]["slots"] = slot_breakdown(cap.trace)
+            out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:]) for k, v in parts.items()}
             cap.trace_steps = 0
             if add_node and mb == 2:
                 before = time_steps(20, one)
