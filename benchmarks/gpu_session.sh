@@ -22,7 +22,7 @@ run() {  # run NAME SECONDS CMD...
 }
 for phase in "$@"; do
   case $phase in
-    tests) run tests 300 python3 -m pytest -q -x -p no:cacheprovider -o timeout=240 tests/gpu ;;
+    tests) run tests 150 python3 -m pytest -q -x -p no:cacheprovider -o timeout=120 tests/gpu ;;
     kernels) run kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k cuda ;;
     signal) run signal 120 python3 benchmarks/graph_signal.py ;;
     transport)
@@ -31,7 +31,8 @@ for phase in "$@"; do
       run transport-cpu 150 python3 benchmarks/transport.py --device cpu --iters 2000 ;;
     e2e-smoke) run e2e-smoke 300 python3 benchmarks/e2e.py --layers 4 --configs 8x32768 --steps 20 --warmup 5 ;;
     e2e-smoke1) run e2e-smoke1 300 python3 benchmarks/e2e.py --layers 4 --configs 8x8192 --steps 20 --warmup 5 --node-gpu 0 ;;
-    e2e-8x32k) run e2e-8x32k 540 python3 benchmarks/e2e.py --configs 8x32768 ;;
+    e2e-8x32k) run e2e-8x32k 330 python3 benchmarks/e2e.py --configs 8x32768 ;;
+    transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
     e2e-big) run e2e-big 540 python3 benchmarks/e2e.py --configs 32x32768 8x131072 ;;
     *) echo "unknown phase $phase" ;;
   esac

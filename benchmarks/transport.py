@@ -40,7 +40,7 @@ def _device(kind: str) -> torch.device:
 def _env(kind: str, rank: int) -> None:
     os.environ.setdefault("UCX_MM_ERROR_HANDLING", "y")
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    if kind == "cuda":  # each process sees its own GPU as device 0
+    if kind == "cuda":  # each process sees its own GPU as device 0 (and the other one)
         os.environ["CUDA_VISIBLE_DEVICES"] = "0,1" if rank == 0 else "1,0"
 
 

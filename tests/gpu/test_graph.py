@@ -146,7 +146,8 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism):
         for layer in range(LAYERS):
             for rid, n in prompts.items():
                 k = torch.randn(n, HKV, D, device="cuda", generator=g)
-                cl.remote.prefill(layer, rid, k, torch.randn_like(k))
+                v = torch.randn(n, HKV, D, device="cuda", generator=g)
+                cl.remote.prefill(layer, rid, k, v)
         cl.remote.end_step(wait=True)
         clusters.append(cl)
     ref_cl, cl = clusters
