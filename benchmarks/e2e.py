@@ -140,19 +140,17 @@ class LocalKV:
                                  generator=g, device=device, dtype=torch.bfloat16)
         self.k = [mk() for _ in range(shape.layers)]
         self.v = [mk() for _ in range(shape.layers)]
-        self.context, self.rows = context, torch.arange(batch, device=device)
+        self.context = context
 
     def start(self, layer, q, k, v, rows=None):
-        r = self.rows[rows] if rows is not None else self.rows
-        return (layer, q, k, v, r)
+        return (layer, q, k, v, rows if rows is not None else slice(None))
 
     def finish(self, h):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        layer, q, k, v, r = h
-        slot = torch.full_like(r, self.context - 1)  # the step's token, at a fixed slot
-        self.k[layer][r, :, slot] = k
-        self.v[layer][r, :, slot] = v
+        layer, q, k, v, r = h  # r: a slice of rows, so the caches below are views
+        self.k[layer][r, :, self.context - 1] = k  # the step's token, at a fixed slot
+        self.v[layer][r, :, self.context - 1] = v
         backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if q.is_cuda \
             else [SDPBackend.MATH]
         with sdpa_kernel(backends):

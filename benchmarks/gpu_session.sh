@@ -22,7 +22,7 @@ run() {  # run NAME SECONDS CMD...
 }
 for phase in "$@"; do
   case $phase in
-    tests) run tests 150 python3 -m pytest -q -x -p no:cacheprovider -o timeout=120 tests/gpu ;;
+    tests) run tests 200 python3 -m pytest -q -x -s -p no:cacheprovider -o timeout=180 tests/gpu ;;
     kernels) run kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k cuda ;;
     signal) run signal 120 python3 benchmarks/graph_signal.py ;;
     transport)

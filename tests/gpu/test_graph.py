@@ -207,4 +207,5 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism):
             x = after(layer, x, ref_cl.remote(layer, q, k, v))
         if i % 100 == 0 or i == 999:
             torch.testing.assert_close(out_buf, x, rtol=2e-4, atol=2e-4)
+            print(f"replay {i}: ok", flush=True)
     assert cap.steps >= 1000 and "node2" in cap.node_slots
