@@ -3,7 +3,7 @@
 One program, one warp each. `post_kernel` bumps the slot's device-resident sequence
 number and writes it to the host-visible flag with a system-scope release (everything
 the stream wrote before is visible first). `wait_kernel` spins on the host-visible
-release word with system-scope acquire loads until it reaches the sequence number.
+release word with volatile loads until it reaches the sequence number, then acquires.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def post_kernel(SEQ, FLAG, slot):
 @triton.jit
 def wait_kernel(SEQ, ACK, slot):
     s = tl.load(SEQ + slot)
-    a = tl.atomic_add(ACK + slot, 0, sem="acquire", scope="sys")
+    a = tl.load(ACK + slot, volatile=True)  # plain reads while spinning: no PCIe atomics
     while a < s:
-        a = tl.atomic_add(ACK + slot, 0, sem="acquire", scope="sys")
+        a = tl.load(ACK + slot, volatile=True)
+    tl.atomic_add(ACK + slot, 0, sem="acquire", scope="sys")  # order the reads that follow

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ptb", "stride_kb", "stride_kt", "stride_vb", "stride_vt"])
 def append_kv_kernel(
     KC, VC, PT, OFFSETS, K, V,
     page_size,

@@ -14,7 +14,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_states", "num_heads", "stride_on", "stride_ob", "stride_ln",
+                               "stride_lb", "stride_Ob", "stride_Lb"])
 def merge_kernel(
     OUTS, LSES, O, LSE,
     num_states,
@@ -56,7 +57,7 @@ def merge_kernel(
     tl.store(LSE + b * stride_Lb + h + one, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_heads", "stride_ob", "stride_lb", "stride_o2b", "stride_l2b"])
 def merge_two_kernel(
     O, LSE, O2, LSE2,
     num_heads,

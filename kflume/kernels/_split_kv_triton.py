@@ -80,7 +80,10 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Values that change while a node serves (split count, page-table width, output buffer
+# shapes) are not specialised on: a recompile mid-run would stall the step that needs it.
+@triton.jit(do_not_specialize=["num_splits", "stride_ptb", "stride_os", "stride_ob", "stride_oh",
+                               "stride_ls", "stride_lb"])
 def split_kv_kernel(
     Q, K, V, PT, KV_START, KV_LEN, O, LSE,
     scale_log2,

@@ -129,28 +129,27 @@ def _model(seed):
 def test_captured_step_1000_replays_with_plan_changes(mechanism):
     """A whole step (3 layers, 2 micro-batches) in one graph, attention on in-process
     nodes served from the host between post and wait. The plan changes between replays
-    (tokens appended every step, a node joins at replay 300): no recapture, every
-    replay equals the eager RemoteAttention on an identical cluster."""
+    (tokens appended every step, a node joins at replay 300): no recapture. Every 50th
+    replay is checked against the eager RemoteAttention run just before it on the same
+    cluster and inputs (whose appends the replay then rewrites with the same values)."""
+    import threading
+
     from kflume.cluster import Cluster
 
     prompts = {"a": 300, "b": 17, "c": 1000, "d": 64}
-    clusters = []
-    for _ in range(2):
-        cl = Cluster.in_process(2, layers=LAYERS, kv_heads=HKV, head_dim=D, dtype="float32",
-                                capacity_tokens=8192, device="cuda", range_tokens=250)
-        cl.attention(num_q_heads=HQ, device="cuda")
+    cl = Cluster.in_process(2, layers=LAYERS, kv_heads=HKV, head_dim=D, dtype="float32",
+                            capacity_tokens=8192, device="cuda", range_tokens=250)
+    cl.attention(num_q_heads=HQ, device="cuda")
+    for rid, n in prompts.items():
+        cl.router.add_request(rid, n)
+    cl.begin_step()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for layer in range(LAYERS):
         for rid, n in prompts.items():
-            cl.router.add_request(rid, n)
-        cl.begin_step()
-        g = torch.Generator(device="cuda").manual_seed(1)
-        for layer in range(LAYERS):
-            for rid, n in prompts.items():
-                k = torch.randn(n, HKV, D, device="cuda", generator=g)
-                v = torch.randn(n, HKV, D, device="cuda", generator=g)
-                cl.remote.prefill(layer, rid, k, v)
-        cl.remote.end_step(wait=True)
-        clusters.append(cl)
-    ref_cl, cl = clusters
+            k = torch.randn(n, HKV, D, device="cuda", generator=g)
+            v = torch.randn(n, HKV, D, device="cuda", generator=g)
+            cl.remote.prefill(layer, rid, k, v)
+    cl.remote.end_step(wait=True)
     before, after = _model(2)
     b = len(prompts)
     x_in = torch.zeros(b, DIM, device="cuda")
@@ -163,49 +162,47 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism):
     def step():
         out_buf.copy_(torch.cat(pipe([x_in[r] for r in rows], rows)))
 
-    def boundary(i):
-        if i == 300:
-            cl.add_node(8192)
-            ref_cl.add_node(8192)
-        if i > 0:
-            for c in clusters:
-                c.remote.end_step(wait=True)
-                for rid in prompts:
-                    c.router.advance(rid)
-        ref_cl.begin_step()
-        cap.load(cl.begin_step())
-
     s, host = torch.cuda.Stream(), torch.cuda.Stream()
     gen = torch.Generator(device="cuda").manual_seed(3)
     graph = None
+    checked = 0
     for i in range(1000):
-        boundary(i)
+        if i == 300:
+            cl.add_node(8192)
+        if i > 0:
+            cl.remote.end_step(wait=True)
+            for rid in prompts:
+                cl.router.advance(rid)
+        cap.load(cl.begin_step())
         x_in.copy_(torch.randn(b, DIM, device="cuda", generator=gen))
-        if graph is None:  # warm up every kernel eagerly (served from a thread), then capture
-            import threading
-
+        s.wait_stream(torch.cuda.current_stream())  # x_in was written on this stream
+        if graph is None:  # warm every kernel up eagerly (served from a thread), then capture
             t = threading.Thread(target=cap.serve_step)
             t.start()
-            s.wait_stream(torch.cuda.current_stream())  # x_in was written on this stream
             with torch.cuda.stream(s):
                 step()
             t.join(60)
             s.synchronize()
             graph = torch.cuda.CUDAGraph()
-            # the warm-up appended this step's tokens once: capture only, then replay it
             with torch.cuda.graph(graph, stream=s):
                 step()
-        s.wait_stream(torch.cuda.current_stream())  # x_in was written on this stream
+        ref = None
+        if i % 50 == 0 or i == 999:
+            x = x_in.clone()
+            for layer in range(LAYERS):
+                q, k, v = before(layer, x)
+                x = after(layer, x, cl.remote(layer, q, k, v))
+            cl.remote.end_step(wait=True)
+            torch.cuda.synchronize()
+            ref = x
         with torch.cuda.stream(s):
             graph.replay()
         with torch.cuda.stream(host):  # the in-process nodes' kernels run here
             cap.serve_step(timeout=30)
         s.synchronize()
-        x = x_in.clone()
-        for layer in range(LAYERS):
-            q, k, v = before(layer, x)
-            x = after(layer, x, ref_cl.remote(layer, q, k, v))
-        if i % 100 == 0 or i == 999:
-            torch.testing.assert_close(out_buf, x, rtol=2e-4, atol=2e-4)
-            print(f"replay {i}: ok", flush=True)
-    assert cap.steps >= 1000 and "node2" in cap.node_slots
+        if ref is not None:
+            torch.testing.assert_close(out_buf, ref, rtol=2e-4, atol=2e-4)
+            checked += 1
+            if i % 200 == 0:
+                print(f"replay {i}: ok", flush=True)
+    assert cap.steps >= 1000 and checked == 21 and "node2" in cap.node_slots
