@@ -8,10 +8,13 @@ Imports work without a GPU, UCX or transformers: those are loaded where used.
 """
 
 from . import kernels
+from .captured import CapturedRemoteAttention
 from .cluster import Cluster
+from .graph import GraphSignal
 from .kernels import append_kv, merge_attention_states, merge_state_, split_kv_attention
 from .node import AttentionNode, NodeConfig
 from .patch import KflumeCache, patch, unpatch
+from .pipeline import LayerPipeline
 from .remote import RemoteAttention
 from .router import FillThenLeastLoaded, StepPlan, TokenRange, TokenRangeRouter
 
@@ -19,9 +22,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionNode",
+    "CapturedRemoteAttention",
     "Cluster",
     "FillThenLeastLoaded",
+    "GraphSignal",
     "KflumeCache",
+    "LayerPipeline",
     "NodeConfig",
     "RemoteAttention",
     "StepPlan",
