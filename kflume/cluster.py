@@ -229,7 +229,7 @@ class Cluster:
 
     def begin_step(self) -> StepPlan:
         """A token boundary: admit nodes that became ready, apply routing edits, and hand
-        the plan to RemoteAttention (frees, migrations, plan buffers)."""
+        the plan to RemoteAttention (frees, migrations)."""
         for j in list(self._joining):
             if j.process.ready():
                 self._joining.remove(j)

@@ -24,7 +24,6 @@ import torch
 
 from .client import NodeClient, wait_all
 from .kernels import merge_attention_states
-from .plan import PlanBuffers
 from .router import StepPlan
 
 __all__ = ["RemoteAttention"]
@@ -38,14 +37,14 @@ class RemoteAttention:
             is read at every step, so nodes added to it join at the next step).
         num_q_heads, num_kv_heads, head_dim: the model's attention geometry.
         scale: score scale (default head_dim ** -0.5).
-        max_batch, max_nodes: sizes of the plan buffers (kflume/plan.py).
+        max_batch: the largest batch (checked at every step).
         timeout: deadline in seconds for every reply.
     """
 
     def __init__(self, clients: Mapping[str, NodeClient], *, num_q_heads: int,
                  num_kv_heads: int, head_dim: int, scale: float | None = None,
                  device: str | torch.device = "cpu", max_batch: int = 256,
-                 max_nodes: int = 16, timeout: float = 30.0) -> None:
+                 timeout: float = 30.0) -> None:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
                              f"{num_kv_heads}")
@@ -54,7 +53,7 @@ class RemoteAttention:
         self.scale = head_dim**-0.5 if scale is None else float(scale)
         self.device = torch.device(device)
         self.timeout = timeout
-        self.buffers = PlanBuffers(max_nodes, max_batch, self.device)
+        self.max_batch = max_batch
         self.plan: StepPlan | None = None
         self._recv_bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._shares: dict[tuple[int, int], list[_Share]] = {}
@@ -68,7 +67,7 @@ class RemoteAttention:
 
     # ---- step boundaries ---------------------------------------------------------------
     def begin_step(self, plan: StepPlan) -> None:
-        """Take the plan of this step: carry out its frees and migrations, load its tensors.
+        """Take the plan of this step: carry out its frees and migrations.
 
         Migrations move KV through the weight node (export from the old node, import into
         the new one); the node handles them before this step's attends (messages on one
@@ -83,7 +82,9 @@ class RemoteAttention:
         for node in plan.removed_nodes:
             if node in self.clients:
                 self._client(node).flush(self.timeout)
-        self.buffers.load(plan)
+        if len(plan.requests) > self.max_batch:
+            raise ValueError(f"the plan has {len(plan.requests)} requests; max_batch is "
+                             f"{self.max_batch}")
         self.plan = plan
         self._shares = {}
 

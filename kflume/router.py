@@ -4,8 +4,9 @@ Plain Python, no torch: the router keeps, per request, ordered ranges `[start, e
 each owned by one node, covering `[0, length)`; the last (tail) range takes new tokens.
 Edits (add/drain/remove a node, add/finish a request, advance a request by one token)
 are queued and applied at the next token boundary, in `begin_step()`, which returns an
-immutable `StepPlan` with a new epoch. Tensors appear only when a plan is materialised
-(kflume/plan.py).
+immutable `StepPlan` with a new epoch. Tensors appear only when a plan is materialised:
+small index tensors per step in kflume/remote.py, fixed device buffers rewritten in
+place for a captured graph in kflume/captured.py.
 
 A decode step, as the weight node sees it:
 
