@@ -202,7 +202,7 @@ class Cluster:
 
     def _join(self, name: str, address: str, cap: int, proc) -> None:
         client = NodeClient.connect(name, self.transport, address, self.timeout)
-        self._admit(name, client, cap)
+        self._admit(name, client, int(client.info.get("capacity_tokens", cap)))
 
     def _admit(self, name: str, client: NodeClient, cap: int) -> None:
         info, g = client.info, self.geometry
@@ -213,7 +213,8 @@ class Cluster:
                 raise ValueError(f"node {name} holds {key}={info[key]!r} but this cluster "
                                  f"needs {want!r}")
         self.clients[name] = client
-        self.router.add_node(name, max(1, cap))
+        page = int(info.get("page_size", g.page_size))
+        self.router.add_node(name, max(page, cap), page_size=page)
         log.info("node %s joins with room for %d tokens", name, cap)
 
     # ---- steps ------------------------------------------------------------------------------

@@ -60,8 +60,9 @@ class TokenRange:
 
 @dataclass(slots=True)
 class _Node:
-    capacity: int
-    used: int = 0
+    capacity: int  # tokens, a multiple of page_size
+    page_size: int = 1  # a request's tokens on a node take whole pages
+    used: int = 0  # tokens of capacity taken, counted in whole pages per request
     draining: bool = False
 
 
@@ -85,9 +86,10 @@ class PlacementPolicy(Protocol):
 
     `place` gets the request's tail range (None for a request with no range yet) and the
     number of tokens still to place, and returns a `Placement` of `1 <= n <= tokens` of
-    them. It reads the router only through `placeable_nodes()`, `least_loaded()`,
-    `is_draining(node)`, `free_tokens(node)` and `node_load(node)`; it raises
-    `CapacityError` when no node fits.
+    them, at most `router.room(node, request)`. It reads the router only through
+    `placeable_nodes()`, `least_loaded()`, `is_draining(node)`, `free_tokens(node)`,
+    `room(node, request)` and `node_load(node)`; it raises `CapacityError` when no node
+    fits.
     """
 
     def place(
@@ -116,16 +118,17 @@ class FillThenLeastLoaded:
         if tail is not None and len(tail) < self.range_tokens and not router.is_draining(
             tail.node
         ):
-            room = min(self.range_tokens - len(tail), router.free_tokens(tail.node))
+            room = min(self.range_tokens - len(tail), router.room(tail.node, request))
             if room > 0:
                 return Placement(tail.node, min(tokens, room), extend_tail=True)
         node = router.least_loaded()
-        if node is None or router.free_tokens(node) == 0:
+        room = 0 if node is None else router.room(node, request)
+        if room <= 0:
             raise CapacityError(
                 f"no attention node has room for request {request!r}: add a node or finish "
                 "requests"
             )
-        return Placement(node, min(tokens, router.free_tokens(node), self.range_tokens), False)
+        return Placement(node, min(tokens, room, self.range_tokens), False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +213,13 @@ class TokenRangeRouter:
         self._last_plan: StepPlan | None = None
 
     # ---- edits: queued, applied at the next boundary -------------------------------
-    def add_node(self, node: str, capacity_tokens: int) -> None:
-        if capacity_tokens < 1:
-            raise ValueError(f"capacity_tokens must be >= 1; got {capacity_tokens}")
-        self._pending.append(("add_node", node, capacity_tokens))
+    def add_node(self, node: str, capacity_tokens: int, page_size: int = 1) -> None:
+        """A node with room for `capacity_tokens` tokens, which it stores in pages of
+        `page_size` tokens per request (so a request's last page on it may be part empty)."""
+        if page_size < 1 or capacity_tokens < page_size:
+            raise ValueError(f"capacity_tokens must be >= page_size >= 1; got "
+                             f"{capacity_tokens} and {page_size}")
+        self._pending.append(("add_node", node, capacity_tokens, page_size))
 
     def drain_node(self, node: str) -> None:
         """Place no new tokens on `node`; its ranges stay until it is removed."""
@@ -258,6 +264,13 @@ class TokenRangeRouter:
 
     def is_draining(self, node: str) -> bool:
         return self._node(node).draining
+
+    def room(self, node: str, request: RequestId) -> int:
+        """Tokens of `request` that `node` can still take: its free pages, plus what is
+        left of the request's last page there."""
+        s = self._nodes[node]
+        held = self._requests[request].held.get(node, 0) if request in self._requests else 0
+        return s.capacity - s.used + (-held) % s.page_size
 
     def free_tokens(self, node: str) -> int:
         s = self._nodes[node]
@@ -312,10 +325,11 @@ class TokenRangeRouter:
     def _apply(self, edit, prefill, migrations, freed, removed) -> None:
         op = edit[0]
         if op == "add_node":
-            _, node, cap = edit
+            _, node, cap, page_size = edit
             if node in self._nodes:
                 raise RouterError(f"node {node!r} is already in the routing table")
-            self._nodes[node] = _Node(cap)
+            cap -= cap % page_size
+            self._nodes[node] = _Node(cap, page_size)
             self._free[node] = cap
         elif op == "drain_node":
             self._node(edit[1]).draining = True
@@ -333,8 +347,8 @@ class TokenRangeRouter:
             prefill.append(rid)
         elif op == "finish_request":
             req = self._request(edit[1])
-            for node, n in req.held.items():
-                self._use(node, -n)
+            for node, n in list(req.held.items()):
+                self._hold(node, req, -n)
                 freed.append((edit[1], node))
             del self._requests[edit[1]]
         elif op == "advance":
@@ -344,11 +358,19 @@ class TokenRangeRouter:
                 self._grow(rid, req, req.length + tokens - req.ranges[-1].end)
             req.length += tokens
 
-    def _use(self, node: str, n: int) -> None:
-        """Node `node` holds `n` more tokens (n < 0: fewer)."""
-        self._nodes[node].used += n
+    def _hold(self, node: str, req: _Request, n: int) -> None:
+        """`req` holds `n` more tokens on `node` (n < 0: fewer); capacity is taken in pages."""
+        ps = self._nodes[node].page_size
+        old = req.held.get(node, 0)
+        new = old + n
+        pages = -(-new // ps) - -(-old // ps)
+        self._nodes[node].used += pages * ps
         if node in self._free:
-            self._free[node] -= n
+            self._free[node] -= pages * ps
+        if new:
+            req.held[node] = new
+        else:
+            req.held.pop(node, None)
 
     def _node(self, node: str) -> _Node:
         try:
@@ -361,11 +383,12 @@ class TokenRangeRouter:
         while tokens > 0:
             tail = req.ranges[-1] if req.ranges else None
             node, n, extend = self.policy.place(self, rid, tail, tokens)
-            state = self._node(node)
-            if not 1 <= n <= min(tokens, state.capacity - state.used):
+            self._node(node)
+            room = self.room(node, rid)
+            if not 1 <= n <= min(tokens, room):
                 raise CapacityError(
                     f"placement policy put {n} tokens of request {rid!r} on node {node!r}, "
-                    f"which has room for {state.capacity - state.used}"
+                    f"which has room for {room}"
                 )
             if extend and (tail is None or node != tail.node):
                 raise RouterError(f"placement policy extended a tail range that is not on {node!r}")
@@ -374,8 +397,7 @@ class TokenRangeRouter:
             else:
                 start = tail.end if tail else 0
                 req.ranges.append(TokenRange(start, start + n, node))
-            self._use(node, n)
-            req.held[node] = req.held.get(node, 0) + n
+            self._hold(node, req, n)
             tokens -= n
 
     def _remove_node(self, node: str, migrations: list[Migration]) -> None:
@@ -390,24 +412,18 @@ class TokenRangeRouter:
                     new_ranges.append(r)
                     continue
                 need = len(r)
-                dst = self._roomiest(need)
-                if dst is None:
+                dst = self.least_loaded()
+                if dst is None or self.room(dst, rid) < need:
                     raise CapacityError(
                         f"cannot remove node {node!r}: no other node has room for tokens "
                         f"[{r.start}, {r.end}) of request {rid!r}"
                     )
-                self._use(dst, need)
-                req.held[dst] = req.held.get(dst, 0) + need
+                self._hold(dst, req, need)
                 new_ranges.append(TokenRange(r.start, r.end, dst))
                 migrations.append(Migration(rid, r.start, min(r.end, req.length), node, dst))
-            self._use(node, -req.held.pop(node))
+            self._hold(node, req, -req.held[node])
             req.ranges = _coalesce(new_ranges)
         del self._nodes[node]
-
-    def _roomiest(self, tokens: int) -> str | None:
-        """The placeable node with the most free tokens, if it has room for `tokens`."""
-        best = self.least_loaded()
-        return best if best is not None and self._free[best] >= tokens else None
 
     def _make_plan(self, prefill, migrations, freed, removed) -> StepPlan:
         rows: dict[str, list[int]] = {n: [] for n in self._nodes}

@@ -144,10 +144,35 @@ def test_capacity_error_and_bad_edits():
     with pytest.raises(RouterError, match="unknown node 'z'"):
         r.drain_node("z")
         r.begin_step()
-    with pytest.raises(ValueError, match="capacity_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="capacity_tokens must be >= page_size >= 1"):
         r.add_node("q", 0)
     with pytest.raises(ValueError, match="range_tokens"):
         FillThenLeastLoaded(range_tokens=0)
+
+
+def test_capacity_counts_whole_pages_per_request():
+    """A node stores each request's tokens in whole pages: six requests of 5 tokens take
+    six pages of 16, not 30 tokens' worth; the router never overfills the node."""
+    r = TokenRangeRouter(FillThenLeastLoaded(range_tokens=1000))
+    r.add_node("a", 100, page_size=16)  # 6 pages (96 tokens)
+    for i in range(6):
+        r.add_request(i, 5)
+    r.begin_step()  # each request reserved its next token: 6 tokens per request
+    assert r.node_load("a") == 96 and r.free_tokens("a") == 0
+    assert r.room("a", 0) == 10  # the rest of request 0's page
+    for _ in range(10):
+        for i in range(6):
+            r.advance(i)
+        r.begin_step()  # every request fills its own page
+    for i in range(6):
+        r.advance(i)
+    r.add_node("b", 96, page_size=16)
+    plan = r.begin_step()  # pages are full: the next tokens open ranges on b
+    assert {x.node for x in plan.routes[0]} == {"a", "b"}
+    assert r.node_load("a") == 96
+    r.finish_request(0)
+    r.begin_step()
+    assert r.node_load("a") == 80
 
 
 def test_failed_edit_keeps_later_edits_queued():
