@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .client import NodeClient, wait_all
+from .comm.base import RemoteError
 from .kernels import merge_attention_states
 from .router import StepPlan
 
@@ -206,7 +207,11 @@ class RemoteAttention:
         k_rep = h.k_new.repeat_interleave(g, dim=1)  # [b, Hq, D]
         parts_lse[0] = (q.float() * k_rep.float()).sum(-1) * self.scale
         parts_out[0] = h.v_new.repeat_interleave(g, dim=1)
-        msgs = wait_all([p for _, p in h.sent], self.timeout)
+        try:
+            msgs = wait_all([p for _, p in h.sent], self.timeout)
+        except RemoteError:
+            self.end_step()  # an append a node refused (e.g. full) is the likelier cause
+            raise
         for i, ((rows, _), m) in enumerate(zip(h.sent, msgs)):
             out, lse = m.tensors
             parts_out[i + 1].index_copy_(0, rows, out.to(q.dtype))
