@@ -172,9 +172,10 @@ class CapturedRemoteAttention:
             client = self.remote.clients[name]
             if s.requests:
                 b = len(s.requests)
-                pend.append(client.call_attend(layer, self.epoch, s.requests, s.kv_len,
-                                               self.send_q[i][m][:b], self.recv_out[i][m][:b],
-                                               self.recv_lse[i][m][:b], self.remote.scale))
+                pend.append(client.attend(layer, self.epoch, s.requests, s.kv_len,
+                                          self.send_q[i][m][:b], self.recv_out[i][m][:b],
+                                          self.recv_lse[i][m][:b], self.remote.scale,
+                                          ready=True))
             if s.append_requests:
                 a = len(s.append_requests)
                 client.append(layer, s.append_requests, s.append_offsets, s.positions,

@@ -96,19 +96,15 @@ class NodeClient:
     # ---- the data path ----------------------------------------------------------------
     def attend(self, layer: int, epoch: int, requests: Sequence, kv_len: Sequence[int],
                q: torch.Tensor, out: torch.Tensor | None = None,
-               lse: torch.Tensor | None = None, scale: float | None = None) -> Pending:
-        """q `[b, Hq, D]` -> reply tensors `(out [b, Hq, D], lse [b, Hq])`, into out/lse."""
+               lse: torch.Tensor | None = None, scale: float | None = None,
+               ready: bool = False) -> Pending:
+        """q `[b, Hq, D]` -> reply tensors `(out [b, Hq, D], lse [b, Hq])`, into out/lse.
+        `ready`: q is known to be written (e.g. a captured graph posted it)."""
         into = None if out is None else [out, lse]
         info = {} if scale is None else {"scale": float(scale)}
         return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
-                                ints={"kv_len": list(kv_len)}, info=info), [q], into)
-
-    def call_attend(self, layer, epoch, requests, kv_len, q, out, lse, scale) -> Pending:
-        """`attend` from a graph's buffers: q is known to be written (no stream sync)."""
-        info = {"scale": float(scale)}
-        return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
-                                ints={"kv_len": list(kv_len)}, info=info), [q], [out, lse],
-                         ready=True)
+                                ints={"kv_len": list(kv_len)}, info=info), [q], into,
+                         ready=ready)
 
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,
