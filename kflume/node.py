@@ -145,7 +145,8 @@ class AttentionNode:
         key = (tuple(requests), tuple(ints), self._pt_version)
         hit = self._batches.get(key)
         if hit is None:
-            slots = torch.tensor([self.requests[r].slot for r in requests], device=self.device)
+            slots = torch.tensor([self.requests[r].slot for r in requests], dtype=torch.long,
+                                 device=self.device)
             vals = torch.tensor(list(ints), dtype=torch.int32, device=self.device)
             hit = (self._pt.index_select(0, slots), vals, torch.zeros_like(vals))
             if len(self._batches) >= 16:
