@@ -272,11 +272,11 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
         prefill_s = time.perf_counter() - t0
         out = {"prefill_s": prefill_s}
         model = Model(shape, W, batch, context, device)
-        for mb in (1, 2):
+        for stage, mb in [(st, mb) for st in args.stages for mb in (1, 2)]:
             pipe_rows = LayerPipeline(shape.layers, None, None, None, mb).split(batch)
             cap = CapturedRemoteAttention(remote, batch=batch, num_layers=shape.layers,
                                           row_ranges=pipe_rows, max_nodes=2,
-                                          mechanism=args.mechanism, dtype=wdt)
+                                          mechanism=args.mechanism, dtype=wdt, stage=stage)
             pipe = LayerPipeline(shape.layers, model.before, model.after, cap, mb)
             step, _ = step_fn(model, pipe, batch)
 
@@ -316,13 +316,14 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                     parts[k].append(v * 1e3)
 
             time_steps(args.warmup, one)
-            key = "kflume" if mb == 1 else "kflume_pipelined"
+            key = ("kflume" if mb == 1 else "kflume_pipelined") + (
+                "" if stage == args.stages[0] else f"[{stage}]")
             cap.trace_steps = args.steps
             out[key] = stats(time_steps(args.steps, one))
             out[key]["slots"] = slot_breakdown(cap.trace)
             out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:]) for k, v in parts.items()}
             cap.trace_steps = 0
-            if add_node and mb == 2:
+            if add_node and mb == 2 and stage == args.stages[0]:
                 before = time_steps(20, one)
                 name = cl.add_node(capacity, wait=False)
                 cl.processes[name].wait_ready()
@@ -348,6 +349,11 @@ def main() -> None:
     ap.add_argument("--range-tokens", type=int, default=4096)
     ap.add_argument("--mechanism", default=None, help="GraphSignal mechanism (memop, kernel)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
+    ap.add_argument("--stages", nargs="+", default=["host"], choices=["host", "device"],
+                    help="CapturedRemoteAttention stage(s) to run; the first is the headline")
+    ap.add_argument("--add-node", default=None,
+                    help="config (BxL) that adds an attention node mid-run (default: the "
+                         "first; 'none': no config)")
     ap.add_argument("--node-gpu", type=int, default=1,
                     help="GPU of the attention nodes (0: share the weight node's, a smoke run)")
     args = ap.parse_args()
@@ -377,10 +383,12 @@ def main() -> None:
         res = {}
         if device == "cuda" and kv_gb + 4 < free_gb:
             res.update(run_colocated(shape, W, batch, context, device, args))
+        elif device != "cuda":
+            res["colocated"] = "CUDA only"
         else:
             res["colocated"] = f"does not fit: {kv_gb:.0f} GiB of KV next to the weights"
         res.update(run_kflume(shape, W, batch, context, device, node_device, args,
-                              add_node=(cfg == args.configs[0])))
+                              add_node=(cfg == (args.add_node or args.configs[0]))))
         results["configs"][cfg] = res
         print(f"{cfg}: {res}", flush=True)
     report(results, args)
@@ -403,6 +411,17 @@ def report(results, args) -> None:
               f"{k['p50_ms'] / c50:.2f} | {p['p50_ms'] / c50:.2f} | " if c50 else
               f"| {cfg} | {col} | {fmt(k)} | {fmt(p)} | n/a | n/a | ", end="")
         print(f"{lc1['p50_ms']:.2f} / {lc2['p50_ms']:.2f} |" if lc1 else "n/a |")
+    print("\n| B x L | run | p50 / p99 ms | per slot: send / remote / release us | "
+          "host parts: serve / sync / boundary ms |")
+    print("|---|---|---|---|---|")
+    for cfg, r in results["configs"].items():
+        for key, d in r.items():
+            if key.startswith("kflume") and isinstance(d, dict):
+                sl, pa = d.get("slots", {}), d.get("parts_ms", {})
+                print(f"| {cfg} | {key} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | "
+                      f"{sl.get('send_us', 0):.0f} / {sl.get('remote_us', 0):.0f} / "
+                      f"{sl.get('release_us', 0):.0f} | {pa.get('serve', 0):.2f} / "
+                      f"{pa.get('sync', 0):.2f} / {pa.get('boundary', 0):.2f} |")
     for cfg, r in results["configs"].items():
         if "add_node" in r:
             a = r["add_node"]

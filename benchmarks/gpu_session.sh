@@ -2,7 +2,8 @@
 # One call on the GPU machine (see /work/.library/device): install the carried ucxx
 # wheels, then run the named phases, each with a time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
-# Phases: tests kernels signal transport e2e-smoke e2e-8x32k e2e-big
+# Phases: tests kernels signal transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-big
+# (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 unset PYTORCH_CUDA_ALLOC_CONF  # expandable segments lose cuda_ipc in UCX 1.21
@@ -17,8 +18,10 @@ run() {  # run NAME SECONDS CMD...
   echo "=== $name ($(date +%T))"
   # SIGABRT at the limit: python -X faulthandler then prints where every thread was
   timeout -s ABRT -k 10 "$secs" env PYTHONFAULTHANDLER=1 "$@" > "$OUT/$name.log" 2>&1
-  echo "--- rc=$? ($(date +%T))"
+  local rc=$?
+  echo "--- rc=$rc ($(date +%T))"
   tail -n 25 "$OUT/$name.log"
+  [ $rc -eq 0 ] || { echo "stopping: $name failed"; exit $rc; }  # save the device time
 }
 for phase in "$@"; do
   case $phase in
@@ -31,9 +34,10 @@ for phase in "$@"; do
       run transport-cpu 150 python3 benchmarks/transport.py --device cpu --iters 2000 ;;
     e2e-smoke) run e2e-smoke 300 python3 benchmarks/e2e.py --layers 4 --configs 8x32768 --steps 20 --warmup 5 ;;
     e2e-smoke1) run e2e-smoke1 300 python3 benchmarks/e2e.py --layers 4 --configs 8x8192 --steps 20 --warmup 5 --node-gpu 0 ;;
-    e2e-8x32k) run e2e-8x32k 330 python3 benchmarks/e2e.py --configs 8x32768 ;;
+    demo) run demo 300 python3 -m kflume demo --device cuda --quiet ;;
+    e2e-8x32k) run e2e-8x32k 330 python3 benchmarks/e2e.py --configs 8x32768 --stages host device ;;
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
-    e2e-big) run e2e-big 540 python3 benchmarks/e2e.py --configs 32x32768 8x131072 ;;
+    e2e-big) run e2e-big 540 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -4,10 +4,13 @@ The graph holds everything that runs on the GPU: gathering each node's query row
 new k, v into send buffers, `GraphSignal.post`, `GraphSignal.wait`, scattering the
 replies and the LSE merge. The transport runs on the host, outside the graph:
 `serve_step()` (in any thread) waits for each posted slot, sends that slot's buffers to
-the nodes, receives out/lse into registered reply buffers and releases the slot.
+the nodes (one message per node), receives out/lse into registered reply buffers and
+releases the slot. On CUDA the buffers the host touches are pinned host memory by
+default (`stage="host"`): the graph copies them across in one copy per direction and
+micro-batch, and small messages between host buffers cost far less than CUDA IPC.
 
-Every buffer has a fixed address and shape (per node slot and micro-batch, sized for the
-micro-batch's rows); `load(plan)` rewrites their index buffers in place between steps, so
+Every buffer has a fixed address and shape (per micro-batch, sized for its rows, with a
+part per node slot); `load(plan)` rewrites their index buffers in place between steps, so
 a routing change (a node joining, ranges moving) needs no recapture. Rows a node does
 not hold are padding: gathered from row 0, never sent, scattered into a dummy row.
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .client import Pending
+from .client import Append, Pending
 from .graph import GraphSignal, SignalTimeout
 from .kernels import merge_attention_states
 from .remote import RemoteAttention
@@ -54,27 +57,62 @@ class CapturedRemoteAttention:
         max_nodes: node slots in the graph.
         mechanism: GraphSignal mechanism ("memop", "kernel"; "host" on CPU).
         dtype: of q, k, v.
+        stage: on CUDA, "host" (default) copies each micro-batch's outgoing q, k, v for
+            all node slots to pinned host memory in one copy, and the replies back in
+            one copy: the transport then moves host memory (one message each way per
+            node, small tensors inline) instead of one CUDA-IPC transfer per tensor.
+            "device" sends the CUDA buffers themselves.
     """
 
     def __init__(self, remote: RemoteAttention, *, batch: int, num_layers: int,
                  row_ranges: list[slice] | None = None, max_nodes: int = 4,
-                 mechanism: str | None = None, dtype=torch.bfloat16) -> None:
+                 mechanism: str | None = None, dtype=torch.bfloat16,
+                 stage: str = "host") -> None:
+        if stage not in ("host", "device"):
+            raise ValueError(f"stage must be 'host' or 'device'; got {stage!r}")
         self.remote, self.batch, self.num_layers = remote, batch, num_layers
         self.ranges = row_ranges or [slice(0, batch)]
         self.max_nodes, self.dtype = max_nodes, dtype
         dev = self.device = remote.device
+        self.staged = dev.type == "cuda" and stage == "host"
         hq, hkv, d = remote.hq, remote.hkv, remote.d
         m = len(self.ranges)
         self.signal = GraphSignal(num_layers * m, dev, mechanism)
         self.node_slots: list[str] = [""] * max_nodes
         sizes = [r.stop - r.start for r in self.ranges]
         z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
-        # [node slot][micro-batch] buffers, fixed for the graph's lifetime.
-        self.send_q = [[z(n, hq, d) for n in sizes] for _ in range(max_nodes)]
-        self.send_k = [[z(n, 1, hkv, d) for n in sizes] for _ in range(max_nodes)]
-        self.send_v = [[z(n, 1, hkv, d) for n in sizes] for _ in range(max_nodes)]
-        self.recv_out = [[z(n, hq, d) for n in sizes] for _ in range(max_nodes)]
-        self.recv_lse = [[z(n, hq, dt=torch.float32) for n in sizes] for _ in range(max_nodes)]
+        # Per micro-batch, one buffer for what goes out to every node slot and one for
+        # what comes back ([node slot][q | k | v] and [node slot][out | lse] bytes), fixed
+        # for the graph's lifetime; the views below are what the kernels and the
+        # transport touch. Staged: the transport's side lives in pinned host memory.
+        es = torch.empty(0, dtype=dtype).element_size()
+        nq, nkv = hq * d, hkv * d
+        self._send_dev = [z(max_nodes, n * (nq + 2 * nkv)) for n in sizes]
+        self._recv_dev = [z(max_nodes, n * (nq * es + hq * 4), dt=torch.uint8) for n in sizes]
+        host = lambda t: (torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)  # noqa: E731
+                          if self.staged else t)
+        self._send_host = [host(t) for t in self._send_dev]
+        self._recv_host = [host(t) for t in self._recv_dev]
+
+        def views(bufs, i, n, m, side):
+            if side == "send":
+                row = bufs[m][i]
+                return (row[: n * nq].view(n, hq, d),
+                        row[n * nq : n * (nq + nkv)].view(n, 1, hkv, d),
+                        row[n * (nq + nkv) :].view(n, 1, hkv, d))
+            row = bufs[m][i]
+            return (row[: n * nq * es].view(dtype).view(n, hq, d),
+                    row[n * nq * es :].view(torch.float32).view(n, hq))
+
+        def per_slot(bufs, side):
+            return [[views(bufs, i, n, m, side) for m, n in enumerate(sizes)]
+                    for i in range(max_nodes)]
+
+        # [node slot][micro-batch] -> (q, k, v) / (out, lse)
+        self.gathered = per_slot(self._send_dev, "send")  # written by the graph
+        self.outgoing = per_slot(self._send_host, "send")  # read by the transport
+        self.incoming = per_slot(self._recv_host, "recv")  # written by the transport
+        self.replies = per_slot(self._recv_dev, "recv")  # read by the graph
         i64 = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
         self.gather = [[i64(n) for n in sizes] for _ in range(max_nodes)]
         self.scatter = [[i64(n) for n in sizes] for _ in range(max_nodes)]
@@ -136,9 +174,12 @@ class CapturedRemoteAttention:
         k, v `[b, Hkv, D]` of micro-batch `rows`."""
         m = self.ranges.index(rows) if rows is not None else 0
         for i in range(self.max_nodes):
-            torch.index_select(q, 0, self.gather[i][m], out=self.send_q[i][m])
-            torch.index_select(k, 0, self.append_gather[i][m], out=self.send_k[i][m][:, 0])
-            torch.index_select(v, 0, self.append_gather[i][m], out=self.send_v[i][m][:, 0])
+            sq, sk, sv = self.gathered[i][m]
+            torch.index_select(q, 0, self.gather[i][m], out=sq)
+            torch.index_select(k, 0, self.append_gather[i][m], out=sk[:, 0])
+            torch.index_select(v, 0, self.append_gather[i][m], out=sv[:, 0])
+        if self.staged:  # one copy for every node slot; the post below comes after it
+            self._send_host[m].copy_(self._send_dev[m], non_blocking=True)
         slot = layer * len(self.ranges) + m
         self.signal.post(slot)
         return (slot, m, q, k, v)
@@ -155,31 +196,31 @@ class CapturedRemoteAttention:
         pl[0, :n] = (q.float() * k.repeat_interleave(g, 1).float()).sum(-1) * r.scale
         po[0, :n] = v.repeat_interleave(g, 1)
         self.signal.wait(slot)
+        if self.staged:
+            self._recv_dev[m].copy_(self._recv_host[m], non_blocking=True)
         for i in range(self.max_nodes):
-            po[i + 1].index_copy_(0, self.scatter[i][m], self.recv_out[i][m])
-            pl[i + 1].index_copy_(0, self.scatter[i][m], self.recv_lse[i][m])
+            out, lse = self.replies[i][m]
+            po[i + 1].index_copy_(0, self.scatter[i][m], out)
+            pl[i + 1].index_copy_(0, self.scatter[i][m], lse)
         merge_attention_states(po[:, :n], pl[:, :n], out=self.out[m], lse=self.out_lse[m])
         return self.out[m]
 
     # ---- host half: during the replay ------------------------------------------------------
     def _send(self, slot: int) -> list[Pending]:
+        """One message per node holding rows of this slot: q, and the new k, v it keeps."""
         layer, m = divmod(slot, len(self.ranges))
         pend = []
         for i, name in enumerate(self.node_slots):
             s = self.plan_slots[i][m]
             if not name or (not s.requests and not s.append_requests):
                 continue
-            client = self.remote.clients[name]
-            if s.requests:
-                b = len(s.requests)
-                pend.append(client.attend(layer, self.epoch, s.requests, s.kv_len,
-                                          self.send_q[i][m][:b], self.recv_out[i][m][:b],
-                                          self.recv_lse[i][m][:b], self.remote.scale,
-                                          ready=True))
-            if s.append_requests:
-                a = len(s.append_requests)
-                client.append(layer, s.append_requests, s.append_offsets, s.positions,
-                              self.send_k[i][m][:a], self.send_v[i][m][:a], ready=True)
+            b, a = len(s.requests), len(s.append_requests)
+            (q, k, v), (out, lse) = self.outgoing[i][m], self.incoming[i][m]
+            app = Append(s.append_requests, s.append_offsets, s.positions, k[:a],
+                         v[:a]) if a else None
+            pend.append(self.remote.clients[name].attend(
+                layer, self.epoch, s.requests, s.kv_len, q[:b], out[:b], lse[:b],
+                self.remote.scale, ready=True, append=app))
         return pend
 
     def serve_step(self, timeout: float = 30.0) -> None:

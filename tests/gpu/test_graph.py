@@ -126,7 +126,8 @@ def _model(seed):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mechanism", MECHANISMS)
-def test_captured_step_1000_replays_with_plan_changes(mechanism):
+@pytest.mark.parametrize("stage", ["host", "device"])
+def test_captured_step_1000_replays_with_plan_changes(mechanism, stage):
     """A whole step (3 layers, 2 micro-batches) in one graph, attention on in-process
     nodes served from the host between post and wait. The plan changes between replays
     (tokens appended every step, a node joins at replay 300): no recapture. Every 50th
@@ -155,7 +156,8 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism):
     x_in = torch.zeros(b, DIM, device="cuda")
     rows = LayerPipeline(LAYERS, before, after, None, 2).split(b)
     cap = CapturedRemoteAttention(cl.remote, batch=b, num_layers=LAYERS, row_ranges=rows,
-                                  max_nodes=3, mechanism=mechanism, dtype=torch.float32)
+                                  max_nodes=3, mechanism=mechanism, dtype=torch.float32,
+                                  stage=stage)
     pipe = LayerPipeline(LAYERS, before, after, cap, 2)
     out_buf = torch.zeros(b, DIM, device="cuda")
 
