@@ -152,7 +152,7 @@ class NodeServer:
         reply.seq = h.seq
         if out and self.node.device.type == "cuda":  # written by kernels or async copies
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.node.device))
             self._deferred.append((event, peer, reply, out))
         else:
             peer.conn.send(reply, out)

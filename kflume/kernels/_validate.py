@@ -7,6 +7,8 @@ Checks on *values* held in device memory (ranges, page ids) need a device-to-hos
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,3 +92,11 @@ def check_ranges(
         )
     if n_bad:
         raise ValueError(f"page_table holds page ids outside [0, {num_pages}) for the ranges given")
+
+
+def on_device(t: torch.Tensor):
+    """Make `t`'s CUDA device current for a launch (Triton launches on the current device:
+    a tensor on another GPU would be refused as inaccessible)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

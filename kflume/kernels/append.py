@@ -10,6 +10,7 @@ from ._validate import (
     check_inner_contiguous,
     check_ranges,
     check_tensor,
+    on_device,
 )
 from .reference import append_kv_ref
 
@@ -77,20 +78,21 @@ def launch_append(k_cache, v_cache, page_table, offsets, k, v) -> None:
     bsz, t, hkv, d = k.shape
     if bsz * t == 0:
         return
-    append_kv_kernel[(bsz, t)](
-        k_cache, v_cache, page_table, offsets, k, v,
-        k_cache.shape[1],
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        NUM_HEADS=hkv,
-        HEAD_DIM=d,
-        BLOCK_H=1 << max(0, (hkv - 1).bit_length()),
-        BLOCK_D=max(16, 1 << max(0, (d - 1).bit_length())),
-        num_warps=4,
-    )
+    with on_device(k_cache):
+        append_kv_kernel[(bsz, t)](
+            k_cache, v_cache, page_table, offsets, k, v,
+            k_cache.shape[1],
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            page_table.stride(0),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            NUM_HEADS=hkv,
+            HEAD_DIM=d,
+            BLOCK_H=1 << max(0, (hkv - 1).bit_length()),
+            BLOCK_D=max(16, 1 << max(0, (d - 1).bit_length())),
+            num_warps=4,
+        )
 
 
 @torch.library.custom_op("kflume::append_kv_", mutates_args=("k_cache", "v_cache"))

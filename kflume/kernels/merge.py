@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import FLOAT_DTYPES, check_inner_contiguous, check_tensor
+from ._validate import FLOAT_DTYPES, check_inner_contiguous, check_tensor, on_device
 from .reference import merge_attention_states_ref
 
 __all__ = ["merge_attention_states", "merge_state_"]
@@ -110,17 +110,18 @@ def launch_merge(outs, lses, out, lse) -> None:
     n, bsz, h, d = outs.shape
     if bsz * h == 0:
         return
-    mt.merge_kernel[(bsz * h,)](
-        outs, lses, out, lse,
-        n, h,
-        outs.stride(0), outs.stride(1), outs.stride(2),
-        lses.stride(0), lses.stride(1),
-        out.stride(0), out.stride(1),
-        lse.stride(0),
-        HEAD_DIM=d,
-        BLOCK_D=_block_d(d),
-        num_warps=1,
-    )
+    with on_device(out):
+        mt.merge_kernel[(bsz * h,)](
+            outs, lses, out, lse,
+            n, h,
+            outs.stride(0), outs.stride(1), outs.stride(2),
+            lses.stride(0), lses.stride(1),
+            out.stride(0), out.stride(1),
+            lse.stride(0),
+            HEAD_DIM=d,
+            BLOCK_D=_block_d(d),
+            num_warps=1,
+        )
 
 
 def launch_merge_two(out, lse, other_out, other_lse) -> None:
@@ -130,17 +131,18 @@ def launch_merge_two(out, lse, other_out, other_lse) -> None:
     bsz, h, d = out.shape
     if bsz * h == 0:
         return
-    mt.merge_two_kernel[(bsz * h,)](
-        out, lse, other_out, other_lse,
-        h,
-        out.stride(0), out.stride(1),
-        lse.stride(0),
-        other_out.stride(0), other_out.stride(1),
-        other_lse.stride(0),
-        HEAD_DIM=d,
-        BLOCK_D=_block_d(d),
-        num_warps=1,
-    )
+    with on_device(out):
+        mt.merge_two_kernel[(bsz * h,)](
+            out, lse, other_out, other_lse,
+            h,
+            out.stride(0), out.stride(1),
+            lse.stride(0),
+            other_out.stride(0), other_out.stride(1),
+            other_lse.stride(0),
+            HEAD_DIM=d,
+            BLOCK_D=_block_d(d),
+            num_warps=1,
+        )
 
 
 @torch.library.custom_op("kflume::merge_attention_states_", mutates_args=("out", "lse"))

@@ -17,6 +17,7 @@ from ._validate import (
     check_inner_contiguous,
     check_ranges,
     check_tensor,
+    on_device,
 )
 from .reference import split_kv_attention_ref
 
@@ -169,28 +170,29 @@ def launch_split_kv(
         s = torch.empty(num_splits, bsz, hq, device=q.device, dtype=torch.float32)
     block_n = block_n or _block_n(q.dtype, d)
     page_size = k_cache.shape[1]
-    kt.split_kv_kernel[(hkv, bsz, num_splits)](
-        q, k_cache, v_cache, page_table, kv_start, kv_len, o, s,
-        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
-        page_size,
-        num_splits,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0),
-        o.stride(0), o.stride(1), o.stride(2),
-        s.stride(0), s.stride(1),
-        GROUP=group,
-        HEAD_DIM=d,
-        BLOCK_H=max(16, _next_pow2(group)),
-        BLOCK_D=max(16, _next_pow2(d)),
-        BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32,
-        UPCAST_DOT=not q.is_cuda and q.dtype == torch.bfloat16,
-        PAGE_SHIFT=page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else -1,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    with on_device(q):
+        kt.split_kv_kernel[(hkv, bsz, num_splits)](
+            q, k_cache, v_cache, page_table, kv_start, kv_len, o, s,
+            scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+            page_size,
+            num_splits,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            page_table.stride(0),
+            o.stride(0), o.stride(1), o.stride(2),
+            s.stride(0), s.stride(1),
+            GROUP=group,
+            HEAD_DIM=d,
+            BLOCK_H=max(16, _next_pow2(group)),
+            BLOCK_D=max(16, _next_pow2(d)),
+            BLOCK_N=block_n,
+            IEEE=q.dtype == torch.float32,
+            UPCAST_DOT=not q.is_cuda and q.dtype == torch.bfloat16,
+            PAGE_SHIFT=page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else -1,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     if num_splits > 1:
         launch_merge(o, s, out, lse)
 
