@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     gen = dict(max_new_tokens=args.new_tokens, do_sample=False, output_logits=True,
                return_dict_in_generate=True)
 
+    model.generate(input_ids=ids, attention_mask=mask, **{**gen, "max_new_tokens": 2})  # warm
     t0 = time.perf_counter()
     ref = model.generate(input_ids=ids, attention_mask=mask, **gen)
     colocated_ms = (time.perf_counter() - t0) * 1e3 / args.new_tokens
@@ -139,19 +140,56 @@ def main(argv=None) -> int:
             print(f"  {e}")
 
     same = torch.equal(out.sequences, ref.sequences)
-    agree = (out.sequences[:, ids.shape[1]:] == ref.sequences[:, ids.shape[1]:]).float().mean()
-    dlogit = max((a.float() - b.float()).abs().max().item()
-                 for a, b in zip(out.logits, ref.logits))
+    cmp = compare(out, ref, ids.shape[1], tol=1e-4 if model.dtype == torch.float32 else 2e-2)
     decode = hook.times[1:] or hook.times
     print("\nsummary")
-    print(f"  output vs the same model without kflume: tokens {'identical' if same else 'DIFFER'}"
-          f" ({agree.item() * 100:.1f}% agree), max |logit difference| {dlogit:.2e}")
+    print(f"  output vs the same model without kflume: tokens {'identical' if same else 'differ'}"
+          f" ({cmp['agree'] * 100:.1f}% of tokens agree)")
+    print(f"  logits while the prefixes agree: max |difference| {cmp['max_abs']:.2e}, "
+          f"relative error {cmp['max_rel']:.2e} (tolerance {cmp['tol']:.0e})")
+    for row, step, margin, dmax in cmp["flips"]:
+        print(f"  request {row} first differs at token {step}: the reference's top two logits "
+              f"were {margin:.3f} apart, the logits differ by up to {dmax:.3f} there "
+              f"({'a near-tie' if margin <= 2 * dmax else 'NOT a near-tie'})")
     print(f"  per-token latency with kflume: p50 {statistics.median(decode):.2f} ms, "
           f"max {max(decode):.2f} ms (colocated: {colocated_ms:.2f} ms per token)")
     print(f"  attention nodes: {args.nodes} at the start, {hook.new_node} added mid-run")
     print(f"  total {time.perf_counter() - t_start:.1f} s")
-    tolerance_ok = same if args.device == "cpu" else agree.item() >= 0.9
-    return 0 if tolerance_ok else 1
+    # fp32 (CPU): the same tokens. bf16 (GPU): greedy paths may part at a near-tie, after
+    # which the sequences differ; what must hold is that the logits agree within bf16's
+    # tolerance wherever the prefixes are the same, and that every parting is a near-tie.
+    ok = same if model.dtype == torch.float32 else cmp["max_rel"] <= cmp["tol"] and all(
+        m <= 2 * d for _, _, m, d in cmp["flips"])
+    print(f"  check: {'passed' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def compare(out, ref, prompt_len: int, tol: float) -> dict:
+    """Greedy outputs of the patched model (`out`) against the reference (`ref`), both from
+    `generate(output_logits=True, return_dict_in_generate=True)`.
+
+    The logits of token s depend only on the tokens before it, so they are comparable as
+    long as both runs chose the same tokens so far: compared there (relative error of the
+    whole logit vector). Where a request's tokens first differ, the reference's margin
+    between its choice and the patched model's choice says whether it was a near-tie.
+    """
+    new, want = out.sequences[:, prompt_len:], ref.sequences[:, prompt_len:]
+    steps = min(len(out.logits), len(ref.logits))
+    max_abs = max_rel = 0.0
+    flips = []
+    for row in range(want.shape[0]):
+        differ = (new[row, :steps] != want[row, :steps]).nonzero()
+        first = int(differ[0]) if len(differ) else steps
+        for s in range(min(first + 1, steps)):
+            a, b = out.logits[s][row].double(), ref.logits[s][row].double()
+            max_abs = max(max_abs, (a - b).abs().max().item())
+            max_rel = max(max_rel, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+        if first < steps:
+            a, b = out.logits[first][row].double(), ref.logits[first][row].double()
+            margin = (b[want[row, first]] - b[new[row, first]]).item()
+            flips.append((row, first, margin, (a - b).abs().max().item()))
+    return {"agree": (new == want).float().mean().item(), "max_abs": max_abs,
+            "max_rel": max_rel, "flips": flips, "tol": tol}
 
 
 def _indent(text: str) -> str:
