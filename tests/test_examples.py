@@ -46,6 +46,7 @@ def test_demo_under_a_minute():
     t0 = time.monotonic()
     out = run("-m", "kflume", "demo", "--quiet")
     assert time.monotonic() - t0 < 60
-    assert "tokens identical (100.0% agree)" in out
+    assert "tokens identical (100.0% of tokens agree)" in out
+    assert "check: passed" in out
     assert "joined the routing table" in out
     assert "routing table after the prompt" in out and "routing table at the last token" in out
