@@ -50,3 +50,12 @@ def test_demo_under_a_minute():
     assert "check: passed" in out
     assert "joined the routing table" in out
     assert "routing table after the prompt" in out and "routing table at the last token" in out
+
+
+@pytest.mark.timeout(300)
+def test_demo_in_bf16_checks_logits_against_the_fp32_model():
+    # The GPU's check (bf16), run on CPU: logits measured against the fp32 model, next to
+    # the unpatched model's own bf16 error; greedy partings must be near-ties.
+    out = run("-m", "kflume", "demo", "--quiet", "--dtype", "bfloat16", "--new-tokens", "24")
+    assert "relative logit error against the fp32 model: kflume" in out
+    assert "check: passed" in out and "NOT a near-tie" not in out
