@@ -56,8 +56,9 @@ class NodeServer:
         self.peers: list[_Peer] = []
         self.stopped = False
         self.handled = 0
-        # Replies whose tensors a GPU kernel is still writing: sent once its event is done,
-        # while the loop goes on receiving (the next message's overhead hides the kernel).
+        # On a GPU node, replies wait for their event (kernels done with the message's
+        # tensors and the reply's), while the loop goes on receiving: the next message's
+        # overhead hides the kernel.
         self._deferred: list[tuple] = []
 
     @property
@@ -150,16 +151,20 @@ class NodeServer:
             self._reply_error(peer, h, e)
             return
         reply.seq = h.seq
-        if out and self.node.device.type == "cuda":  # written by kernels or async copies
+        if self.node.device.type == "cuda":
+            # Kernels may still read this message's tensors and write the reply's. Both stay
+            # referenced until the stream passes this event: a received CUDA buffer that went
+            # back to the allocator now could take the next message (written by UCX, outside
+            # stream order) while a kernel still reads it.
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.node.device))
-            self._deferred.append((event, peer, reply, out))
+            self._deferred.append((event, peer, reply, out, tensors))
         else:
             peer.conn.send(reply, out)
 
     def _send_deferred(self) -> None:
         while self._deferred and self._deferred[0][0].query():
-            _, peer, reply, out = self._deferred.pop(0)
+            _, peer, reply, out, _inputs = self._deferred.pop(0)
             if peer.conn.alive:
                 peer.conn.send(reply, out, ready=True)
 
