@@ -408,8 +408,8 @@ def main(argv=None) -> int:
     from .launch import default_progress
     from .server import NodeServer
 
-    if torch.device(config.device).type == "cuda":
-        torch.cuda.set_device(torch.device(config.device))  # streams and events default here
+    if torch.device(config.device).index is not None:  # cuda:N: streams and events default
+        torch.cuda.set_device(torch.device(config.device))  # to that GPU
     node = AttentionNode(config)
     node.warmup()
     transport = UcxTransport(token=args.token, info=node.stats(),
