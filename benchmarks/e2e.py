@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, save_json  # noqa: E402
 
-from kflume.captured import CapturedRemoteAttention  # noqa: E402
+from kflume.captured import CapturedRemoteAttention, StepServer  # noqa: E402
 from kflume.cluster import Cluster  # noqa: E402
 from kflume.pipeline import LayerPipeline  # noqa: E402
 
@@ -273,66 +273,78 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
         out = {"prefill_s": prefill_s}
         model = Model(shape, W, batch, context, device)
         for stage, mb in [(st, mb) for st in args.stages for mb in (1, 2)]:
-            pipe_rows = LayerPipeline(shape.layers, None, None, None, mb).split(batch)
-            cap = CapturedRemoteAttention(remote, batch=batch, num_layers=shape.layers,
-                                          row_ranges=pipe_rows, max_nodes=2,
-                                          mechanism=args.mechanism, dtype=wdt, stage=stage)
-            pipe = LayerPipeline(shape.layers, model.before, model.after, cap, mb)
-            step, _ = step_fn(model, pipe, batch)
+            try:
+                pipe_rows = LayerPipeline(shape.layers, None, None, None, mb).split(batch)
+                cap = CapturedRemoteAttention(remote, batch=batch, num_layers=shape.layers,
+                                              row_ranges=pipe_rows, max_nodes=2,
+                                              mechanism=args.mechanism, dtype=wdt, stage=stage)
+                pipe = LayerPipeline(shape.layers, model.before, model.after, cap, mb)
+                step, _ = step_fn(model, pipe, batch)
 
-            def boundary(cap=cap):
-                remote.end_step()
-                for r in range(batch):
-                    cl.router.advance(r)
-                cap.load(cl.begin_step())
+                def boundary(cap=cap):
+                    remote.end_step()
+                    for r in range(batch):
+                        cl.router.advance(r)
+                    cap.load(cl.begin_step())
 
-            cap.load(cl.router.last_plan)
-            s = torch.cuda.Stream() if device == "cuda" else None
-            graph = None
-            if s is not None:  # the warm-up before capture ran this step: advance past it
-                graph = capture(step, s, serve=cap.serve_step)
-                boundary()
+                cap.load(cl.router.last_plan)
+                s = torch.cuda.Stream() if device == "cuda" else None
+                graph = None
+                if s is not None:  # the warm-up before capture ran this step: advance past it
+                    graph = capture(step, s, serve=cap.serve_step)
+                    boundary()
+                parts: dict[str, list[float]] = {"serve": [], "sync": [], "boundary": []}
+                server = StepServer(cap, timeout=60.0)
+                print(f"  {batch}x{context} stage={stage} micro-batches={mb}: captured",
+                      flush=True)
 
-            parts: dict[str, list[float]] = {"serve": [], "sync": [], "boundary": []}
+                def one(cap=cap, graph=graph, s=s, step=step, parts=parts, server=server):
+                    t0 = time.perf_counter()
+                    if graph is not None:
+                        server.begin()  # served from its own thread: a launch may block
+                        with torch.cuda.stream(s):
+                            graph.replay()
+                        server.end()
+                        t1 = time.perf_counter()
+                        s.synchronize()
+                    else:  # CPU smoke run: eager, served from a thread
+                        t = threading.Thread(target=cap.serve_step)
+                        t.start()
+                        step()
+                        t.join(60)
+                        t1 = time.perf_counter()
+                    t2 = time.perf_counter()
+                    boundary()
+                    t3 = time.perf_counter()
+                    for k, v in (("serve", t1 - t0), ("sync", t2 - t1), ("boundary", t3 - t2)):
+                        parts[k].append(v * 1e3)
 
-            def one(cap=cap, graph=graph, s=s, step=step, parts=parts):
-                t0 = time.perf_counter()
-                if graph is not None:
-                    with torch.cuda.stream(s):
-                        graph.replay()
-                    cap.serve_step()
-                    t1 = time.perf_counter()
-                    s.synchronize()
-                else:  # CPU smoke run: eager, served from a thread
-                    t = threading.Thread(target=cap.serve_step)
-                    t.start()
-                    step()
-                    t.join(60)
-                    t1 = time.perf_counter()
-                t2 = time.perf_counter()
-                boundary()
-                t3 = time.perf_counter()
-                for k, v in (("serve", t1 - t0), ("sync", t2 - t1), ("boundary", t3 - t2)):
-                    parts[k].append(v * 1e3)
-
-            time_steps(args.warmup, one)
-            key = ("kflume" if mb == 1 else "kflume_pipelined") + (
-                "" if stage == args.stages[0] else f"[{stage}]")
-            cap.trace_steps = args.steps
-            out[key] = stats(time_steps(args.steps, one))
-            out[key]["slots"] = slot_breakdown(cap.trace)
-            out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:]) for k, v in parts.items()}
-            cap.trace_steps = 0
-            if add_node and mb == 2 and stage == args.stages[0]:
-                before = time_steps(20, one)
-                name = cl.add_node(capacity, wait=False)
-                cl.processes[name].wait_ready()
-                cl.router.drain_node("node0")  # new tokens go to the new node from now on
-                joined = time_steps(2, one)
-                after = time_steps(20, one)
-                load = cl.router.node_load(name)
-                out["add_node"] = {"before": stats(before), "after": stats(after),
-                                   "join_steps_ms": joined, "new_node_tokens": load}
+                time_steps(args.warmup, one)
+                key = ("kflume" if mb == 1 else "kflume_pipelined") + (
+                    "" if stage == args.stages[0] else f"[{stage}]")
+                cap.trace_steps = args.steps
+                out[key] = stats(time_steps(args.steps, one))
+                out[key]["slots"] = slot_breakdown(cap.trace)
+                out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:])
+                                        for k, v in parts.items()}
+                print(f"  {key}: {out[key]}", flush=True)
+                cap.trace_steps = 0
+                if add_node and mb == 2 and stage == args.stages[0]:
+                    before = time_steps(20, one)
+                    name = cl.add_node(capacity, wait=False)
+                    cl.processes[name].wait_ready()
+                    cl.router.drain_node("node0")  # new tokens go to the new node from now on
+                    joined = time_steps(2, one)
+                    after = time_steps(20, one)
+                    load = cl.router.node_load(name)
+                    out["add_node"] = {"before": stats(before), "after": stats(after),
+                                       "join_steps_ms": joined, "new_node_tokens": load}
+                    print(f"  add_node: {out['add_node']}", flush=True)
+                server.close()
+            except Exception as e:  # noqa: BLE001 - record it, go on with the next run
+                print(f"  {batch}x{context} stage={stage} micro-batches={mb} failed: {e!r}",
+                      flush=True)
+                out[f"failed[{stage},{mb}]"] = repr(e)
         return out
     finally:
         cl.close()
@@ -383,6 +395,7 @@ def main() -> None:
         res = {}
         if device == "cuda" and kv_gb + 4 < free_gb:
             res.update(run_colocated(shape, W, batch, context, device, args))
+            print(f"  colocated: {res}", flush=True)
         elif device != "cuda":
             res["colocated"] = "CUDA only"
         else:
@@ -391,6 +404,7 @@ def main() -> None:
                               add_node=(cfg == (args.add_node or args.configs[0]))))
         results["configs"][cfg] = res
         print(f"{cfg}: {res}", flush=True)
+        save_json("e2e.json", results)  # what finished survives a later timeout
     report(results, args)
     save_json("e2e.json", results)
 
@@ -404,6 +418,10 @@ def report(results, args) -> None:
     for cfg, r in results["configs"].items():
         col = r.get("colocated")
         c50 = col["p50_ms"] if isinstance(col, dict) else None
+        if not isinstance(r.get("kflume"), dict) or not isinstance(
+                r.get("kflume_pipelined"), dict):
+            print(f"| {cfg} | (a run failed: see above) |")
+            continue
         k, p = r["kflume"], r["kflume_pipelined"]
         lc1, lc2 = r.get("local_compute_mb1"), r.get("local_compute_mb2")
         fmt = lambda d: f"{d['p50_ms']:.2f} / {d['p99_ms']:.2f}"  # noqa: E731

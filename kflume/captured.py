@@ -20,6 +20,7 @@ device half (capturable, no host sync, no allocation after the first call).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from .kernels import merge_attention_states
 from .remote import RemoteAttention
 from .router import StepPlan
 
-__all__ = ["CapturedRemoteAttention"]
+__all__ = ["CapturedRemoteAttention", "StepServer"]
 
 
 @dataclass(slots=True)
@@ -268,3 +269,57 @@ class CapturedRemoteAttention:
         self.steps += 1
         if tr:
             self.trace = self.trace[-self.trace_steps * total :]
+
+
+class StepServer:
+    """A host thread that serves replays of `cap`'s graph: `begin()` before launching the
+    replay, `end()` after it (waits, with a deadline, and raises what serving raised).
+
+    Launching a large graph can block the launching thread until the GPU has room for
+    it, and the GPU makes room only once the host releases the slots it waits on: so
+    the slots are served from this thread, never from the one that launches.
+    """
+
+    def __init__(self, cap: CapturedRemoteAttention, timeout: float = 30.0) -> None:
+        self.cap, self.timeout = cap, timeout
+        self._go, self._done = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kflume-serve", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._go.wait()
+            self._go.clear()
+            if self._closed:
+                return
+            try:
+                self.cap.serve_step(self.timeout)
+            except BaseException as e:  # noqa: BLE001 - handed to end()
+                self._error = e
+            self._done.set()
+
+    def begin(self) -> None:
+        if self._closed:
+            raise RuntimeError("StepServer is closed")
+        self._done.clear()
+        self._go.set()
+
+    def end(self) -> None:
+        if not self._done.wait(self.timeout + 5.0):
+            raise SignalTimeout(f"the step was not served within {self.timeout + 5.0} s")
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def close(self) -> None:
+        self._closed = True
+        self._go.set()
+        self._thread.join(5.0)
+
+    def __enter__(self) -> StepServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
-from kflume.captured import CapturedRemoteAttention
+from kflume.captured import CapturedRemoteAttention, StepServer
 from kflume.cluster import Cluster
+from kflume.graph import SignalTimeout
 from kflume.pipeline import LayerPipeline
 
 LAYERS, HQ, HKV, D, DIM = 3, 8, 2, 32, 64
@@ -90,6 +89,7 @@ def test_captured_attention_with_host_signals_matches_eager():
                                   row_ranges=pipe_rows, max_nodes=3, mechanism="host",
                                   dtype=torch.float32)
     pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+    server = StepServer(cap, timeout=20)
     g = torch.Generator().manual_seed(5)
     for step in range(6):
         if step == 3:  # a routing change between steps: a node joins, no new buffers
@@ -98,22 +98,18 @@ def test_captured_attention_with_host_signals_matches_eager():
         ref_cl.begin_step()
         cap.load(cl.begin_step())
         ref = sequential(model, ref_cl.remote, x)
-        errors = []
-        server = threading.Thread(target=_serve, args=(cap, errors))
-        server.start()
+        server.begin()  # the host thread serves this step's slots
         outs = pipe([x[r] for r in pipe_rows], pipe_rows)
-        server.join(30)
-        assert not errors and not server.is_alive()
+        server.end()
         torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
         for c in (ref_cl, cl):
             c.remote.end_step(wait=True)
             for rid in PROMPTS:
                 c.router.advance(rid)
     assert cap.steps == 6 and "node2" in cap.node_slots
-
-
-def _serve(cap, errors):
-    try:
-        cap.serve_step(timeout=20)
-    except BaseException as e:  # noqa: BLE001 - reported to the test thread
-        errors.append(e)
+    # A step nobody runs: serving gives up at its deadline and end() raises it.
+    server.timeout = 0.5
+    server.begin()
+    with pytest.raises(SignalTimeout, match="not served within"):
+        server.end()
+    server.close()
