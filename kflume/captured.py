@@ -260,6 +260,7 @@ class CapturedRemoteAttention:
                     released += 1
                 else:
                     transport.progress(0.0)
+                    time.sleep(0)  # hand the GIL over: the launching thread may need it
                     if time.monotonic() > deadline:
                         raise SignalTimeout(f"step not served within {timeout} s ({sent} of "
                                             f"{total} slots sent, {released} released)")

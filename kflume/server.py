@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .comm.base import Connection, Listener, Recv, Transport
@@ -29,6 +30,22 @@ class _Peer:
     next_seq: int = 0
     recv: Recv | None = None
     requests: set = field(default_factory=set)
+
+
+def _to_device(tensors: list[torch.Tensor], device) -> tuple[list, list]:
+    """Host tensors (views of a receive buffer, reused once the message is handled) to
+    the node's GPU through pinned copies: no stream sync, so the kernels of the previous
+    message (another micro-batch) keep running meanwhile. Returns the device tensors and
+    the pinned copies, which must live until the stream has passed the copies."""
+    out, staged = [], []
+    for t in tensors:
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        if t.numel():
+            np.copyto(pinned.view(-1).view(torch.uint8).numpy(),
+                      t.reshape(-1).view(torch.uint8).numpy())
+        staged.append(pinned)
+        out.append(pinned.to(device, non_blocking=True))
+    return out, staged
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -60,6 +77,7 @@ class NodeServer:
         # tensors and the reply's), while the loop goes on receiving: the next message's
         # overhead hides the kernel.
         self._deferred: list[tuple] = []
+        self._via_host = False  # the message being handled came in host memory
 
     @property
     def address(self) -> str:
@@ -138,10 +156,14 @@ class NodeServer:
             log.warning("could not report an error to %s: %s", peer.conn.peer, send_error)
 
     def _handle(self, peer: _Peer, h: Header, tensors: list[torch.Tensor]) -> None:
+        staged: list[torch.Tensor] = []
+        self._via_host = bool(tensors) and not any(t.is_cuda for t in tensors)
         try:
             handler = getattr(self, f"_op_{h.op}", None)
             if handler is None:
                 raise WireError(f"op {h.op!r} is not a request a node serves")
+            if self.node.device.type == "cuda" and self._via_host:
+                tensors, staged = _to_device(tensors, self.node.device)
             reply, out = handler(peer, h, tensors)
         except Exception as e:  # noqa: BLE001 - refuse this message, keep serving
             if _error_kind(e) == "internal":
@@ -158,7 +180,7 @@ class NodeServer:
             # stream order) while a kernel still reads it.
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.node.device))
-            self._deferred.append((event, peer, reply, out, tensors))
+            self._deferred.append((event, peer, reply, out, (tensors, staged)))
         else:
             peer.conn.send(reply, out)
 
@@ -198,8 +220,8 @@ class NodeServer:
         out, lse = self.node.attend(h.layer, h.requests[:n], kv_len, q, scale=scale)
         if kv:
             self._append(peer, h, h.requests[n:], *kv)
-        if not q.is_cuda and out.is_cuda:  # the query came through host memory: so does
-            out, lse = _to_host(out), _to_host(lse)  # the reply (one message, inline)
+        if self._via_host and out.is_cuda:  # the query came through host memory: so does
+            out, lse = _to_host(out), _to_host(lse)  # the reply
         return Header("result", layer=h.layer, epoch=h.epoch), [out, lse]
 
     def _append(self, peer, h: Header, requests: list, k, v) -> None:
