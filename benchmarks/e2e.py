@@ -301,10 +301,14 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 def one(cap=cap, graph=graph, s=s, step=step, parts=parts, server=server):
                     t0 = time.perf_counter()
                     if graph is not None:
-                        server.begin()  # served from its own thread: a launch may block
+                        if args.serve == "thread":
+                            server.begin()  # served from its own thread: a launch may block
                         with torch.cuda.stream(s):
                             graph.replay()
-                        server.end()
+                        if args.serve == "thread":
+                            server.end()
+                        else:
+                            cap.serve_step()
                         t1 = time.perf_counter()
                         s.synchronize()
                     else:  # CPU smoke run: eager, served from a thread
@@ -320,6 +324,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                         parts[k].append(v * 1e3)
 
                 time_steps(args.warmup, one)
+                cl.clients["node0"].stats(reset_timings=True)
                 key = ("kflume" if mb == 1 else "kflume_pipelined") + (
                     "" if stage == args.stages[0] else f"[{stage}]")
                 cap.trace_steps = args.steps
@@ -327,6 +332,9 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 out[key]["slots"] = slot_breakdown(cap.trace)
                 out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:])
                                         for k, v in parts.items()}
+                node = cl.clients["node0"].stats(reset_timings=True)
+                out[key]["node_us"] = {k: node.get(f"attend_{k}_us", 0.0)
+                                       for k in ("handle", "reply")}
                 print(f"  {key}: {out[key]}", flush=True)
                 cap.trace_steps = 0
                 if add_node and mb == 2 and stage == args.stages[0]:
@@ -363,6 +371,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
     ap.add_argument("--stages", nargs="+", default=["host"], choices=["host", "device"],
                     help="CapturedRemoteAttention stage(s) to run; the first is the headline")
+    ap.add_argument("--serve", choices=["thread", "inline"], default="thread",
+                    help="serve slots from a StepServer thread (default) or, after the "
+                         "launch, from the launching thread (which can deadlock when a "
+                         "launch blocks)")
     ap.add_argument("--add-node", default=None,
                     help="config (BxL) that adds an attention node mid-run (default: the "
                          "first; 'none': no config)")
@@ -430,15 +442,17 @@ def report(results, args) -> None:
               f"| {cfg} | {col} | {fmt(k)} | {fmt(p)} | n/a | n/a | ", end="")
         print(f"{lc1['p50_ms']:.2f} / {lc2['p50_ms']:.2f} |" if lc1 else "n/a |")
     print("\n| B x L | run | p50 / p99 ms | per slot: send / remote / release us | "
-          "host parts: serve / sync / boundary ms |")
-    print("|---|---|---|---|---|")
+          "node: handle / launch-to-reply us | host parts: serve / sync / boundary ms |")
+    print("|---|---|---|---|---|---|")
     for cfg, r in results["configs"].items():
         for key, d in r.items():
             if key.startswith("kflume") and isinstance(d, dict):
                 sl, pa = d.get("slots", {}), d.get("parts_ms", {})
                 print(f"| {cfg} | {key} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | "
                       f"{sl.get('send_us', 0):.0f} / {sl.get('remote_us', 0):.0f} / "
-                      f"{sl.get('release_us', 0):.0f} | {pa.get('serve', 0):.2f} / "
+                      f"{sl.get('release_us', 0):.0f} | "
+                      f"{d.get('node_us', {}).get('handle', 0):.0f} / "
+                      f"{d.get('node_us', {}).get('reply', 0):.0f} | {pa.get('serve', 0):.2f} / "
                       f"{pa.get('sync', 0):.2f} / {pa.get('boundary', 0):.2f} |")
     for cfg, r in results["configs"].items():
         if "add_node" in r:

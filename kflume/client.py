@@ -156,8 +156,12 @@ class NodeClient:
         self.outstanding.append(p)
         return p
 
-    def stats(self) -> dict:
-        return dict(self.call(Header("stats")).result().header.info)
+    def stats(self, reset_timings: bool = False) -> dict:
+        """The node's state; with its serving times (medians over the attend messages
+        since the last reset: `attend_handle_us`, arrival to kernels launched, and
+        `attend_reply_us`, launch to reply sent)."""
+        info = {"reset_timings": True} if reset_timings else {}
+        return dict(self.call(Header("stats", info=info)).result().header.info)
 
     def shutdown(self) -> None:
         self.call(Header("shutdown")).result()

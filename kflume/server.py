@@ -10,6 +10,9 @@ the requests it opened are freed (and logged), so capacity is never lost silentl
 from __future__ import annotations
 
 import logging
+import statistics
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +81,9 @@ class NodeServer:
         # overhead hides the kernel.
         self._deferred: list[tuple] = []
         self._via_host = False  # the message being handled came in host memory
+        # Per attend message (the last 4096): seconds from its arrival being seen to its
+        # kernels being launched, and from there to its reply being sent ("stats").
+        self.timings: deque[tuple[float, float]] = deque(maxlen=4096)
 
     @property
     def address(self) -> str:
@@ -114,8 +120,9 @@ class NodeServer:
                                 peer.next_seq - 1, e)
                     self._reply_error(peer, Header("error", seq=peer.next_seq - 1), e)
                     continue
+                t0 = time.perf_counter()
                 try:
-                    self._handle(peer, msg.header, msg.tensors)
+                    self._handle(peer, msg.header, msg.tensors, t0)
                 finally:
                     msg.release()
                 handled += 1
@@ -155,7 +162,8 @@ class NodeServer:
         except Exception as send_error:  # noqa: BLE001
             log.warning("could not report an error to %s: %s", peer.conn.peer, send_error)
 
-    def _handle(self, peer: _Peer, h: Header, tensors: list[torch.Tensor]) -> None:
+    def _handle(self, peer: _Peer, h: Header, tensors: list[torch.Tensor],
+                t0: float = 0.0) -> None:
         staged: list[torch.Tensor] = []
         self._via_host = bool(tensors) and not any(t.is_cuda for t in tensors)
         try:
@@ -173,6 +181,7 @@ class NodeServer:
             self._reply_error(peer, h, e)
             return
         reply.seq = h.seq
+        t1 = time.perf_counter()
         if self.node.device.type == "cuda":
             # Kernels may still read this message's tensors and write the reply's. Both stay
             # referenced until the stream passes this event: a received CUDA buffer that went
@@ -180,15 +189,19 @@ class NodeServer:
             # stream order) while a kernel still reads it.
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.node.device))
-            self._deferred.append((event, peer, reply, out, (tensors, staged)))
+            self._deferred.append((event, peer, reply, out, (tensors, staged, h.op, t0, t1)))
         else:
             peer.conn.send(reply, out)
+            if h.op == "attend":
+                self.timings.append((t1 - t0, time.perf_counter() - t1))
 
     def _send_deferred(self) -> None:
         while self._deferred and self._deferred[0][0].query():
-            _, peer, reply, out, _inputs = self._deferred.pop(0)
+            _, peer, reply, out, (_, _, op, t0, t1) = self._deferred.pop(0)
             if peer.conn.alive:
                 peer.conn.send(reply, out, ready=True)
+            if op == "attend":
+                self.timings.append((t1 - t0, time.perf_counter() - t1))
 
     @staticmethod
     def _ints(h: Header, name: str, n: int) -> list[int]:
@@ -267,7 +280,14 @@ class NodeServer:
         return Header("ok"), []
 
     def _op_stats(self, peer, h: Header, tensors):
-        return Header("ok", info=self.node.stats()), []
+        info = self.node.stats()
+        if self.timings:  # medians over the last attend messages, microseconds
+            info["attend_handle_us"] = statistics.median(a for a, _ in self.timings) * 1e6
+            info["attend_reply_us"] = statistics.median(b for _, b in self.timings) * 1e6
+            info["attend_messages"] = len(self.timings)
+        if h.info.get("reset_timings"):
+            self.timings.clear()
+        return Header("ok", info=info), []
 
     def _op_shutdown(self, peer, h: Header, tensors):
         log.info("shutdown asked by %s", peer.conn.peer)

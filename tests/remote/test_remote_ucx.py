@@ -120,6 +120,9 @@ def test_bad_input_gets_a_clear_error_and_the_node_keeps_serving(nodes, transpor
     assert c.stats()["tokens_held"] == 5
     five = c.attend(0, 1, ["ok"], [5], q).result().tensors[0]
     assert not torch.allclose(five, out)
+    s = c.stats(reset_timings=True)  # the node timed the attends it served
+    assert s["attend_messages"] >= 3 and 0 < s["attend_handle_us"] < 1e6
+    assert "attend_messages" not in c.stats()
     c.free(["ok"])
 
 
