@@ -369,7 +369,7 @@ def main() -> None:
     ap.add_argument("--range-tokens", type=int, default=4096)
     ap.add_argument("--mechanism", default=None, help="GraphSignal mechanism (memop, kernel)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
-    ap.add_argument("--stages", nargs="+", default=["host"], choices=["host", "device"],
+    ap.add_argument("--stages", nargs="+", default=["device"], choices=["host", "device"],
                     help="CapturedRemoteAttention stage(s) to run; the first is the headline")
     ap.add_argument("--serve", choices=["thread", "inline"], default="thread",
                     help="serve slots from a StepServer thread (default) or, after the "

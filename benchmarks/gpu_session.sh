@@ -35,7 +35,7 @@ for phase in "$@"; do
     e2e-smoke) run e2e-smoke 300 python3 benchmarks/e2e.py --layers 4 --configs 8x32768 --steps 20 --warmup 5 ;;
     e2e-smoke1) run e2e-smoke1 300 python3 benchmarks/e2e.py --layers 4 --configs 8x8192 --steps 20 --warmup 5 --node-gpu 0 ;;
     demo) run demo 300 python3 -m kflume demo --device cuda --quiet ;;
-    e2e-8x32k) run e2e-8x32k 330 python3 benchmarks/e2e.py --configs 8x32768 --stages host device ;;
+    e2e-8x32k) run e2e-8x32k 330 python3 benchmarks/e2e.py --configs 8x32768 --stages device host ;;
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
     e2e-big) run e2e-big 540 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none ;;
     *) echo "unknown phase $phase" ;;

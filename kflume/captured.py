@@ -4,10 +4,11 @@ The graph holds everything that runs on the GPU: gathering each node's query row
 new k, v into send buffers, `GraphSignal.post`, `GraphSignal.wait`, scattering the
 replies and the LSE merge. The transport runs on the host, outside the graph:
 `serve_step()` (in any thread) waits for each posted slot, sends that slot's buffers to
-the nodes (one message per node), receives out/lse into registered reply buffers and
-releases the slot. On CUDA the buffers the host touches are pinned host memory by
-default (`stage="host"`): the graph copies them across in one copy per direction and
-micro-batch, and small messages between host buffers cost far less than CUDA IPC.
+the nodes, receives out/lse into registered reply buffers and releases the slot; run it
+from a thread of its own (`StepServer`), since launching a large graph can block until
+its first slots are served. With `stage="host"` the buffers the transport touches are
+pinned host memory, copied across inside the graph (one copy per direction and
+micro-batch).
 
 Every buffer has a fixed address and shape (per micro-batch, sized for its rows, with a
 part per node slot); `load(plan)` rewrites their index buffers in place between steps, so
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .client import Append, Pending
+from .client import Pending
 from .graph import GraphSignal, SignalTimeout
 from .kernels import merge_attention_states
 from .remote import RemoteAttention
@@ -58,17 +59,18 @@ class CapturedRemoteAttention:
         max_nodes: node slots in the graph.
         mechanism: GraphSignal mechanism ("memop", "kernel"; "host" on CPU).
         dtype: of q, k, v.
-        stage: on CUDA, "host" (default) copies each micro-batch's outgoing q, k, v for
-            all node slots to pinned host memory in one copy, and the replies back in
-            one copy: the transport then moves host memory (one message each way per
-            node, small tensors inline) instead of one CUDA-IPC transfer per tensor.
-            "device" sends the CUDA buffers themselves.
+        stage: "device" (default) sends the CUDA buffers themselves (CUDA IPC on one
+            host). "host" (CUDA only) copies each micro-batch's outgoing q, k, v for all
+            node slots to pinned host memory in one copy inside the graph, and the
+            replies back in one copy, so the transport moves host memory (small
+            tensors ride inline with the header). On 2xH200 it was slower end to end
+            (docs/benchmarks.md): the node's staging in Python costs more than CUDA IPC.
     """
 
     def __init__(self, remote: RemoteAttention, *, batch: int, num_layers: int,
                  row_ranges: list[slice] | None = None, max_nodes: int = 4,
                  mechanism: str | None = None, dtype=torch.bfloat16,
-                 stage: str = "host") -> None:
+                 stage: str = "device") -> None:
         if stage not in ("host", "device"):
             raise ValueError(f"stage must be 'host' or 'device'; got {stage!r}")
         self.remote, self.batch, self.num_layers = remote, batch, num_layers
@@ -208,20 +210,25 @@ class CapturedRemoteAttention:
 
     # ---- host half: during the replay ------------------------------------------------------
     def _send(self, slot: int) -> list[Pending]:
-        """One message per node holding rows of this slot: q, and the new k, v it keeps."""
+        """Queries first, to every node holding rows of this slot; then the new k, v to
+        their tail nodes (acknowledged later, off the critical path)."""
         layer, m = divmod(slot, len(self.ranges))
         pend = []
-        for i, name in enumerate(self.node_slots):
-            s = self.plan_slots[i][m]
-            if not name or (not s.requests and not s.append_requests):
-                continue
-            b, a = len(s.requests), len(s.append_requests)
-            (q, k, v), (out, lse) = self.outgoing[i][m], self.incoming[i][m]
-            app = Append(s.append_requests, s.append_offsets, s.positions, k[:a],
-                         v[:a]) if a else None
-            pend.append(self.remote.clients[name].attend(
-                layer, self.epoch, s.requests, s.kv_len, q[:b], out[:b], lse[:b],
-                self.remote.scale, ready=True, append=app))
+        live = [(i, name, self.plan_slots[i][m]) for i, name in enumerate(self.node_slots)
+                if name]
+        for i, name, s in live:
+            if s.requests:
+                b = len(s.requests)
+                (q, _, _), (out, lse) = self.outgoing[i][m], self.incoming[i][m]
+                pend.append(self.remote.clients[name].attend(
+                    layer, self.epoch, s.requests, s.kv_len, q[:b], out[:b], lse[:b],
+                    self.remote.scale, ready=True))
+        for i, name, s in live:
+            if s.append_requests:
+                a = len(s.append_requests)
+                (_, k, v) = self.outgoing[i][m]
+                self.remote.clients[name].append(layer, s.append_requests, s.append_offsets,
+                                                 s.positions, k[:a], v[:a], ready=True)
         return pend
 
     def serve_step(self, timeout: float = 30.0) -> None:

@@ -10,28 +10,15 @@ raised, never dropped.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from .comm.base import Connection, DeadlineExceeded, Message, Recv, RemoteError, Transport
 from .comm.wire import Header
 
-__all__ = ["Append", "NodeClient", "Pending"]
+__all__ = ["NodeClient", "Pending"]
 
 DEFAULT_TIMEOUT = 30.0
-
-
-@dataclass(slots=True)
-class Append:
-    """New tokens for one node: `k, v [b, T, Hkv, D]` of `requests` at local `offsets`,
-    global `positions` of their first tokens."""
-
-    requests: Sequence
-    offsets: Sequence[int]
-    positions: Sequence[int]
-    k: torch.Tensor
-    v: torch.Tensor
 
 
 class Pending:
@@ -110,23 +97,14 @@ class NodeClient:
     def attend(self, layer: int, epoch: int, requests: Sequence, kv_len: Sequence[int],
                q: torch.Tensor, out: torch.Tensor | None = None,
                lse: torch.Tensor | None = None, scale: float | None = None,
-               ready: bool = False, append: Append | None = None) -> Pending:
+               ready: bool = False) -> Pending:
         """q `[b, Hq, D]` -> reply tensors `(out [b, Hq, D], lse [b, Hq])`, into out/lse.
-
-        `append`: new tokens for this node, carried in the same message (one message each
-        way per layer); the node attends first, then appends, and a refused append makes
-        the reply an error. `ready`: q (and k, v) are known to be written (e.g. a captured
-        graph posted them)."""
+        `ready`: q is known to be written (e.g. a captured graph posted it)."""
         into = None if out is None else [out, lse]
         info = {} if scale is None else {"scale": float(scale)}
-        ints = {"kv_len": list(kv_len)}
-        reqs, tensors = list(requests), [q]
-        if append is not None and append.requests:
-            reqs += list(append.requests)
-            ints["offsets"], ints["positions"] = list(append.offsets), list(append.positions)
-            tensors += [append.k, append.v]
-        return self.call(Header("attend", layer=layer, epoch=epoch, requests=reqs, ints=ints,
-                                info=info), tensors, into, ready=ready)
+        return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
+                                ints={"kv_len": list(kv_len)}, info=info), [q], into,
+                         ready=ready)
 
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,

@@ -2,11 +2,11 @@
 
 For a decode step planned by the router (kflume/router.py):
 
-1. query-first dispatch: one message per node of the plan, before anything else is
-   computed, carries q of the rows the node holds KV for and the new k, v of the
-   requests whose tail range it owns (the next step finds them there);
+1. query-first dispatch: q of the rows each node holds KV for goes out to every node of
+   the plan, before anything else is computed;
 2. meanwhile the new token's own partial is computed locally (attention of q over the
-   new k, v alone: out = v, lse = scale * q.k);
+   new k, v alone: out = v, lse = scale * q.k), and the new k, v are sent to the node
+   that owns each request's tail range, where the next step will find them;
 3. the nodes' partials `(out, lse)` come back and are merged with the local one by their
    log-sum-exp (kflume.kernels.merge_attention_states).
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .client import Append, NodeClient, wait_all
+from .client import NodeClient, wait_all
 from .comm.base import RemoteError
 from .kernels import merge_attention_states
 from .router import StepPlan
@@ -165,11 +165,10 @@ class RemoteAttention:
     def start(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
               rows: slice | None = None) -> _Handle:
         """Send q of plan rows `rows` (all by default) to the nodes that hold their KV, and
-        the new k, v to their tail nodes, one message per node; returns the handle `finish`
-        waits on.
+        the new k, v to their tail nodes; returns the handle `finish` waits on.
 
         q `[b, Hq, D]`, k_new, v_new `[b, Hkv, D]` (RoPE applied): the rows of `rows`, in
-        the plan's order. A node's reply also acknowledges its appends.
+        the plan's order. Queries go out first; appends are acknowledged later.
         """
         plan = self._plan()
         a, b = (0, len(plan.requests)) if rows is None else rows.indices(len(plan.requests))[:2]
@@ -182,17 +181,18 @@ class RemoteAttention:
                              f"and {list(v_new.shape)}")
         shares = self.shares(a, b)
         sent = []
-        for s in shares:  # one message per node: the query, and the new tokens it keeps
-            out, lse = self._recv_buffers((s.node, a), len(s.requests), q.dtype)
-            app = None
+        for s in shares:  # query first
+            if s.requests:
+                out, lse = self._recv_buffers((s.node, a), len(s.requests), q.dtype)
+                p = self._client(s.node).attend(layer, plan.epoch, s.requests, s.kv_len,
+                                                q.index_select(0, s.rows), out, lse, self.scale)
+                sent.append((s.rows, p))
+        for s in shares:  # then the new tokens, off the critical path
             if s.append_requests:
-                app = Append(s.append_requests, s.append_offsets, s.positions,
-                             k_new.index_select(0, s.append_rows)[:, None],  # [a, 1, Hkv, D]
-                             v_new.index_select(0, s.append_rows)[:, None])
-            p = self._client(s.node).attend(layer, plan.epoch, s.requests, s.kv_len,
-                                            q.index_select(0, s.rows), out, lse, self.scale,
-                                            append=app)
-            sent.append((s.rows, p))
+                k = k_new.index_select(0, s.append_rows)[:, None]  # [a, 1, Hkv, D]
+                v = v_new.index_select(0, s.append_rows)[:, None]
+                self._client(s.node).append(layer, s.append_requests, s.append_offsets,
+                                            s.positions, k, v)
         return _Handle(sent, q, k_new, v_new)
 
     def finish(self, h: _Handle) -> torch.Tensor:
@@ -210,7 +210,7 @@ class RemoteAttention:
         try:
             msgs = wait_all([p for _, p in h.sent], self.timeout)
         except RemoteError:
-            self.end_step()  # a refused prefill append is the likelier cause: raise it first
+            self.end_step()  # an append a node refused (e.g. full) is the likelier cause
             raise
         for i, ((rows, _), m) in enumerate(zip(h.sent, msgs)):
             out, lse = m.tensors

@@ -217,35 +217,23 @@ class NodeServer:
         return tensors
 
     def _op_attend(self, peer, h: Header, tensors):
-        # requests[:len(kv_len)] attend with q; the rest (if any) append k, v (client.Append)
-        kv_len = h.ints.get("kv_len")
-        appends = len(tensors) == 3
-        if kv_len is None or len(kv_len) > len(h.requests) or (
-            not appends and len(kv_len) != len(h.requests)
-        ):
-            raise ValueError(f"attend: ints['kv_len'] must list one value per attended request "
-                             f"({len(h.requests)} requests, {len(tensors)} tensors)")
-        n = len(kv_len)
-        q, *kv = self._tensors(h, tensors, 3 if appends else 1)
+        (q,) = self._tensors(h, tensors, 1)
         scale = h.info.get("scale")
         if scale is not None and not isinstance(scale, float):
             raise ValueError(f"attend: scale must be a float; got {scale!r}")
-        out, lse = self.node.attend(h.layer, h.requests[:n], kv_len, q, scale=scale)
-        if kv:
-            self._append(peer, h, h.requests[n:], *kv)
+        out, lse = self.node.attend(h.layer, h.requests,
+                                    self._ints(h, "kv_len", len(h.requests)), q, scale=scale)
         if self._via_host and out.is_cuda:  # the query came through host memory: so does
             out, lse = _to_host(out), _to_host(lse)  # the reply
         return Header("result", layer=h.layer, epoch=h.epoch), [out, lse]
 
-    def _append(self, peer, h: Header, requests: list, k, v) -> None:
-        m = len(requests)
-        new = [r for r in requests if r not in self.node.requests]
-        self.node.append(h.layer, requests, self._ints(h, "offsets", m),
-                         self._ints(h, "positions", m), k, v)
-        self._joined(peer, new)
-
     def _op_append(self, peer, h: Header, tensors):
-        self._append(peer, h, h.requests, *self._tensors(h, tensors, 2))
+        k, v = self._tensors(h, tensors, 2)
+        n = len(h.requests)
+        new = [r for r in h.requests if r not in self.node.requests]
+        self.node.append(h.layer, h.requests, self._ints(h, "offsets", n),
+                         self._ints(h, "positions", n), k, v)
+        self._joined(peer, new)
         return Header("ok"), []
 
     def _op_open(self, peer, h: Header, tensors):
