@@ -8,7 +8,7 @@ Imports work without a GPU, UCX or transformers: those are loaded where used.
 """
 
 from . import kernels
-from .captured import CapturedRemoteAttention
+from .captured import CapturedRemoteAttention, StepServer
 from .cluster import Cluster
 from .graph import GraphSignal
 from .kernels import append_kv, merge_attention_states, merge_state_, split_kv_attention
@@ -31,6 +31,7 @@ __all__ = [
     "NodeConfig",
     "RemoteAttention",
     "StepPlan",
+    "StepServer",
     "TokenRange",
     "TokenRangeRouter",
     "append_kv",
