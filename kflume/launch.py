@@ -1,14 +1,17 @@
-"""Starting attention nodes as processes, and never leaving one behind.
+"""Attention nodes as processes: starting them, never leaving one behind, and the
+process itself.
 
 `NodeProcess` runs `python -m kflume node` (a fresh interpreter: never a fork of a
 process that may have initialised UCX or CUDA), reads the address it listens on from its
 first line of output, and stops it on `stop()`, on exit of the `with` block, at
-interpreter exit, and, on Linux, when the parent dies (PR_SET_PDEATHSIG).
+interpreter exit, and, on Linux, when the parent dies (PR_SET_PDEATHSIG). `main` is that
+process: an AttentionNode behind a NodeServer on the UCX transport, until SIGTERM.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import select
 import signal
@@ -17,9 +20,12 @@ import sys
 import time
 import weakref
 
+from .node import DTYPES as NODE_DTYPES
 from .node import NodeConfig
 
-__all__ = ["NodeProcess"]
+__all__ = ["NodeProcess", "main"]
+
+log = logging.getLogger("kflume.node")
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -146,3 +152,76 @@ class NodeProcess:
 def _stop_all() -> None:
     for p in list(_LIVE):
         p.stop(timeout=5.0)
+
+
+# ---- the node process itself: `kflume node` -----------------------------------------------
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="kflume node",
+        description="Start a weightless attention node: it holds token ranges of KV and "
+        "attends over them for a weight node.")
+    p.add_argument("--listen", default="127.0.0.1:0",
+                   help="HOST:PORT to listen on (default 127.0.0.1:0, a free port)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--capacity-tokens", type=int, required=True,
+                   help="tokens of KV (in every layer) this node holds at most")
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--kv-heads", type=int, required=True)
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(NODE_DTYPES))
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--token", default=None,
+                   help="cluster token peers must present (default: $KFLUME_TOKEN)")
+    p.add_argument("--progress", default=None, choices=["hybrid", "poll", "blocking"],
+                   help="how the UCX worker is progressed (default: poll on a GPU, hybrid on "
+                   "CPU)")
+    p.add_argument("--q-heads", type=int, default=None,
+                   help="query heads of the model, to compile its kernels before listening")
+    p.add_argument("--port-file", default=None,
+                   help="write the address actually listened on to this file")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv=None) -> int:
+    import signal
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s kflume-node %(levelname)s %(message)s")
+    config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                        capacity_tokens=args.capacity_tokens, dtype=args.dtype,
+                        device=args.device, page_size=args.page_size, q_heads=args.q_heads)
+    import torch
+
+    from .comm.ucx import SERVER_INLINE_BYTES, UcxTransport
+    from .node import AttentionNode
+    from .server import NodeServer
+
+    if torch.device(config.device).index is not None:  # cuda:N: streams and events default
+        torch.cuda.set_device(torch.device(config.device))  # to that GPU
+    node = AttentionNode(config)
+    node.warmup()
+    transport = UcxTransport(token=args.token, info=node.stats(),
+                             progress=args.progress or default_progress(args.device),
+                             inline_bytes=SERVER_INLINE_BYTES)
+    server = NodeServer(node, transport, transport.listen(args.listen))
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    log.info("listening on %s: %d layers x %d KV heads x %d, %s on %s, %d tokens in %d pages",
+             server.address, config.layers, config.kv_heads, config.head_dim, config.dtype,
+             node.device, config.num_pages * config.page_size, config.num_pages)
+    print(f"kflume node listening on {server.address}", flush=True)
+    if args.port_file:
+        with open(args.port_file, "w") as f:
+            f.write(server.address)
+    try:
+        server.serve(should_stop=lambda: bool(stop))
+    finally:
+        server.close()
+        transport.close()
+        log.info("stopped")
+    return 0

@@ -8,12 +8,11 @@ order, so a request's tokens on a node are simply its first `n` local slots. It 
 the global segments anyway, to export a global range for migration.
 
 `AttentionNode` is the state and the compute; `NodeServer` (kflume/server.py) puts it
-behind a transport; `python -m kflume.node` / `kflume node` starts one.
+behind a transport; `kflume node` (kflume/launch.py) starts one as a process.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,8 +22,6 @@ from .kernels import append_kv, split_kv_attention
 from .kernels.split_kv import default_num_splits
 
 __all__ = ["AttentionNode", "NodeCapacityError", "NodeConfig", "UnknownRequestError"]
-
-log = logging.getLogger("kflume.node")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -362,78 +359,3 @@ def _locate(segments: list[list[int]], start: int, end: int, rid) -> list[int]:
     if pos < end:
         raise ValueError(f"request {rid!r}: this node does not hold positions [{pos}, {end})")
     return out
-
-
-# ---- command line: kflume node / python -m kflume.node -----------------------------------
-def build_parser():
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="kflume node",
-        description="Start a weightless attention node: it holds token ranges of KV and "
-        "attends over them for a weight node.")
-    p.add_argument("--listen", default="127.0.0.1:0",
-                   help="HOST:PORT to listen on (default 127.0.0.1:0, a free port)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--capacity-tokens", type=int, required=True,
-                   help="tokens of KV (in every layer) this node holds at most")
-    p.add_argument("--layers", type=int, required=True)
-    p.add_argument("--kv-heads", type=int, required=True)
-    p.add_argument("--head-dim", type=int, required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--token", default=None,
-                   help="cluster token peers must present (default: $KFLUME_TOKEN)")
-    p.add_argument("--progress", default=None, choices=["hybrid", "poll", "blocking"],
-                   help="how the UCX worker is progressed (default: poll on a GPU, hybrid on "
-                   "CPU)")
-    p.add_argument("--q-heads", type=int, default=None,
-                   help="query heads of the model, to compile its kernels before listening")
-    p.add_argument("--port-file", default=None,
-                   help="write the address actually listened on to this file")
-    p.add_argument("--log-level", default="info")
-    return p
-
-
-def main(argv=None) -> int:
-    import signal
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s kflume-node %(levelname)s %(message)s")
-    config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                        capacity_tokens=args.capacity_tokens, dtype=args.dtype,
-                        device=args.device, page_size=args.page_size, q_heads=args.q_heads)
-    from .comm.ucx import SERVER_INLINE_BYTES, UcxTransport
-    from .launch import default_progress
-    from .server import NodeServer
-
-    if torch.device(config.device).index is not None:  # cuda:N: streams and events default
-        torch.cuda.set_device(torch.device(config.device))  # to that GPU
-    node = AttentionNode(config)
-    node.warmup()
-    transport = UcxTransport(token=args.token, info=node.stats(),
-                             progress=args.progress or default_progress(args.device),
-                             inline_bytes=SERVER_INLINE_BYTES)
-    server = NodeServer(node, transport, transport.listen(args.listen))
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
-    log.info("listening on %s: %d layers x %d KV heads x %d, %s on %s, %d tokens in %d pages",
-             server.address, config.layers, config.kv_heads, config.head_dim, config.dtype,
-             node.device, config.num_pages * config.page_size, config.num_pages)
-    print(f"kflume node listening on {server.address}", flush=True)
-    if args.port_file:
-        with open(args.port_file, "w") as f:
-            f.write(server.address)
-    try:
-        server.serve(should_stop=lambda: bool(stop))
-    finally:
-        server.close()
-        transport.close()
-        log.info("stopped")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
