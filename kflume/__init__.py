@@ -15,8 +15,9 @@ from .kernels import append_kv, merge_attention_states, merge_state_, split_kv_a
 from .node import AttentionNode, NodeConfig
 from .patch import KflumeCache, patch, unpatch
 from .pipeline import LayerPipeline
+from .plan import StepPlan, TokenRange
 from .remote import RemoteAttention
-from .router import FillThenLeastLoaded, StepPlan, TokenRange, TokenRangeRouter
+from .router import FillThenLeastLoaded, TokenRangeRouter
 
 __version__ = "0.1.0"
 

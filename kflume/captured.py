@@ -30,8 +30,8 @@ import torch
 from .client import Pending
 from .graph import GraphSignal, SignalTimeout
 from .kernels import merge_attention_states
+from .plan import StepPlan
 from .remote import RemoteAttention
-from .router import StepPlan
 
 __all__ = ["CapturedRemoteAttention", "StepServer"]
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 from .client import NodeClient
 from .comm.base import Transport
 from .node import NodeConfig
+from .plan import StepPlan
 from .remote import RemoteAttention
-from .router import FillThenLeastLoaded, PlacementPolicy, StepPlan, TokenRangeRouter
+from .router import FillThenLeastLoaded, PlacementPolicy, TokenRangeRouter
 
 __all__ = ["Cluster"]
 

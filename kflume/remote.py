@@ -25,7 +25,7 @@ import torch
 from .client import NodeClient, wait_all
 from .comm.base import RemoteError
 from .kernels import merge_attention_states
-from .router import StepPlan
+from .plan import StepPlan
 
 __all__ = ["RemoteAttention"]
 

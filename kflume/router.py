@@ -4,9 +4,9 @@ Plain Python, no torch: the router keeps, per request, ordered ranges `[start, e
 each owned by one node, covering `[0, length)`; the last (tail) range takes new tokens.
 Edits (add/drain/remove a node, add/finish a request, advance a request by one token)
 are queued and applied at the next token boundary, in `begin_step()`, which returns an
-immutable `StepPlan` with a new epoch. Tensors appear only when a plan is materialised:
-small index tensors per step in kflume/remote.py, fixed device buffers rewritten in
-place for a captured graph in kflume/captured.py.
+immutable `StepPlan` (kflume/plan.py) with a new epoch. Tensors appear only when a plan
+is materialised: small index tensors per step in kflume/remote.py, fixed device buffers
+rewritten in place for a captured graph in kflume/captured.py.
 
 A decode step, as the weight node sees it:
 
@@ -18,9 +18,11 @@ A decode step, as the weight node sees it:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
+
+from .plan import Migration, NodeWork, RequestId, StepPlan, TokenRange
 
 __all__ = [
     "CapacityError",
@@ -35,8 +37,6 @@ __all__ = [
     "TokenRangeRouter",
 ]
 
-RequestId = Hashable
-
 
 class RouterError(ValueError):
     """An edit the router cannot apply (unknown node or request, duplicate id...)."""
@@ -44,18 +44,6 @@ class RouterError(ValueError):
 
 class CapacityError(RouterError):
     """No attention node has room for another token."""
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRange:
-    """Tokens `[start, end)` of one request, held by `node`."""
-
-    start: int
-    end: int
-    node: str
-
-    def __len__(self) -> int:
-        return self.end - self.start
 
 
 @dataclass(slots=True)
@@ -129,70 +117,6 @@ class FillThenLeastLoaded:
                 "requests"
             )
         return Placement(node, min(tokens, room, self.range_tokens), False)
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    """Move tokens `[start, end)` of `request` from node `src` to node `dst`."""
-
-    request: RequestId
-    start: int
-    end: int
-    src: str
-    dst: str
-
-
-@dataclass(frozen=True, slots=True)
-class NodeWork:
-    """One node's share of a step.
-
-    rows: batch rows (indices into `StepPlan.requests`) whose KV this node partly holds.
-    kv_len: for each of those rows, how many history tokens the node holds.
-    append_rows / append_offsets: rows whose new token goes to this node, and the
-        node-local offset to write it at (its history count for that request).
-    """
-
-    node: str
-    rows: tuple[int, ...]
-    kv_len: tuple[int, ...]
-    append_rows: tuple[int, ...]
-    append_offsets: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class StepPlan:
-    """Everything one decode step needs to know about routing. Immutable.
-
-    requests: the batch, in row order. positions: the position of each row's new token
-    (= tokens of history). nodes: per-node work. routes: each request's ranges
-    (history plus the slot reserved for this step's token). prefill: requests added at
-    this boundary whose prompt KV must be scattered (their ranges are in `routes`).
-    migrations / freed: node-side moves and frees to carry out before attending.
-    """
-
-    epoch: int
-    requests: tuple[RequestId, ...]
-    positions: tuple[int, ...]
-    nodes: tuple[NodeWork, ...]
-    routes: dict[RequestId, tuple[TokenRange, ...]]
-    prefill: tuple[RequestId, ...] = ()
-    migrations: tuple[Migration, ...] = ()
-    freed: tuple[tuple[RequestId, str], ...] = ()
-    removed_nodes: tuple[str, ...] = ()
-
-    def node_work(self, node: str) -> NodeWork | None:
-        for w in self.nodes:
-            if w.node == node:
-                return w
-        return None
-
-    def table(self) -> str:
-        """The routing table as text, one request per line."""
-        lines = [f"epoch {self.epoch}"]
-        for rid, pos in zip(self.requests, self.positions):
-            ranges = "  ".join(f"[{r.start}, {r.end}) -> {r.node}" for r in self.routes[rid])
-            lines.append(f"  request {rid!s:>6} ({pos} tokens): {ranges}")
-        return "\n".join(lines)
 
 
 class TokenRangeRouter:
