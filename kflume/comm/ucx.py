@@ -1,11 +1,11 @@
 """UCX transport on ucxx's blocking API: shared memory or cuda_ipc on one host, TCP across.
 
 Connecting: a plain TCP socket, bound where the node was told to listen (127.0.0.1 by
-default), carries the handshake: the client sends the cluster token and its UCX worker
-address, the server checks the token (constant-time) before it creates any UCX endpoint,
-and answers with its own worker address. Both sides then create one UCX endpoint from
-the other's worker address, once, and reuse it. The socket stays open: it is how a dead
-peer is noticed at once (UCX endpoints made from worker addresses are not told).
+default), carries the handshake (kflume/comm/handshake.py): the cluster token is checked
+before any UCX endpoint exists, and the two sides swap UCX worker addresses. Both then
+create one UCX endpoint from the other's worker address, once, and reuse it. The socket
+stays open: it is how a dead peer is noticed at once (UCX endpoints made from worker
+addresses are not told).
 
 Messages: tag matching in UCX is per worker, not per endpoint, so every tag carries the
 receiving side's channel id (chosen by the receiver, unique in its worker) in its high
@@ -24,21 +24,20 @@ gave them (`post_recv(into=...)`), posted before the request was even sent.
 
 from __future__ import annotations
 
-import hmac
 import math
 import os
 import secrets
 import select
 import socket
-import struct
 import time
 from collections.abc import Sequence
 
-import msgpack
 import numpy as np
 import torch
 
+from . import handshake
 from .base import Connection, Listener, Message, Recv, Transport, TransportError, check_into
+from .handshake import parse_address
 from .wire import (
     DTYPES,
     MAX_HEADER,
@@ -51,7 +50,6 @@ from .wire import (
 
 __all__ = ["UcxTransport", "parse_address"]
 
-_FRAME = struct.Struct("<I")
 _SEQ_MASK = (1 << 24) - 1
 INLINE_BYTES = 1 << 20  # host tensors up to this total may travel inside the header message
 SERVER_INLINE_BYTES = 16 << 10  # what a node inlines: its peers pre-post the rest
@@ -74,43 +72,8 @@ def _ucxx():
     return libucxx, Array
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address must be HOST:PORT; got {address!r}")
-    return host or "127.0.0.1", int(port)
-
-
 def _tag(channel: int, seq: int, part: int) -> int:
     return (channel << 32) | ((seq & _SEQ_MASK) << 8) | part
-
-
-def _send_frame(sock: socket.socket, obj: dict) -> None:
-    body = msgpack.packb(obj, use_bin_type=True)
-    sock.sendall(_FRAME.pack(len(body)) + body)
-
-
-def _recv_frame(sock: socket.socket, deadline: float) -> dict:
-    def read(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("handshake timed out")
-            sock.settimeout(left)
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                raise TransportError("peer closed the connection during the handshake")
-            buf += chunk
-        return buf
-
-    (n,) = _FRAME.unpack(read(4))
-    if n > MAX_HEADER:
-        raise WireError(f"handshake frame of {n} bytes is too large")
-    d = msgpack.unpackb(read(n), raw=False)
-    if not isinstance(d, dict):
-        raise WireError("handshake frame must be a map")
-    return d
 
 
 def _as_array(t: torch.Tensor, Array):
@@ -430,6 +393,11 @@ class UcxTransport(Transport):
             if c not in self._conns:
                 return c
 
+    def _fields(self, rx: int) -> dict:
+        """What this side tells a peer in the handshake."""
+        return {"chan": rx, "addr": self.worker.address.tobytes(), "info": self.info,
+                "inline": self.inline_bytes}
+
     def connect(self, address: str, *, timeout: float = 30.0) -> Connection:
         host, port = parse_address(address)
         deadline = time.monotonic() + timeout
@@ -439,13 +407,11 @@ class UcxTransport(Transport):
             raise TransportError(f"cannot connect to {address}: {e}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rx = self._new_channel()
-        _send_frame(sock, {"v": 1, "token": self.token, "chan": rx,
-                           "addr": self.worker.address.tobytes(), "info": self.info,
-                           "inline": self.inline_bytes})
-        reply = _recv_frame(sock, deadline)
-        if not reply.get("ok"):
+        try:
+            reply = handshake.hello(sock, self.token, self._fields(rx), deadline, address)
+        except BaseException:
             sock.close()
-            raise TransportError(f"{address} refused the connection: {reply.get('err')}")
+            raise
         conn = UcxConnection(self, sock, rx, int(reply["chan"]), bytes(reply["addr"]), address,
                              reply)
         self._adopt(conn)
@@ -453,19 +419,8 @@ class UcxTransport(Transport):
 
     def _handshake_server(self, sock: socket.socket, peer: str) -> UcxConnection:
         sock.setblocking(True)
-        hello = _recv_frame(sock, time.monotonic() + 5.0)
-        token = hello.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(
-            token.encode(), self.token.encode()
-        ):
-            _send_frame(sock, {"ok": False, "err": "wrong cluster token (KFLUME_TOKEN)"})
-            raise TransportError("wrong cluster token")
-        if hello.get("v") != 1 or not isinstance(hello.get("addr"), bytes):
-            _send_frame(sock, {"ok": False, "err": "unsupported handshake"})
-            raise TransportError("unsupported handshake")
         rx = self._new_channel()
-        _send_frame(sock, {"ok": True, "chan": rx, "addr": self.worker.address.tobytes(),
-                           "info": self.info, "inline": self.inline_bytes})
+        hello = handshake.answer(sock, self.token, self._fields(rx))
         conn = UcxConnection(self, sock, rx, int(hello["chan"]), hello["addr"], peer,
                              hello)
         self._adopt(conn)

@@ -1,0 +1,73 @@
+"""The handshake frames over a socket pair: token and version checks, refusals that name
+the reason, and limits on what a peer may send."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from kflume.comm import TransportError
+from kflume.comm.handshake import answer, hello, parse_address, recv_frame
+from kflume.comm.wire import MAX_HEADER, WireError
+
+
+def _pair(server_token: str, client_token: str, client_fields: dict):
+    a, b = socket.socketpair()
+    got: dict = {}
+
+    def serve():
+        try:
+            got["hello"] = answer(b, server_token, {"chan": 7, "addr": b"srv"})
+        except Exception as e:  # noqa: BLE001 - checked by the test
+            got["error"] = e
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        return hello(a, client_token, client_fields, time.monotonic() + 5, "peer"), got
+    finally:
+        t.join(5)
+        a.close()
+        b.close()
+
+
+def test_matching_tokens_swap_fields():
+    reply, got = _pair("tok", "tok", {"chan": 3, "addr": b"cli"})
+    assert reply["chan"] == 7 and reply["addr"] == b"srv"
+    assert got["hello"]["chan"] == 3 and got["hello"]["addr"] == b"cli"
+
+
+@pytest.mark.parametrize(("token", "fields", "reason"), [
+    ("wrong", {"addr": b"cli"}, "wrong cluster token"),
+    ("tok", {"addr": "not bytes"}, "unsupported handshake"),
+])
+def test_refusals_name_the_reason(token, fields, reason):
+    with pytest.raises(TransportError, match=f"peer refused the connection: {reason}"):
+        _pair("tok", token, fields)
+
+
+def test_frames_have_limits_and_deadlines():
+    a, b = socket.socketpair()
+    a.sendall(struct.pack("<I", MAX_HEADER + 1))
+    with pytest.raises(WireError, match="too large"):
+        recv_frame(b, time.monotonic() + 1)
+    a.sendall(struct.pack("<I", 3) + b"\x92\x01\x02")  # a msgpack list, not a map
+    with pytest.raises(WireError, match="must be a map"):
+        recv_frame(b, time.monotonic() + 1)
+    with pytest.raises(TimeoutError, match="timed out"):
+        recv_frame(b, time.monotonic() + 0.05)
+    a.close()
+    with pytest.raises(TransportError, match="closed the connection"):
+        recv_frame(b, time.monotonic() + 1)
+    b.close()
+
+
+def test_parse_address():
+    assert parse_address("10.0.0.1:7000") == ("10.0.0.1", 7000)
+    assert parse_address(":7000") == ("127.0.0.1", 7000)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_address("nohost")
