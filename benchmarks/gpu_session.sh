@@ -2,7 +2,7 @@
 # One call on the GPU machine (see /work/.library/device): install the carried ucxx
 # wheels, then run the named phases, each with a time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
-# Phases: tests kernels signal transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-big
+# Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-big
 # (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -28,6 +28,7 @@ for phase in "$@"; do
     tests) run tests 200 python3 -m pytest -q -x -s -p no:cacheprovider -o timeout=180 tests/gpu ;;
     kernels) run kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k cuda ;;
     signal) run signal 120 python3 benchmarks/graph_signal.py ;;
+    node-host) run node-host 120 python3 benchmarks/node_host.py ;;
     transport)
       run transport-cuda 150 python3 benchmarks/transport.py --device cuda --iters 2000 --modes poll blocking
       run transport-cuda-b4 100 python3 benchmarks/transport.py --device cuda --batch 4 --iters 2000 --modes poll

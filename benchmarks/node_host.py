@@ -1,0 +1,134 @@
+"""Host time per attend message at an attention node, piece by piece.
+
+On 2xH200 a node spent 320-790 us of host time per attend message between its arrival
+and its kernels being launched (docs/benchmarks.md), more than the ~240 us the GPU
+spends on the attention (B=8, 32K tokens, 8 KV heads of 128). This splits that time
+into its parts, each timed on the host without synchronising (what the serve loop
+pays), next to the GPU time of the attention itself:
+
+    python benchmarks/node_host.py                  # GPU, the e2e shape
+    python benchmarks/node_host.py --device cpu --tokens 512   # smoke run
+
+The pieces: `AttentionNode.attend` as the server calls it; inside it, the batch's
+page-table lookup (cached per step), `split_kv_attention` with its checks, and the bare
+Triton launches (split kernel, merge of the splits); `AttentionNode.append` of one new
+token per request; recording the reply's CUDA event; the NodeServer's own handling
+around `attend` (header checks, reply, deferral).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, save_json  # noqa: E402
+
+from kflume.comm.wire import Header  # noqa: E402
+from kflume.kernels.split_kv import default_num_splits, launch_split_kv  # noqa: E402
+from kflume.node import AttentionNode, NodeConfig  # noqa: E402
+from kflume.server import NodeServer  # noqa: E402
+
+
+def host_us(fn, n: int) -> float:
+    """Median host time of `fn()` in microseconds; the device is drained every 8 calls
+    so the launch queue never fills (which would make a launch wait for the GPU)."""
+    out = []
+    for i in range(n):
+        if i % 8 == 0 and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(out)
+
+
+class _Peer:  # what NodeServer._handle touches of a peer
+    class conn:
+        peer, alive = "bench", True
+
+        @staticmethod
+        def send(*_a, **_k):
+            pass
+
+    requests: set = set()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--iters", type=int, default=200)
+    args = ap.parse_args()
+    dev, b, n = args.device, args.batch, args.tokens
+    hq, hkv, d, layers = 32, 8, 128, 2
+    dtype = "bfloat16" if dev == "cuda" else "float32"
+    node = AttentionNode(NodeConfig(layers=layers, kv_heads=hkv, head_dim=d, dtype=dtype,
+                                    capacity_tokens=b * (n + 64), device=dev, q_heads=hq))
+    reqs = list(range(b))
+    node.open(reqs, [n] * b)
+    for layer in range(layers):
+        for r in reqs:  # contents do not matter for timing
+            k = torch.zeros(1, n, hkv, d, device=dev, dtype=node.dtype)
+            node.append(layer, [r], [0], [0], k, k)
+    q = torch.randn(b, hq, d, device=dev).to(node.dtype)
+    kv_len = [n] * b
+    pt, lens, start = node._batch(reqs, kv_len)
+    splits = default_num_splits(b, hkv, pt.shape[1] * node.config.page_size, node._sms)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, device=dev)
+    k1 = torch.randn(b, 1, hkv, d, device=dev).to(node.dtype)
+    srv = NodeServer(node, None, type("L", (), {"address": "bench"})())
+    h = Header("attend", layer=0, epoch=0, requests=reqs, ints={"kv_len": kv_len},
+               info={"scale": d**-0.5})
+    offs = iter(range(n, n + 64))
+
+    def append():
+        o = next(offs, n)
+        node.append(1, reqs, [o] * b, [o] * b, k1, k1)
+
+    def handle():
+        srv._handle(_Peer, h, [q], time.perf_counter())
+        srv._deferred.clear()
+
+    def event():
+        torch.cuda.Event().record()
+
+    parts = {
+        "server: handle one attend message": handle,
+        "AttentionNode.attend": lambda: node.attend(0, reqs, kv_len, q, scale=d**-0.5),
+        "page-table lookup (cached)": lambda: node._batch(reqs, kv_len),
+        "split_kv_attention, checks off": lambda: __import__("kflume").split_kv_attention(
+            q, node.k_pool[0], node.v_pool[0], pt, start, lens, num_splits=splits,
+            out=out, lse=lse, check=False),
+        "AttentionNode.append (1 token per request)": append,
+    }
+    if dev == "cuda":  # (on CPU the node runs the torch reference instead)
+        parts["Triton launches alone (split + merge)"] = lambda: launch_split_kv(
+            q, node.k_pool[0], node.v_pool[0], pt, start, lens, out, lse, d**-0.5, splits)
+        parts["CUDA event record"] = event
+    for fn in parts.values():  # warm up: compile, load modules
+        fn()
+    res = {name: host_us(fn, args.iters) for name, fn in parts.items()}
+    if dev == "cuda":
+        from common import graph_time_us
+
+        res["GPU time of the attention (split + merge)"] = graph_time_us(
+            lambda: launch_split_kv(q, node.k_pool[0], node.v_pool[0], pt, start, lens, out,
+                                    lse, d**-0.5, splits))
+    print(header(f"Host time per attend message at a node: B={b}, {n} tokens, {hq}/{hkv} "
+                 f"heads of {d}, {splits} splits"))
+    print("| piece | us |\n|---|---|")
+    for name, us in res.items():
+        print(f"| {name} | {us:.1f} |")
+    save_json("node_host.json", {"batch": b, "tokens": n, "splits": splits, "us": res})
+
+
+if __name__ == "__main__":
+    main()
