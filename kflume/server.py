@@ -80,7 +80,6 @@ class NodeServer:
         # tensors and the reply's), while the loop goes on receiving: the next message's
         # overhead hides the kernel.
         self._deferred: list[tuple] = []
-        self._via_host = False  # the message being handled came in host memory
         # Per attend message (the last 4096): seconds from its arrival being seen to its
         # kernels being launched, and from there to its reply being sent ("stats").
         self.timings: deque[tuple[float, float]] = deque(maxlen=4096)
@@ -165,14 +164,17 @@ class NodeServer:
     def _handle(self, peer: _Peer, h: Header, tensors: list[torch.Tensor],
                 t0: float = 0.0) -> None:
         staged: list[torch.Tensor] = []
-        self._via_host = bool(tensors) and not any(t.is_cuda for t in tensors)
         try:
             handler = getattr(self, f"_op_{h.op}", None)
             if handler is None:
                 raise WireError(f"op {h.op!r} is not a request a node serves")
-            if self.node.device.type == "cuda" and self._via_host:
+            if self.node.device.type == "cuda" and tensors and not any(
+                t.is_cuda for t in tensors
+            ):
                 tensors, staged = _to_device(tensors, self.node.device)
             reply, out = handler(peer, h, tensors)
+            if staged:  # a message that came through host memory is answered the same way
+                out = [_to_host(t) if t.is_cuda else t for t in out]
         except Exception as e:  # noqa: BLE001 - refuse this message, keep serving
             if _error_kind(e) == "internal":
                 log.exception("%s: %s failed", peer.conn.peer, h.op)
@@ -223,8 +225,6 @@ class NodeServer:
             raise ValueError(f"attend: scale must be a float; got {scale!r}")
         out, lse = self.node.attend(h.layer, h.requests,
                                     self._ints(h, "kv_len", len(h.requests)), q, scale=scale)
-        if self._via_host and out.is_cuda:  # the query came through host memory: so does
-            out, lse = _to_host(out), _to_host(lse)  # the reply
         return Header("result", layer=h.layer, epoch=h.epoch), [out, lse]
 
     def _op_append(self, peer, h: Header, tensors):
