@@ -247,14 +247,16 @@ def run_colocated(shape, W, batch, context, device, args) -> dict:
     return out
 
 
-def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bool) -> dict:
+def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bool,
+               graphs: bool = True) -> dict:
     # Each process sees both GPUs (cuda_ipc needs it), the node's first.
     env = {"CUDA_VISIBLE_DEVICES": "1,0"} if node_device == "cuda" and args.node_gpu == 1 else {}
     capacity = batch * (context + args.warmup * 3 + args.steps * 3 + 64)
     dtype = "bfloat16" if device == "cuda" else "float32"
     cl = Cluster.local(1, layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                        dtype=dtype, capacity_tokens=capacity, device=node_device, env=env,
-                       range_tokens=args.range_tokens, timeout=60.0, q_heads=shape.heads)
+                       range_tokens=args.range_tokens, timeout=60.0, q_heads=shape.heads,
+                       graphs=graphs)
     try:
         remote = cl.attention(num_q_heads=shape.heads, device=device, max_batch=batch)
         t0 = time.perf_counter()
@@ -270,9 +272,10 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 remote.prefill(layer, r, k, torch.randn_like(k))
             remote.end_step(wait=True)
         prefill_s = time.perf_counter() - t0
-        out = {"prefill_s": prefill_s}
+        out = {"prefill_s" + ("" if graphs else "[eager node]"): prefill_s}
         model = Model(shape, W, batch, context, device)
-        for stage, mb in [(st, mb) for st in args.stages for mb in (1, 2)]:
+        stages = args.stages if graphs else args.stages[:1]
+        for stage, mb in [(st, mb) for st in stages for mb in (1, 2)]:
             try:
                 pipe_rows = LayerPipeline(shape.layers, None, None, None, mb).split(batch)
                 cap = CapturedRemoteAttention(remote, batch=batch, num_layers=shape.layers,
@@ -326,7 +329,8 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 time_steps(args.warmup, one)
                 cl.clients["node0"].stats(reset_timings=True)
                 key = ("kflume" if mb == 1 else "kflume_pipelined") + (
-                    "" if stage == args.stages[0] else f"[{stage}]")
+                    "" if stage == args.stages[0] else f"[{stage}]") + (
+                    "" if graphs else "[eager node]")
                 cap.trace_steps = args.steps
                 out[key] = stats(time_steps(args.steps, one))
                 out[key]["slots"] = slot_breakdown(cap.trace)
@@ -378,6 +382,9 @@ def main() -> None:
     ap.add_argument("--add-node", default=None,
                     help="config (BxL) that adds an attention node mid-run (default: the "
                          "first; 'none': no config)")
+    ap.add_argument("--eager-node", nargs="*", default=[], metavar="BxL",
+                    help="configs also run with nodes that launch their kernels per message "
+                         "instead of replaying captured graphs (same run, for comparison)")
     ap.add_argument("--node-gpu", type=int, default=1,
                     help="GPU of the attention nodes (0: share the weight node's, a smoke run)")
     args = ap.parse_args()
@@ -414,6 +421,9 @@ def main() -> None:
             res["colocated"] = f"does not fit: {kv_gb:.0f} GiB of KV next to the weights"
         res.update(run_kflume(shape, W, batch, context, device, node_device, args,
                               add_node=(cfg == (args.add_node or args.configs[0]))))
+        if cfg in args.eager_node:  # the same, with nodes that launch kernels per message
+            res.update(run_kflume(shape, W, batch, context, device, node_device, args,
+                                  add_node=False, graphs=False))
         results["configs"][cfg] = res
         print(f"{cfg}: {res}", flush=True)
         save_json("e2e.json", results)  # what finished survives a later timeout

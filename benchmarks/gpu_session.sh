@@ -25,7 +25,7 @@ run() {  # run NAME SECONDS CMD...
 }
 for phase in "$@"; do
   case $phase in
-    tests) run tests 200 python3 -m pytest -q -x -s -p no:cacheprovider -o timeout=180 tests/gpu ;;
+    tests) run tests 240 python3 -m pytest -q -x -s -p no:cacheprovider -o timeout=180 tests/gpu tests/remote/test_node_graph.py ;;
     kernels) run kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k cuda ;;
     signal) run signal 120 python3 benchmarks/graph_signal.py ;;
     node-host) run node-host 120 python3 benchmarks/node_host.py ;;
@@ -36,7 +36,7 @@ for phase in "$@"; do
     e2e-smoke) run e2e-smoke 300 python3 benchmarks/e2e.py --layers 4 --configs 8x32768 --steps 20 --warmup 5 ;;
     e2e-smoke1) run e2e-smoke1 300 python3 benchmarks/e2e.py --layers 4 --configs 8x8192 --steps 20 --warmup 5 --node-gpu 0 ;;
     demo) run demo 300 python3 -m kflume demo --device cuda --quiet ;;
-    e2e-8x32k) run e2e-8x32k 330 python3 benchmarks/e2e.py --configs 8x32768 --stages device host ;;
+    e2e-8x32k) run e2e-8x32k 400 python3 benchmarks/e2e.py --configs 8x32768 --eager-node 8x32768 ;;
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
     e2e-big) run e2e-big 540 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none ;;
     *) echo "unknown phase $phase" ;;

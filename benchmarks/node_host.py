@@ -4,16 +4,19 @@ On 2xH200 a node spent 320-790 us of host time per attend message between its ar
 and its kernels being launched (docs/benchmarks.md), more than the ~240 us the GPU
 spends on the attention (B=8, 32K tokens, 8 KV heads of 128). This splits that time
 into its parts, each timed on the host without synchronising (what the serve loop
-pays), next to the GPU time of the attention itself:
+pays), next to the GPU time of the attention itself, for both ways a CUDA node runs
+its attention: replaying a captured graph per batch shape (the default,
+kflume/node_graph.py) and launching the kernels from Python per message.
 
     python benchmarks/node_host.py                  # GPU, the e2e shape
     python benchmarks/node_host.py --device cpu --tokens 512   # smoke run
 
-The pieces: `AttentionNode.attend` as the server calls it; inside it, the batch's
-page-table lookup (cached per step), `split_kv_attention` with its checks, and the bare
-Triton launches (split kernel, merge of the splits); `AttentionNode.append` of one new
-token per request; recording the reply's CUDA event; the NodeServer's own handling
-around `attend` (header checks, reply, deferral).
+The pieces: the NodeServer's handling of one attend message and `AttentionNode.attend`
+(each with graphs and without); inside the latter, the batch's page-table lookup
+(cached per step), `split_kv_attention` with its checks off and the bare Triton
+launches (split kernel, merge of the splits); `AttentionNode.append` of one new token
+per request; recording the reply's CUDA event; and what a new batch shape costs the
+first message that has it (capture, then replay).
 """
 
 from __future__ import annotations
@@ -100,22 +103,44 @@ def main() -> None:
     def event():
         torch.cuda.Event().record()
 
+    graphs = node._graphs  # None on CPU
+
+    def eager(fn):  # the same call, on a node that launches its kernels per message
+        def run():
+            node._graphs = None
+            try:
+                fn()
+            finally:
+                node._graphs = graphs
+        return run
+
+    attend = lambda: node.attend(0, reqs, kv_len, q, scale=d**-0.5)  # noqa: E731
     parts = {
         "server: handle one attend message": handle,
-        "AttentionNode.attend": lambda: node.attend(0, reqs, kv_len, q, scale=d**-0.5),
+        "AttentionNode.attend": attend,
+    }
+    if graphs is not None:
+        parts = {f"{k}, graph replay": f for k, f in parts.items()}
+        parts["server: handle one attend message, kernels per message"] = eager(handle)
+        parts["AttentionNode.attend, kernels per message"] = eager(attend)
+    parts.update({
         "page-table lookup (cached)": lambda: node._batch(reqs, kv_len),
         "split_kv_attention, checks off": lambda: __import__("kflume").split_kv_attention(
             q, node.k_pool[0], node.v_pool[0], pt, start, lens, num_splits=splits,
             out=out, lse=lse, check=False),
         "AttentionNode.append (1 token per request)": append,
-    }
-    if dev == "cuda":  # (on CPU the node runs the torch reference instead)
-        parts["Triton launches alone (split + merge)"] = lambda: launch_split_kv(
-            q, node.k_pool[0], node.v_pool[0], pt, start, lens, out, lse, d**-0.5, splits)
-        parts["CUDA event record"] = event
+    })
     for fn in parts.values():  # warm up: compile, load modules
         fn()
     res = {name: host_us(fn, args.iters) for name, fn in parts.items()}
+    if graphs is not None:  # first message of a new batch shape: capture, then replay
+        firsts = []
+        for n_req in range(b - 1, 0, -1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            node.attend(0, reqs[:n_req], kv_len[:n_req], q[:n_req], scale=d**-0.5)
+            firsts.append((time.perf_counter() - t0) * 1e6)
+        res["first message of a new batch shape (capture + replay)"] = statistics.median(firsts)
     if dev == "cuda":
         from common import graph_time_us
 

@@ -3,12 +3,19 @@
 The graph holds everything that runs on the GPU: gathering each node's query rows and
 new k, v into send buffers, `GraphSignal.post`, `GraphSignal.wait`, scattering the
 replies and the LSE merge. The transport runs on the host, outside the graph:
-`serve_step()` (in any thread) waits for each posted slot, sends that slot's buffers to
+`serve_step()` (in any thread) waits for each posted slot, sends that slot's queries to
 the nodes, receives out/lse into registered reply buffers and releases the slot; run it
 from a thread of its own (`StepServer`), since launching a large graph can block until
 its first slots are served. With `stage="host"` the buffers the transport touches are
 pinned host memory, copied across inside the graph (one copy per direction and
 micro-batch).
+
+The step's new k, v are not on any slot's critical path: the node does not need them
+until the next step (each layer merges its new token locally). The graph gathers them
+into a buffer of every layer, and once a micro-batch's last layer is posted, each tail
+node gets them in one message (one kernel at the node), instead of one message per
+layer. `serve_step` returns once the nodes have acknowledged them, so the next replay
+may overwrite the buffer.
 
 Every buffer has a fixed address and shape (per micro-batch, sized for its rows, with a
 part per node slot); `load(plan)` rewrites their index buffers in place between steps, so
@@ -89,21 +96,23 @@ class CapturedRemoteAttention:
         # for the graph's lifetime; the views below are what the kernels and the
         # transport touch. Staged: the transport's side lives in pinned host memory.
         es = torch.empty(0, dtype=dtype).element_size()
-        nq, nkv = hq * d, hkv * d
-        self._send_dev = [z(max_nodes, n * (nq + 2 * nkv)) for n in sizes]
+        nq = hq * d
+        self._send_dev = [z(max_nodes, n * nq) for n in sizes]
         self._recv_dev = [z(max_nodes, n * (nq * es + hq * 4), dt=torch.uint8) for n in sizes]
+        # [node slot][k | v][row][layer]: the step's new tokens, sent once a step
+        self._kv_dev = [z(max_nodes, 2, n, num_layers, 1, hkv, d) for n in sizes]
         host = lambda t: (torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)  # noqa: E731
                           if self.staged else t)
         self._send_host = [host(t) for t in self._send_dev]
         self._recv_host = [host(t) for t in self._recv_dev]
+        self._kv_host = [host(t) for t in self._kv_dev]
 
         def views(bufs, i, n, m, side):
-            if side == "send":
-                row = bufs[m][i]
-                return (row[: n * nq].view(n, hq, d),
-                        row[n * nq : n * (nq + nkv)].view(n, 1, hkv, d),
-                        row[n * (nq + nkv) :].view(n, 1, hkv, d))
             row = bufs[m][i]
+            if side == "send":
+                return row.view(n, hq, d)
+            if side == "kv":  # [n, layers, 1, Hkv, D] each: the first a rows are contiguous
+                return row[0], row[1]
             return (row[: n * nq * es].view(dtype).view(n, hq, d),
                     row[n * nq * es :].view(torch.float32).view(n, hq))
 
@@ -111,9 +120,11 @@ class CapturedRemoteAttention:
             return [[views(bufs, i, n, m, side) for m, n in enumerate(sizes)]
                     for i in range(max_nodes)]
 
-        # [node slot][micro-batch] -> (q, k, v) / (out, lse)
+        # [node slot][micro-batch] -> q / (k, v) / (out, lse)
         self.gathered = per_slot(self._send_dev, "send")  # written by the graph
         self.outgoing = per_slot(self._send_host, "send")  # read by the transport
+        self.gathered_kv = per_slot(self._kv_dev, "kv")
+        self.outgoing_kv = per_slot(self._kv_host, "kv")
         self.incoming = per_slot(self._recv_host, "recv")  # written by the transport
         self.replies = per_slot(self._recv_dev, "recv")  # read by the graph
         i64 = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
@@ -177,12 +188,14 @@ class CapturedRemoteAttention:
         k, v `[b, Hkv, D]` of micro-batch `rows`."""
         m = self.ranges.index(rows) if rows is not None else 0
         for i in range(self.max_nodes):
-            sq, sk, sv = self.gathered[i][m]
-            torch.index_select(q, 0, self.gather[i][m], out=sq)
-            torch.index_select(k, 0, self.append_gather[i][m], out=sk[:, 0])
-            torch.index_select(v, 0, self.append_gather[i][m], out=sv[:, 0])
+            torch.index_select(q, 0, self.gather[i][m], out=self.gathered[i][m])
+            sk, sv = self.gathered_kv[i][m]
+            sk[:, layer, 0] = k.index_select(0, self.append_gather[i][m])
+            sv[:, layer, 0] = v.index_select(0, self.append_gather[i][m])
         if self.staged:  # one copy for every node slot; the post below comes after it
             self._send_host[m].copy_(self._send_dev[m], non_blocking=True)
+            if layer == self.num_layers - 1:
+                self._kv_host[m].copy_(self._kv_dev[m], non_blocking=True)
         slot = layer * len(self.ranges) + m
         self.signal.post(slot)
         return (slot, m, q, k, v)
@@ -209,9 +222,9 @@ class CapturedRemoteAttention:
         return self.out[m]
 
     # ---- host half: during the replay ------------------------------------------------------
-    def _send(self, slot: int) -> list[Pending]:
-        """Queries first, to every node holding rows of this slot; then the new k, v to
-        their tail nodes (acknowledged later, off the critical path)."""
+    def _send(self, slot: int, appends: list[Pending]) -> list[Pending]:
+        """Queries to every node holding rows of this slot. After a micro-batch's last
+        layer, also its new k, v of every layer to their tail nodes (into `appends`)."""
         layer, m = divmod(slot, len(self.ranges))
         pend = []
         live = [(i, name, self.plan_slots[i][m]) for i, name in enumerate(self.node_slots)
@@ -219,16 +232,18 @@ class CapturedRemoteAttention:
         for i, name, s in live:
             if s.requests:
                 b = len(s.requests)
-                (q, _, _), (out, lse) = self.outgoing[i][m], self.incoming[i][m]
+                q, (out, lse) = self.outgoing[i][m], self.incoming[i][m]
                 pend.append(self.remote.clients[name].attend(
                     layer, self.epoch, s.requests, s.kv_len, q[:b], out[:b], lse[:b],
                     self.remote.scale, ready=True))
-        for i, name, s in live:
-            if s.append_requests:
-                a = len(s.append_requests)
-                (_, k, v) = self.outgoing[i][m]
-                self.remote.clients[name].append(layer, s.append_requests, s.append_offsets,
-                                                 s.positions, k[:a], v[:a], ready=True)
+        if layer == self.num_layers - 1:
+            for i, name, s in live:
+                if s.append_requests:
+                    a = len(s.append_requests)
+                    k, v = self.outgoing_kv[i][m]
+                    appends.append(self.remote.clients[name].append(
+                        0, s.append_requests, s.append_offsets, s.positions, k[:a], v[:a],
+                        ready=True))
         return pend
 
     def serve_step(self, timeout: float = 30.0) -> None:
@@ -246,12 +261,13 @@ class CapturedRemoteAttention:
         transport = next(iter(self.remote.clients.values())).transport
         tr = self.trace_steps > 0
         times: dict[int, list[float]] = {}
+        appends: list[Pending] = []
         try:
-            while released < total:
+            while released < total or not all(p.done for p in appends):
                 if sent < total and self.signal.posted(sent):
                     t0 = time.perf_counter() if tr else 0.0
                     self.signal.wait_posted(sent, 0.0)
-                    inflight[sent] = self._send(sent)
+                    inflight[sent] = self._send(sent, appends)
                     if tr:
                         times[sent] = [t0, time.perf_counter()]
                     sent += 1
@@ -270,7 +286,9 @@ class CapturedRemoteAttention:
                     time.sleep(0)  # hand the GIL over: the launching thread may need it
                     if time.monotonic() > deadline:
                         raise SignalTimeout(f"step not served within {timeout} s ({sent} of "
-                                            f"{total} slots sent, {released} released)")
+                                            f"{total} slots sent, {released} released, "
+                                            f"{sum(p.done for p in appends)} of "
+                                            f"{len(appends)} appends acknowledged)")
         except BaseException:
             self.signal.abort()
             raise

@@ -109,10 +109,13 @@ class NodeClient:
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,
                ready: bool = False) -> Pending:
-        """k, v `[b, T, Hkv, D]` at local offsets; the acknowledgement is kept outstanding."""
+        """k, v `[b, T, Hkv, D]` of `layer` at local offsets, or `[b, L, T, Hkv, D]` of
+        layers `layer .. layer + L - 1` (one message and one kernel for a step's new
+        tokens of every layer). The acknowledgement is kept outstanding."""
+        info = {"layers": k.shape[1]} if k.dim() == 5 else {}
         p = self.call(Header("append", layer=layer, requests=list(requests),
-                             ints={"offsets": list(offsets), "positions": list(positions)}),
-                      [k, v], ready=ready)
+                             ints={"offsets": list(offsets), "positions": list(positions)},
+                             info=info), [k, v], ready=ready)
         self.outstanding.append(p)
         return p
 

@@ -67,8 +67,9 @@ class Cluster:
     def local(cls, n: int, *, layers: int, kv_heads: int, head_dim: int,
               dtype: str = "float32", capacity_tokens: int = 1 << 16, device: str = "cpu",
               page_size: int = 16, token: str | None = None, env: dict | None = None,
-              q_heads: int | None = None, **kwargs) -> Cluster:
+              q_heads: int | None = None, graphs: bool = True, **kwargs) -> Cluster:
         """Start `n` attention nodes as `kflume node` processes on loopback, over UCX.
+        `graphs=False`: CUDA nodes launch their kernels per message (NodeConfig.graphs).
 
         They stop with `close()`, at the end of a `with` block, at interpreter exit, on
         Ctrl-C, and when this process dies.
@@ -84,7 +85,7 @@ class Cluster:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (n + 1))))
         geometry = NodeConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                               capacity_tokens=capacity_tokens, dtype=dtype, device=device,
-                              page_size=page_size, q_heads=q_heads)
+                              page_size=page_size, q_heads=q_heads, graphs=graphs)
         cluster = cls(UcxTransport(token=token), geometry,
                       spawn={"token": token, "env": env}, **kwargs)
         try:

@@ -69,6 +69,8 @@ class NodeProcess:
                "--progress", progress or default_progress(config.device)]
         if config.q_heads:
             cmd += ["--q-heads", str(config.q_heads)]
+        if not config.graphs:
+            cmd.append("--no-graphs")
         full_env = dict(os.environ)
         full_env.update(env or {})
         if token is not None:
@@ -179,6 +181,9 @@ def build_parser():
                    "CPU)")
     p.add_argument("--q-heads", type=int, default=None,
                    help="query heads of the model, to compile its kernels before listening")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay the attention as captured graphs (default); "
+                        "--no-graphs launches the kernels per message")
     p.add_argument("--port-file", default=None,
                    help="write the address actually listened on to this file")
     p.add_argument("--log-level", default="info")
@@ -193,7 +198,8 @@ def main(argv=None) -> int:
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
     config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                         capacity_tokens=args.capacity_tokens, dtype=args.dtype,
-                        device=args.device, page_size=args.page_size, q_heads=args.q_heads)
+                        device=args.device, page_size=args.page_size, q_heads=args.q_heads,
+                        graphs=args.graphs)
     import torch
 
     from .comm.ucx import SERVER_INLINE_BYTES, UcxTransport

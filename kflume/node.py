@@ -20,6 +20,7 @@ import torch
 
 from .kernels import append_kv, split_kv_attention
 from .kernels.split_kv import default_num_splits
+from .node_graph import AttendGraphs
 
 __all__ = ["AttentionNode", "NodeCapacityError", "NodeConfig", "UnknownRequestError"]
 
@@ -49,6 +50,9 @@ class NodeConfig:
     device: str = "cpu"
     page_size: int = 16
     q_heads: int | None = None  # informational; checked per request by GQA rules
+    # CUDA nodes replay their attention as captured graphs (kflume/node_graph.py); False
+    # launches the kernels from Python every message (slower; kept to compare against).
+    graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("layers", "kv_heads", "head_dim", "capacity_tokens", "page_size"):
@@ -90,6 +94,10 @@ class AttentionNode:
         # Allocated up front: a node never runs out of memory mid-request, it refuses.
         self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # The same pools as one: page p of layer L is page L * num_pages + p there.
+        self._k_flat, self._v_flat = (p.view(-1, *shape[2:]) for p in (self.k_pool, self.v_pool))
+        self._layer_base = torch.arange(c.layers, dtype=torch.int32,
+                                        device=self.device) * c.num_pages
         self.free_pages: list[int] = list(range(c.num_pages - 1, -1, -1))
         self.requests: dict[object, _Request] = {}
         self._free_slots: list[int] = []
@@ -98,6 +106,8 @@ class AttentionNode:
         self._batches: dict[tuple, tuple] = {}  # device index tensors of recent batches
         self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if self.device.type == "cuda" else 132)
+        self._graphs = (AttendGraphs(self.k_pool, self.v_pool, num_sms=self._sms)
+                        if c.graphs and self.device.type == "cuda" else None)
 
     # ---- bookkeeping ----------------------------------------------------------------
     def stats(self) -> dict:
@@ -214,32 +224,61 @@ class AttentionNode:
 
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write `k, v [b, T, Hkv, D]` at local slots `offsets[i] ..` of each request.
+        """Write `k, v [b, T, Hkv, D]` of `layer` at local slots `offsets[i] ..` of each
+        request.
 
         `positions[i]` is the global position of the first of those tokens (kept for
         export). An offset may rewrite slots already written (a retried step) or extend
         the request by exactly the tokens given; a gap is refused.
         """
         self._check_layer(layer)
-        b = len(requests)
+        self._check_kv("k", k, len(requests), None)
+        self._check_kv("v", v, len(requests), k.shape[1])
+        self.append_layers(range(layer, layer + 1), requests, offsets, positions,
+                           k.unsqueeze(1), v.unsqueeze(1))
+
+    def append_layers(self, layers: range, requests: Sequence, offsets: Sequence[int],
+                      positions: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """`append` for several layers at once: `k, v [b, L, T, Hkv, D]` hold the same
+        tokens' KV in each of `layers` (a range of L layers), written by one kernel launch
+        (a weight node sends a step's new tokens of every layer in one message)."""
+        c = self.config
+        if not isinstance(layers, range) or layers.step != 1 or not layers:
+            raise ValueError(f"layers must be a non-empty range of consecutive layers; got "
+                             f"{layers!r}")
+        self._check_layer(layers.start)
+        self._check_layer(layers.stop - 1)
+        b, n_layers = len(requests), len(layers)
         if not (len(offsets) == len(positions) == b):
             raise ValueError("append: requests, offsets and positions differ in length")
-        self._check_kv("k", k, b, None)
-        self._check_kv("v", v, b, k.shape[1])
-        t = k.shape[1]
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 5 or tuple(t.shape[:2]) != (b, n_layers) or tuple(t.shape[3:]) != (
+                c.kv_heads, c.head_dim
+            ) or t.shape[2] != k.shape[2]:
+                raise ValueError(f"{name} must be [{b}, {n_layers}, T, {c.kv_heads}, "
+                                 f"{c.head_dim}]; got {list(t.shape)}")
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype}; this node holds {c.dtype} KV")
+        t = k.shape[2]
         for rid, off in zip(requests, offsets):
-            have = self.requests[rid].lengths[layer] if rid in self.requests else 0
-            if not 0 <= off <= have:
-                raise ValueError(f"append offset {off} for request {rid!r} leaves a gap: the "
-                                 f"node holds {have} of its tokens")
+            held = self.requests[rid].lengths if rid in self.requests else [0] * c.layers
+            for layer in layers:
+                if not 0 <= off <= held[layer]:
+                    raise ValueError(f"append offset {off} for request {rid!r} leaves a gap in "
+                                     f"layer {layer}: the node holds {held[layer]} of its "
+                                     "tokens")
         self._reserve([(rid, off + t) for rid, off in zip(requests, offsets)])
         pt, offs, _ = self._batch(requests, offsets)
-        append_kv(self.k_pool[layer], self.v_pool[layer], pt, offs,
-                  k.to(self.device, self.dtype), v.to(self.device, self.dtype), check=False)
+        if n_layers > 1 or layers.start:  # rows of every layer in the flattened pools
+            pt = (pt[:, None, :] + self._layer_base[layers.start : layers.stop, None]).flatten(0, 1)
+            offs = offs.repeat_interleave(n_layers)
+        append_kv(self._k_flat, self._v_flat, pt, offs,
+                  k.to(self.device).flatten(0, 1), v.to(self.device).flatten(0, 1), check=False)
         for rid, off, pos in zip(requests, offsets, positions):
             req = self.requests[rid]
-            req.lengths[layer] = max(req.lengths[layer], off + t)
-            if layer == 0:  # where global positions sit is the same in every layer
+            for layer in layers:
+                req.lengths[layer] = max(req.lengths[layer], off + t)
+            if layers.start == 0:  # where global positions sit is the same in every layer
                 _add_segment(req.segments, int(pos), int(pos) + t, int(off))
 
     def attend(self, layer: int, requests: Sequence, kv_len: Sequence[int],
@@ -262,6 +301,10 @@ class AttentionNode:
             if not 0 <= n <= have:
                 raise ValueError(f"kv_len {n} for request {rid!r}: the node holds {have} tokens")
         pt, lens, start = self._batch(requests, kv_len)
+        q = q.to(self.device, self.dtype)
+        if self._graphs is not None:
+            scale = float(c.head_dim**-0.5 if scale is None else scale)
+            return self._graphs.attend(layer, q, pt, lens, scale, out=out, lse=lse)
         splits = default_num_splits(b, c.kv_heads, pt.shape[1] * c.page_size, self._sms)
         return split_kv_attention(q.to(self.device, self.dtype), self.k_pool[layer],
                                   self.v_pool[layer], pt, start, lens, scale=scale,

@@ -229,10 +229,15 @@ class NodeServer:
 
     def _op_append(self, peer, h: Header, tensors):
         k, v = self._tensors(h, tensors, 2)
-        n = len(h.requests)
+        n, layers = len(h.requests), h.info.get("layers")
         new = [r for r in h.requests if r not in self.node.requests]
-        self.node.append(h.layer, h.requests, self._ints(h, "offsets", n),
-                         self._ints(h, "positions", n), k, v)
+        args = (h.requests, self._ints(h, "offsets", n), self._ints(h, "positions", n), k, v)
+        if layers is None:
+            self.node.append(h.layer, *args)
+        elif isinstance(layers, int):
+            self.node.append_layers(range(h.layer, h.layer + layers), *args)
+        else:
+            raise ValueError(f"append: info['layers'] must be an int; got {layers!r}")
         self._joined(peer, new)
         return Header("ok"), []
 

@@ -1,0 +1,145 @@
+"""AttendGraphs: a node's attention replayed as captured CUDA graphs, one per batch shape.
+
+Launching the split-KV kernel and its merge from Python cost a node about 170 us of host
+time per attend message on an H200 (docs/benchmarks.md), as long as the attention itself
+takes on the GPU; the node's loop is single-threaded, so that time sits on every
+layer's critical path. A graph replays both kernels from one launch.
+
+How one graph serves every layer and every step of a batch shape:
+
+- The pools of all layers are viewed as one pool `[layers * pages, page_size, Hkv, D]`
+  (they are one allocation): page `p` of layer `L` is page `L * pages + p`. A message
+  writes its page-table rows, shifted by `L * pages`, into the graph's static page table.
+- `kv_len` is copied into the graph's static lengths when the batch's tensor changes
+  (once a step: every layer of a step sends the same batch, cached by the node).
+- `q` is copied in; `(out, lse)` are written into one static buffer, which is cloned for
+  the caller, since the next replay may run before the last reply has been sent.
+
+So a message costs four small launches and a replay. A graph is keyed by (batch, query
+heads, page-table width, dtype, scale); the page table's width doubles as requests grow,
+so few shapes ever exist. Graphs share one memory pool: they replay one after another
+on one stream. Capture uses thread-local mode, so that UCX's threads may call CUDA
+meanwhile, runs the kernels once first, so that no module loads during capture, and
+does not synchronise the device, so a new shape costs a serving node well under a
+millisecond (measured by benchmarks/node_host.py).
+
+On CPU the same buffers and the same arithmetic run eagerly (what the tests check
+without a GPU).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import split_kv_attention
+from .kernels.split_kv import default_num_splits
+
+__all__ = ["AttendGraphs"]
+
+
+@dataclass(slots=True)
+class _Graph:
+    q: torch.Tensor
+    page_table: torch.Tensor
+    start: torch.Tensor
+    kv_len: torch.Tensor
+    result: torch.Tensor  # bytes: out, then lse
+    out: torch.Tensor  # views of `result`
+    lse: torch.Tensor
+    run: Callable[[], None] | None = None
+    kv_len_src: torch.Tensor | None = None  # the batch tensor last copied in
+
+
+def _views(result: torch.Tensor, b: int, hq: int, d: int, dtype: torch.dtype):
+    n = b * hq * d * torch.empty(0, dtype=dtype).element_size()
+    return (result[:n].view(dtype).view(b, hq, d),
+            result[n:].view(torch.float32).view(b, hq))
+
+
+class AttendGraphs:
+    """Attention over a node's pools `k_pool, v_pool [layers, pages, page_size, Hkv, D]`,
+    through one captured graph per batch shape (eagerly on CPU)."""
+
+    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, *, num_sms: int = 132,
+                 max_graphs: int = 32) -> None:
+        layers, pages, page_size, hkv, d = k_pool.shape
+        if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+            raise ValueError("AttendGraphs needs contiguous pools (one allocation per pool)")
+        self.k = k_pool.view(layers * pages, page_size, hkv, d)
+        self.v = v_pool.view(layers * pages, page_size, hkv, d)
+        self.layers, self.pages, self.page_size, self.kv_heads = layers, pages, page_size, hkv
+        self.device = k_pool.device
+        self.capture = k_pool.is_cuda
+        self.num_sms, self.max_graphs = num_sms, max_graphs
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.captured = 0  # graphs captured so far (a counter for tests and logs)
+
+    def attend(self, layer: int, q: torch.Tensor, page_table: torch.Tensor,
+               kv_len: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+               lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `split_kv_attention(q, k_pool[layer], v_pool[layer], page_table, 0, kv_len)`.
+        No checks: the node checked `layer`, `q` and the lengths."""
+        b, hq, d = q.shape
+        key = (b, hq, page_table.shape[1], q.dtype, float(scale))
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._build(key, q)
+        else:
+            self._graphs.move_to_end(key)
+        torch.add(page_table, layer * self.pages, out=g.page_table)
+        if g.kv_len_src is not kv_len:
+            g.kv_len.copy_(kv_len)
+            g.kv_len_src = kv_len
+        g.q.copy_(q)
+        g.run()
+        if out is not None or lse is not None:
+            o = g.out.clone() if out is None else out.copy_(g.out)
+            s = g.lse.clone() if lse is None else lse.copy_(g.lse)
+            return o, s
+        return _views(g.result.clone(), b, hq, d, q.dtype)
+
+    def _build(self, key: tuple, q: torch.Tensor) -> _Graph:
+        b, hq, width, dtype, scale = key
+        dev, d = self.device, q.shape[2]
+        nbytes = b * hq * (d * q.element_size() + 4)
+        result = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        out, lse = _views(result, b, hq, d, dtype)
+        zeros = torch.zeros(b, dtype=torch.int32, device=dev)
+        g = _Graph(q=torch.zeros_like(q), page_table=torch.zeros(b, width, dtype=torch.int32,
+                                                                  device=dev),
+                   start=zeros, kv_len=zeros.clone(), result=result, out=out, lse=lse)
+        splits = default_num_splits(b, self.kv_heads, width * self.page_size, self.num_sms)
+
+        def launch() -> None:
+            split_kv_attention(g.q, self.k, self.v, g.page_table, g.start, g.kv_len,
+                               scale=scale, num_splits=splits, out=g.out, lse=g.lse,
+                               check=False)
+
+        if self.capture:
+            # What torch.cuda.graph does, less its device sync, gc and cache flush (which
+            # would stall a serving node for milliseconds at a new shape).
+            with torch.cuda.device(dev):
+                launch()  # compile and load every kernel before capture (empty ranges)
+                main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+                side.wait_stream(main)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.stream(side):
+                    graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                    try:
+                        launch()
+                    finally:
+                        graph.capture_end()
+                main.wait_stream(side)
+            g.run = graph.replay  # (the bound method keeps the graph alive)
+            self.captured += 1
+        else:
+            g.run = launch
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        self._graphs[key] = g
+        return g

@@ -1,0 +1,109 @@
+"""AttendGraphs and the node's graph path: the same attention as the per-layer kernel call.
+
+On CPU AttendGraphs runs its buffers eagerly (shifted page tables into one flattened pool,
+lengths copied once per batch, one result buffer cloned per call); on CUDA it captures a
+graph per batch shape and replays it across layers and steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kflume.kernels.reference import split_kv_attention_ref
+from kflume.node import AttentionNode, NodeConfig
+from kflume.node_graph import AttendGraphs
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _pools(layers, pages, page_size, hkv, d, dtype, device, gen):
+    shape = (layers, pages, page_size, hkv, d)
+    return (torch.randn(shape, generator=gen).to(device, dtype),
+            torch.randn(shape, generator=gen).to(device, dtype))
+
+
+def _ref(q, kp, vp, layer, pt, lens, scale):
+    start = torch.zeros_like(lens)
+    return split_kv_attention_ref(q.double().cpu(), kp[layer].double().cpu(),
+                                  vp[layer].double().cpu(), pt.cpu(), start.cpu(), lens.cpu(),
+                                  scale)
+
+
+def _close(out, lse, ref_out, ref_lse, lens, dtype):
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    rows = lens.cpu() > 0
+    o, r = out.double().cpu()[rows], ref_out[rows]
+    assert torch.isfinite(o).all()
+    assert (o - r).norm() <= tol * r.norm()
+    torch.testing.assert_close(lse.double().cpu()[rows], ref_lse[rows], rtol=tol, atol=tol)
+    assert (lse.cpu()[~rows] == float("-inf")).all() and (out.cpu()[~rows] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group,d,page_size", [(1, 64, 16), (4, 128, 16), (8, 64, 7)])
+def test_graphs_match_the_reference_across_layers_steps_and_shapes(device, group, d, page_size):
+    gen = torch.Generator().manual_seed(group * d + page_size)
+    layers, pages, hkv = 3, 40, 2
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kp, vp = _pools(layers, pages, page_size, hkv, d, dtype, device, gen)
+    graphs = AttendGraphs(kp, vp)
+    scale = d**-0.5
+    for b, width, steps in ((3, 5, 3), (3, 9, 2), (1, 5, 2), (3, 5, 1)):
+        for step in range(steps):
+            pt = torch.randperm(pages, generator=gen)[: b * width].view(b, width)
+            pt = pt.to(device, torch.int32)
+            lens = torch.randint(0, width * page_size + 1, (b,), generator=gen)
+            lens[0] = 0 if step == 0 else width * page_size - 1  # empty, then odd and long
+            lens = lens.to(device, torch.int32)
+            for layer in (2, 0, 1):
+                q = torch.randn(b, hkv * group, d, generator=gen).to(device, dtype)
+                out, lse = graphs.attend(layer, q, pt, lens, scale)
+                _close(out, lse, *_ref(q, kp, vp, layer, pt, lens, scale), lens, dtype)
+    if device == "cuda":  # one graph per (batch, page-table width): reused across layers
+        assert graphs.captured == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_results_survive_the_next_call_and_fill_given_buffers(device):
+    """A reply may still be in flight when the next message replays the same graph."""
+    gen = torch.Generator().manual_seed(1)
+    kp, vp = _pools(2, 12, 16, 2, 64, torch.float32, device, gen)
+    graphs = AttendGraphs(kp, vp)
+    pt = torch.arange(8, dtype=torch.int32, device=device).view(2, 4)
+    lens = torch.tensor([50, 17], dtype=torch.int32, device=device)
+    q1, q2 = (torch.randn(2, 4, 64, generator=gen).to(device) for _ in range(2))
+    o1, s1 = graphs.attend(0, q1, pt, lens, 0.125)
+    keep = o1.clone(), s1.clone()
+    out, lse = torch.full_like(q2, float("nan")), torch.empty(2, 4, device=device)
+    o2, s2 = graphs.attend(1, q2, pt, lens, 0.125, out=out, lse=lse)
+    assert o2 is out and s2 is lse
+    torch.testing.assert_close((o1, s1), keep)
+    _close(o2, s2, *_ref(q2, kp, vp, 1, pt, lens, 0.125), lens, torch.float32)
+
+
+def test_graphs_need_one_allocation_per_pool():
+    kp = torch.zeros(2, 4, 16, 2, 64)[:, :3]
+    with pytest.raises(ValueError, match="contiguous pools"):
+        AttendGraphs(kp, kp)
+
+
+@pytest.mark.cuda
+def test_a_cuda_node_with_graphs_answers_like_one_without():
+    torch.manual_seed(0)
+    cfg = dict(layers=3, kv_heads=2, head_dim=128, capacity_tokens=4096, device="cuda")
+    nodes = [AttentionNode(NodeConfig(**cfg, graphs=g)) for g in (True, False)]
+    reqs, lens = ["a", "b", "c"], [700, 1, 333]
+    for layer in range(3):
+        for r, n in zip(reqs, lens):
+            k, v = torch.randn(2, 1, n, 2, 128, device="cuda").to(torch.bfloat16)
+            for node in nodes:
+                node.append(layer, [r], [0], [0], k, v)
+    for step in range(3):
+        kv_len = [max(n - step, 0) for n in lens[:2]] + [0]
+        for layer in (1, 2, 0):
+            q = torch.randn(3, 8, 128, device="cuda").to(torch.bfloat16)
+            (o1, s1), (o2, s2) = (node.attend(layer, reqs, kv_len, q) for node in nodes)
+            torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+            torch.testing.assert_close(s1, s2, rtol=0, atol=0)
+    assert nodes[0]._graphs.captured == 1 and nodes[1]._graphs is None
