@@ -6,8 +6,9 @@ once (no attention computed), so the figures are transport only:
 
 - raw: ucxx blocking API, one tag message each way, receives pre-posted, busy polling:
   the floor for moving these bytes;
-- kflume: `NodeClient`-style calls over `UcxTransport` (header + q out; header + out +
-  lse back, into buffers allocated once), for each progress mode.
+- kflume: `NodeClient`-style calls over `UcxTransport` (header + q out; header + out and
+  lse packed in one tensor back, as a node replies, into a buffer allocated once), for
+  each progress mode.
 
     python benchmarks/transport.py                  # host memory, loopback
     python benchmarks/transport.py --device cuda    # GPU0 <-> GPU1 (needs 2 GPUs)
@@ -28,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header as bench_header  # noqa: E402
 from common import save_json  # noqa: E402
+
+from kflume.comm.wire import pack_states, state_row_bytes  # noqa: E402
 
 HQ, D = 32, 128
 B = int(os.environ.get("KFLUME_BENCH_B", "32"))  # rows of q (--batch)
@@ -132,8 +135,8 @@ def kflume_server(kind, progress, q_out):
         t.progress(0.01)
     dev = _device(kind)
     conn.recv_device = dev
-    out = torch.randn(B, HQ, D, device=dev).to(torch.bfloat16)
-    lse = torch.randn(B, HQ, device=dev)
+    states = pack_states(torch.randn(B, HQ, D, device=dev).to(torch.bfloat16),
+                         torch.randn(B, HQ, device=dev))  # a node's reply: one tensor
     seq = 0
     while True:
         (m,) = t.wait([conn.post_recv(seq)], 600.0)
@@ -141,7 +144,7 @@ def kflume_server(kind, progress, q_out):
         m.release()
         if m.header.op == "shutdown":
             break
-        conn.send(Header("result", seq=m.header.seq), [out, lse])
+        conn.send(Header("result", seq=m.header.seq), [states])
     t.progress(0.2)
 
 
@@ -157,13 +160,13 @@ def kflume_client(kind, progress, iters, warmup) -> list[float]:
     c = NodeClient.connect("bench", t, q.get(timeout=120))
     dev = _device(kind)
     qt = torch.randn(B, HQ, D, device=dev).to(torch.bfloat16)
-    out = torch.empty(B, HQ, D, device=dev, dtype=torch.bfloat16)
-    lse = torch.empty(B, HQ, device=dev)
+    into = torch.empty(B, state_row_bytes(HQ, D, torch.bfloat16), device=dev,
+                       dtype=torch.uint8)  # out and lse, one reply tensor
     reqs, lens = list(range(B)), [1] * B
     times = []
     for i in range(warmup + iters):
         t0 = time.perf_counter()
-        c.attend(0, 0, reqs, lens, qt, out, lse).result(30.0)
+        c.attend(0, 0, reqs, lens, qt, into).result(30.0)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e6)
     c.call(__import__("kflume.comm", fromlist=["Header"]).Header("shutdown"))

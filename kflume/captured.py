@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .client import Pending
+from .comm.wire import state_row_bytes, unpack_states
 from .graph import GraphSignal, SignalTimeout
 from .kernels import merge_attention_states
 from .plan import StepPlan
@@ -95,10 +96,9 @@ class CapturedRemoteAttention:
         # what comes back ([node slot][q | k | v] and [node slot][out | lse] bytes), fixed
         # for the graph's lifetime; the views below are what the kernels and the
         # transport touch. Staged: the transport's side lives in pinned host memory.
-        es = torch.empty(0, dtype=dtype).element_size()
-        nq = hq * d
-        self._send_dev = [z(max_nodes, n * nq) for n in sizes]
-        self._recv_dev = [z(max_nodes, n * (nq * es + hq * 4), dt=torch.uint8) for n in sizes]
+        self._send_dev = [z(max_nodes, n, hq, d) for n in sizes]
+        row = state_row_bytes(hq, d, dtype)  # replies: kflume/comm/wire.py's layout
+        self._recv_dev = [z(max_nodes, n, row, dt=torch.uint8) for n in sizes]
         # [node slot][k | v][row][layer]: the step's new tokens, sent once a step
         self._kv_dev = [z(max_nodes, 2, n, num_layers, 1, hkv, d) for n in sizes]
         host = lambda t: (torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)  # noqa: E731
@@ -107,26 +107,18 @@ class CapturedRemoteAttention:
         self._recv_host = [host(t) for t in self._recv_dev]
         self._kv_host = [host(t) for t in self._kv_dev]
 
-        def views(bufs, i, n, m, side):
-            row = bufs[m][i]
-            if side == "send":
-                return row.view(n, hq, d)
-            if side == "kv":  # [n, layers, 1, Hkv, D] each: the first a rows are contiguous
-                return row[0], row[1]
-            return (row[: n * nq * es].view(dtype).view(n, hq, d),
-                    row[n * nq * es :].view(torch.float32).view(n, hq))
+        def per_slot(bufs, view=lambda t: t):
+            return [[view(bufs[m][i]) for m in range(len(sizes))] for i in range(max_nodes)]
 
-        def per_slot(bufs, side):
-            return [[views(bufs, i, n, m, side) for m, n in enumerate(sizes)]
-                    for i in range(max_nodes)]
-
-        # [node slot][micro-batch] -> q / (k, v) / (out, lse)
-        self.gathered = per_slot(self._send_dev, "send")  # written by the graph
-        self.outgoing = per_slot(self._send_host, "send")  # read by the transport
-        self.gathered_kv = per_slot(self._kv_dev, "kv")
-        self.outgoing_kv = per_slot(self._kv_host, "kv")
-        self.incoming = per_slot(self._recv_host, "recv")  # written by the transport
-        self.replies = per_slot(self._recv_dev, "recv")  # read by the graph
+        # [node slot][micro-batch] -> q [n, Hq, D] / (k, v) [n, layers, 1, Hkv, D] /
+        # packed replies [n, row] / (out, lse) views of them; the first rows of each are
+        # one contiguous tensor, which is what the transport sends or receives.
+        self.gathered = per_slot(self._send_dev)  # written by the graph
+        self.outgoing = per_slot(self._send_host)  # read by the transport
+        self.gathered_kv = per_slot(self._kv_dev, lambda t: (t[0], t[1]))
+        self.outgoing_kv = per_slot(self._kv_host, lambda t: (t[0], t[1]))
+        self.incoming = per_slot(self._recv_host)  # written by the transport
+        self.replies = per_slot(self._recv_dev, lambda t: unpack_states(t, hq, d, dtype))
         i64 = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
         self.gather = [[i64(n) for n in sizes] for _ in range(max_nodes)]
         self.scatter = [[i64(n) for n in sizes] for _ in range(max_nodes)]
@@ -232,9 +224,9 @@ class CapturedRemoteAttention:
         for i, name, s in live:
             if s.requests:
                 b = len(s.requests)
-                q, (out, lse) = self.outgoing[i][m], self.incoming[i][m]
+                q, into = self.outgoing[i][m], self.incoming[i][m]
                 pend.append(self.remote.clients[name].attend(
-                    layer, self.epoch, s.requests, s.kv_len, q[:b], out[:b], lse[:b],
+                    layer, self.epoch, s.requests, s.kv_len, q[:b], into[:b],
                     self.remote.scale, ready=True))
         if layer == self.num_layers - 1:
             for i, name, s in live:

@@ -95,12 +95,13 @@ class NodeClient:
 
     # ---- the data path ----------------------------------------------------------------
     def attend(self, layer: int, epoch: int, requests: Sequence, kv_len: Sequence[int],
-               q: torch.Tensor, out: torch.Tensor | None = None,
-               lse: torch.Tensor | None = None, scale: float | None = None,
-               ready: bool = False) -> Pending:
-        """q `[b, Hq, D]` -> reply tensors `(out [b, Hq, D], lse [b, Hq])`, into out/lse.
-        `ready`: q is known to be written (e.g. a captured graph posted it)."""
-        into = None if out is None else [out, lse]
+               q: torch.Tensor, into: torch.Tensor | None = None,
+               scale: float | None = None, ready: bool = False) -> Pending:
+        """q `[b, Hq, D]` -> one reply tensor holding out `[b, Hq, D]` and lse `[b, Hq]`
+        (`kflume.comm.wire.unpack_states` gives views of them), received into `into` when
+        given (uint8 `[b, state_row_bytes]`). `ready`: q is known to be written (e.g. a
+        captured graph posted it)."""
+        into = None if into is None else [into]
         info = {} if scale is None else {"scale": float(scale)}
         return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
                                 ints={"kv_len": list(kv_len)}, info=info), [q], into,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .comm.wire import pack_states
 from .kernels import append_kv, split_kv_attention
 from .kernels.split_kv import default_num_splits
 from .node_graph import AttendGraphs
@@ -283,9 +284,11 @@ class AttentionNode:
 
     def attend(self, layer: int, requests: Sequence, kv_len: Sequence[int],
                q: torch.Tensor, *, scale: float | None = None,
-               out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+               out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+               packed: bool = False):
         """Attention of `q [b, Hq, D]` over the first `kv_len[i]` tokens this node holds of
-        each request, all requests in one kernel launch. Returns `(out, lse)`."""
+        each request, all requests in one kernel launch. Returns `(out, lse)`, or with
+        `packed=True` both in one uint8 tensor, the reply layout of kflume/comm/wire.py."""
         self._check_layer(layer)
         c = self.config
         b = len(requests)
@@ -304,11 +307,12 @@ class AttentionNode:
         q = q.to(self.device, self.dtype)
         if self._graphs is not None:
             scale = float(c.head_dim**-0.5 if scale is None else scale)
-            return self._graphs.attend(layer, q, pt, lens, scale, out=out, lse=lse)
+            return self._graphs.attend(layer, q, pt, lens, scale, out=out, lse=lse,
+                                       packed=packed)
         splits = default_num_splits(b, c.kv_heads, pt.shape[1] * c.page_size, self._sms)
-        return split_kv_attention(q.to(self.device, self.dtype), self.k_pool[layer],
-                                  self.v_pool[layer], pt, start, lens, scale=scale,
-                                  num_splits=splits, out=out, lse=lse, check=False)
+        res = split_kv_attention(q, self.k_pool[layer], self.v_pool[layer], pt, start, lens,
+                                 scale=scale, num_splits=splits, out=out, lse=lse, check=False)
+        return pack_states(*res) if packed else res
 
     def warmup(self) -> None:
         """Run append and attend once on a scratch request, so that kernels are compiled and

@@ -12,8 +12,9 @@ How one graph serves every layer and every step of a batch shape:
   writes its page-table rows, shifted by `L * pages`, into the graph's static page table.
 - `kv_len` is copied into the graph's static lengths when the batch's tensor changes
   (once a step: every layer of a step sends the same batch, cached by the node).
-- `q` is copied in; `(out, lse)` are written into one static buffer, which is cloned for
-  the caller, since the next replay may run before the last reply has been sent.
+- `q` is copied in; `(out, lse)` are written into one static buffer in the reply layout
+  (kflume/comm/wire.py: per row, out then lse), which is cloned for the caller, since
+  the next replay may run before the last reply has been sent.
 
 So a message costs four small launches and a replay. A graph is keyed by (batch, query
 heads, page-table width, dtype, scale); the page table's width doubles as requests grow,
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .comm.wire import state_row_bytes, unpack_states
 from .kernels import split_kv_attention
 from .kernels.split_kv import default_num_splits
 
@@ -47,17 +49,11 @@ class _Graph:
     page_table: torch.Tensor
     start: torch.Tensor
     kv_len: torch.Tensor
-    result: torch.Tensor  # bytes: out, then lse
-    out: torch.Tensor  # views of `result`
+    result: torch.Tensor  # [b, row] bytes: the reply layout
+    out: torch.Tensor  # views of `result`, written by the kernels
     lse: torch.Tensor
     run: Callable[[], None] | None = None
     kv_len_src: torch.Tensor | None = None  # the batch tensor last copied in
-
-
-def _views(result: torch.Tensor, b: int, hq: int, d: int, dtype: torch.dtype):
-    n = b * hq * d * torch.empty(0, dtype=dtype).element_size()
-    return (result[:n].view(dtype).view(b, hq, d),
-            result[n:].view(torch.float32).view(b, hq))
 
 
 class AttendGraphs:
@@ -81,8 +77,9 @@ class AttendGraphs:
 
     def attend(self, layer: int, q: torch.Tensor, page_table: torch.Tensor,
                kv_len: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-               lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               lse: torch.Tensor | None = None, packed: bool = False):
         """Like `split_kv_attention(q, k_pool[layer], v_pool[layer], page_table, 0, kv_len)`.
+        `packed=True` returns the reply layout (one uint8 tensor) instead of `(out, lse)`.
         No checks: the node checked `layer`, `q` and the lengths."""
         b, hq, d = q.shape
         key = (b, hq, page_table.shape[1], q.dtype, float(scale))
@@ -97,18 +94,17 @@ class AttendGraphs:
             g.kv_len_src = kv_len
         g.q.copy_(q)
         g.run()
-        if out is not None or lse is not None:
-            o = g.out.clone() if out is None else out.copy_(g.out)
-            s = g.lse.clone() if lse is None else lse.copy_(g.lse)
-            return o, s
-        return _views(g.result.clone(), b, hq, d, q.dtype)
+        if packed:
+            return g.result.clone()
+        dense = torch.contiguous_format
+        return (g.out.clone(memory_format=dense) if out is None else out.copy_(g.out),
+                g.lse.clone(memory_format=dense) if lse is None else lse.copy_(g.lse))
 
     def _build(self, key: tuple, q: torch.Tensor) -> _Graph:
         b, hq, width, dtype, scale = key
         dev, d = self.device, q.shape[2]
-        nbytes = b * hq * (d * q.element_size() + 4)
-        result = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        out, lse = _views(result, b, hq, d, dtype)
+        result = torch.zeros(b, state_row_bytes(hq, d, dtype), dtype=torch.uint8, device=dev)
+        out, lse = unpack_states(result, hq, d, dtype)
         zeros = torch.zeros(b, dtype=torch.int32, device=dev)
         g = _Graph(q=torch.zeros_like(q), page_table=torch.zeros(b, width, dtype=torch.int32,
                                                                   device=dev),

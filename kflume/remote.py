@@ -24,6 +24,7 @@ import torch
 
 from .client import NodeClient, wait_all
 from .comm.base import RemoteError
+from .comm.wire import state_row_bytes, unpack_states
 from .kernels import merge_attention_states
 from .plan import StepPlan
 
@@ -128,14 +129,13 @@ class RemoteAttention:
             local[r.node] = off + b - a
 
     # ---- decode -----------------------------------------------------------------------------
-    def _recv_buffers(self, node: str, rows: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reply buffers, allocated once per (node, rows, dtype) and reused."""
+    def _recv_buffer(self, node: str, rows: int, dtype) -> torch.Tensor:
+        """A reply buffer (the layout of `wire.pack_states`), allocated once per (node, rows,
+        dtype) and reused."""
         key = (node, rows, dtype)
         if key not in self._recv_bufs:
-            self._recv_bufs[key] = (
-                torch.empty(rows, self.hq, self.d, dtype=dtype, device=self.device),
-                torch.empty(rows, self.hq, device=self.device, dtype=torch.float32),
-            )
+            self._recv_bufs[key] = torch.empty(rows, state_row_bytes(self.hq, self.d, dtype),
+                                               dtype=torch.uint8, device=self.device)
         return self._recv_bufs[key]
 
     def shares(self, start: int, stop: int) -> list[_Share]:
@@ -183,9 +183,9 @@ class RemoteAttention:
         sent = []
         for s in shares:  # query first
             if s.requests:
-                out, lse = self._recv_buffers((s.node, a), len(s.requests), q.dtype)
+                into = self._recv_buffer((s.node, a), len(s.requests), q.dtype)
                 p = self._client(s.node).attend(layer, plan.epoch, s.requests, s.kv_len,
-                                                q.index_select(0, s.rows), out, lse, self.scale)
+                                                q.index_select(0, s.rows), into, self.scale)
                 sent.append((s.rows, p))
         for s in shares:  # then the new tokens, off the critical path
             if s.append_requests:
@@ -213,7 +213,7 @@ class RemoteAttention:
             self.end_step()  # an append a node refused (e.g. full) is the likelier cause
             raise
         for i, ((rows, _), m) in enumerate(zip(h.sent, msgs)):
-            out, lse = m.tensors
+            out, lse = unpack_states(m.tensors[0], self.hq, self.d, q.dtype)
             parts_out[i + 1].index_copy_(0, rows, out.to(q.dtype))
             parts_lse[i + 1].index_copy_(0, rows, lse)
         out, _ = merge_attention_states(parts_out, parts_lse)

@@ -223,9 +223,9 @@ class NodeServer:
         scale = h.info.get("scale")
         if scale is not None and not isinstance(scale, float):
             raise ValueError(f"attend: scale must be a float; got {scale!r}")
-        out, lse = self.node.attend(h.layer, h.requests,
-                                    self._ints(h, "kv_len", len(h.requests)), q, scale=scale)
-        return Header("result", layer=h.layer, epoch=h.epoch), [out, lse]
+        states = self.node.attend(h.layer, h.requests, self._ints(h, "kv_len", len(h.requests)),
+                                  q, scale=scale, packed=True)
+        return Header("result", layer=h.layer, epoch=h.epoch), [states]
 
     def _op_append(self, peer, h: Header, tensors):
         k, v = self._tensors(h, tensors, 2)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import msgpack
 import torch
 
-__all__ = ["VERSION", "OPS", "Header", "WireError", "encode", "decode", "DTYPES", "MAX_HEADER"]
+__all__ = ["VERSION", "OPS", "Header", "WireError", "encode", "decode", "DTYPES", "MAX_HEADER",
+           "pack_states", "unpack_states", "state_row_bytes"]
 
 VERSION = 1
 MAX_HEADER = 1 << 16  # bytes (64 KiB); a header beyond this is refused
@@ -66,6 +67,38 @@ class Header:
         """Fill `tensors` descriptors from actual tensors; returns self."""
         self.tensors = [(dtype_name(t.dtype), tuple(t.shape)) for t in tensors]
         return self
+
+
+# ---- an attend reply: (out, lse) as one tensor ------------------------------------------
+# One uint8 tensor [b, row]: row i holds out[i] ([Hq, D] in q's dtype), then lse[i] ([Hq]
+# float32). The first a rows of a buffer in this layout are again one contiguous tensor,
+# so a reply for any subset of a batch is one message, received straight into place.
+def state_row_bytes(hq: int, d: int, dtype: torch.dtype) -> int:
+    out_bytes = hq * d * torch.empty(0, dtype=dtype).element_size()
+    if out_bytes % 4:
+        raise ValueError(f"Hq * D * itemsize must be a multiple of 4 (lse is float32); got "
+                         f"{hq} * {d} in {dtype}")
+    return out_bytes + 4 * hq
+
+
+def pack_states(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """`out [b, Hq, D]`, `lse [b, Hq]` float32 -> the reply layout (one copy)."""
+    b = out.shape[0]
+    return torch.cat([out.reshape(b, -1).view(torch.uint8),
+                      lse.float().contiguous().view(torch.uint8)], 1)
+
+
+def unpack_states(packed: torch.Tensor, hq: int, d: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reply layout -> `(out [b, Hq, D], lse [b, Hq])`, strided views of `packed`
+    (writing them writes `packed`: kernels take them as outputs)."""
+    row = state_row_bytes(hq, d, dtype)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != row:
+        raise ValueError(f"packed states must be uint8 [b, {row}]; got {packed.dtype} "
+                         f"{list(packed.shape)}")
+    n = row - 4 * hq
+    return (packed[:, :n].view(dtype).unflatten(1, (hq, d)),
+            packed[:, n:].view(torch.float32))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -6,7 +6,16 @@ import msgpack
 import pytest
 import torch
 
-from kflume.comm.wire import MAX_HEADER, Header, WireError, decode, encode
+from kflume.comm.wire import (
+    MAX_HEADER,
+    Header,
+    WireError,
+    decode,
+    encode,
+    pack_states,
+    state_row_bytes,
+    unpack_states,
+)
 
 
 def test_round_trip():
@@ -57,3 +66,26 @@ def test_header_size_limit():
         encode(Header("ok", requests=list(range(MAX_HEADER))))
     with pytest.raises(WireError, match="cannot be sent"):
         Header("ok").describe([torch.zeros(2, dtype=torch.complex64)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attend_reply_layout_round_trips_and_its_first_rows_are_one_tensor(dtype):
+    out, lse = torch.randn(5, 4, 6).to(dtype), torch.randn(5, 4)
+    lse[1] = float("-inf")  # an empty range's lse survives the bytes
+    packed = pack_states(out, lse)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, state_row_bytes(4, 6, dtype))
+    o, s = unpack_states(packed, 4, 6, dtype)
+    assert torch.equal(o, out) and torch.equal(s, lse)
+    head = packed[:3]  # what a reply for 3 of the 5 rows is received into
+    assert head.is_contiguous()
+    o3, s3 = unpack_states(head, 4, 6, dtype)
+    o3.zero_()  # the views write the buffer (kernels take them as outputs)
+    assert (packed[:3, : 4 * 6 * out.element_size()] == 0).all()
+    assert torch.equal(s3, lse[:3])
+
+
+def test_attend_reply_layout_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        state_row_bytes(3, 3, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"packed states must be uint8 \[b, 64\]"):
+        unpack_states(torch.zeros(2, 65, dtype=torch.uint8), 4, 6, torch.bfloat16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kflume.comm.wire import pack_states
 from kflume.kernels.reference import split_kv_attention_ref
 from kflume.node import AttentionNode, NodeConfig
 from kflume.node_graph import AttendGraphs
@@ -80,6 +81,9 @@ def test_results_survive_the_next_call_and_fill_given_buffers(device):
     assert o2 is out and s2 is lse
     torch.testing.assert_close((o1, s1), keep)
     _close(o2, s2, *_ref(q2, kp, vp, 1, pt, lens, 0.125), lens, torch.float32)
+    packed = graphs.attend(1, q2, pt, lens, 0.125, packed=True)  # a node's reply
+    assert torch.equal(packed, pack_states(o2, s2))
+    assert o1.is_contiguous() and s1.is_contiguous()
 
 
 def test_graphs_need_one_allocation_per_pool():

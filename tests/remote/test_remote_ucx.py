@@ -16,6 +16,7 @@ pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
 from kflume.client import NodeClient  # noqa: E402
 from kflume.comm import DeadlineExceeded, RemoteError, TransportError  # noqa: E402
 from kflume.comm.ucx import UcxTransport, _tag  # noqa: E402
+from kflume.comm.wire import unpack_states  # noqa: E402
 from kflume.launch import NodeProcess  # noqa: E402
 from kflume.node import NodeConfig  # noqa: E402
 
@@ -108,16 +109,19 @@ def test_bad_input_gets_a_clear_error_and_the_node_keeps_serving(nodes, transpor
     (reply,) = transport.wait([recv], 10.0)
     assert req.completed and reply.header.op == "error" and "WireError" in reply.header.error
     # ... and the node still serves this client correctly.
-    out = c.attend(0, 1, ["ok"], [4], q).result().tensors[0]
-    assert out.shape == (1, 8, 64) and torch.isfinite(out).all()
+    def attend(n):
+        (states,) = c.attend(0, 1, ["ok"], [n], q).result().tensors
+        return unpack_states(states, 8, 64, q.dtype)
+
+    out, lse = attend(4)
+    assert out.shape == (1, 8, 64) and torch.isfinite(out).all() and torch.isfinite(lse).all()
     # A 5th token appended: attends over the first 4 are unchanged, over 5 they differ.
     k5 = torch.randn(1, 1, 2, 64)
     c.append(0, ["ok"], [4], [4], k5, k5)
-    again = c.attend(0, 1, ["ok"], [4], q).result()
-    torch.testing.assert_close(again.tensors[0], out)
+    torch.testing.assert_close(attend(4), (out, lse))
     c.flush()
     assert c.stats()["tokens_held"] == 5
-    five = c.attend(0, 1, ["ok"], [5], q).result().tensors[0]
+    five, _ = attend(5)
     assert not torch.allclose(five, out)
     s = c.stats(reset_timings=True)  # the node timed the attends it served
     assert s["attend_messages"] >= 3 and 0 < s["attend_handle_us"] < 1e6
