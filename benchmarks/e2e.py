@@ -20,6 +20,7 @@ Every figure is a per-step wall time (host bookkeeping, graph replay and transpo
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import statistics
@@ -298,6 +299,8 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                     boundary()
                 parts: dict[str, list[float]] = {"serve": [], "sync": [], "boundary": []}
                 server = StepServer(cap, timeout=60.0)
+                gc.collect()  # what a serving loop does once warm: the long-lived objects
+                gc.freeze()  # leave the collector's reach (no full collection mid-step)
                 print(f"  {batch}x{context} stage={stage} micro-batches={mb}: captured",
                       flush=True)
 

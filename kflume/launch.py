@@ -191,6 +191,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    import gc
     import signal
 
     args = build_parser().parse_args(argv)
@@ -210,6 +211,10 @@ def main(argv=None) -> int:
         torch.cuda.set_device(torch.device(config.device))  # to that GPU
     node = AttentionNode(config)
     node.warmup()
+    # What exists now (torch, the pools, compiled kernels) lives as long as the process:
+    # out of the collector's way, so a full collection cannot stall a step.
+    gc.collect()
+    gc.freeze()
     transport = UcxTransport(token=args.token, info=node.stats(),
                              progress=args.progress or default_progress(args.device),
                              inline_bytes=SERVER_INLINE_BYTES)
