@@ -231,6 +231,9 @@ def main(argv=None) -> int:
             f.write(server.address)
     try:
         server.serve(should_stop=lambda: bool(stop))
+    except BaseException:
+        log.exception("node at %s failed after %d messages", server.address, server.handled)
+        raise
     finally:
         server.close()
         transport.close()
