@@ -130,6 +130,10 @@ def main() -> None:
             out=out, lse=lse, check=False),
         "AttentionNode.append (1 token per request)": append,
     })
+    if dev == "cuda":  # (on CPU the node runs the torch reference instead)
+        parts["Triton launches alone (split + merge)"] = lambda: launch_split_kv(
+            q, node.k_pool[0], node.v_pool[0], pt, start, lens, out, lse, d**-0.5, splits)
+        parts["CUDA event record"] = event
     for fn in parts.values():  # warm up: compile, load modules
         fn()
     res = {name: host_us(fn, args.iters) for name, fn in parts.items()}
