@@ -85,6 +85,7 @@ def copy_bandwidth_tbs(nbytes: int = 2 * 2**30) -> float:
 def save_json(name: str, payload: dict) -> None:
     out = os.environ.get("OUT")
     if out:
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, name), "w") as f:
             json.dump(payload, f, indent=1)
 
