@@ -24,7 +24,7 @@ import torch
 
 from .client import NodeClient, wait_all
 from .comm.base import RemoteError
-from .comm.wire import state_row_bytes, unpack_states
+from .comm.wire import state_row_bytes, transfer_empty, unpack_states
 from .kernels import merge_attention_states
 from .plan import StepPlan
 
@@ -57,7 +57,6 @@ class RemoteAttention:
         self.timeout = timeout
         self.max_batch = max_batch
         self.plan: StepPlan | None = None
-        self._recv_bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._shares: dict[tuple[int, int], list[_Share]] = {}
 
     def _client(self, node: str) -> NodeClient:
@@ -129,14 +128,12 @@ class RemoteAttention:
             local[r.node] = off + b - a
 
     # ---- decode -----------------------------------------------------------------------------
-    def _recv_buffer(self, node: str, rows: int, dtype) -> torch.Tensor:
-        """A reply buffer (the layout of `wire.pack_states`), allocated once per (node, rows,
-        dtype) and reused."""
-        key = (node, rows, dtype)
-        if key not in self._recv_bufs:
-            self._recv_bufs[key] = torch.empty(rows, state_row_bytes(self.hq, self.d, dtype),
-                                               dtype=torch.uint8, device=self.device)
-        return self._recv_bufs[key]
+    def _recv_buffer(self, rows: int, dtype) -> torch.Tensor:
+        """A reply buffer (the layout of `wire.pack_states`) that the transport may write
+        outside stream order (`wire.transfer_empty`); `finish` hands it back to the
+        allocator behind the kernels that read it."""
+        return transfer_empty((rows, state_row_bytes(self.hq, self.d, dtype)), torch.uint8,
+                              self.device)
 
     def shares(self, start: int, stop: int) -> list[_Share]:
         """Each node's part of plan rows [start, stop), with row indices local to the range.
@@ -183,7 +180,7 @@ class RemoteAttention:
         sent = []
         for s in shares:  # query first
             if s.requests:
-                into = self._recv_buffer((s.node, a), len(s.requests), q.dtype)
+                into = self._recv_buffer(len(s.requests), q.dtype)
                 p = self._client(s.node).attend(layer, plan.epoch, s.requests, s.kv_len,
                                                 q.index_select(0, s.rows), into, self.scale)
                 sent.append((s.rows, p))
@@ -214,6 +211,8 @@ class RemoteAttention:
             raise
         for i, ((rows, _), m) in enumerate(zip(h.sent, msgs)):
             out, lse = unpack_states(m.tensors[0], self.hq, self.d, q.dtype)
+            if m.tensors[0].is_cuda:  # reused only once the copies below have run
+                m.tensors[0].record_stream(torch.cuda.current_stream(m.tensors[0].device))
             parts_out[i + 1].index_copy_(0, rows, out.to(q.dtype))
             parts_lse[i + 1].index_copy_(0, rows, lse)
         out, _ = merge_attention_states(parts_out, parts_lse)

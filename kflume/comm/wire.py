@@ -189,4 +189,30 @@ def decode_with_end(buf) -> tuple[Header, int]:
 
 
 def empty_like_descriptor(desc: tuple[str, tuple[int, ...]], device) -> torch.Tensor:
-    return torch.empty(desc[1], dtype=DTYPES[desc[0]], device=device)
+    return transfer_empty(desc[1], DTYPES[desc[0]], device)
+
+
+_TRANSFER_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def transfer_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty tensor for a transport to receive into.
+
+    A transport writes CUDA memory outside stream order. The caching allocator hands a
+    freed block only to allocations on the stream it was freed from, and would hand a
+    block that a temporary freed while its kernel had not yet run: the message would
+    then overwrite that kernel's input (seen: a node reading page ids from a message,
+    "illegal memory access"). So CUDA receive buffers come from a stream that runs
+    nothing. Whoever frees one after kernels read it must make the allocator wait for
+    them (`record_stream`, or keep it until an event says they are done).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.empty(shape, dtype=dtype, device=device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _TRANSFER_STREAMS.get(device)
+    if stream is None:
+        stream = _TRANSFER_STREAMS[device] = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        return torch.empty(shape, dtype=dtype, device=device)
