@@ -108,36 +108,39 @@ def test_a_step_of_every_layer_in_one_append_message():
     cl = LocalCluster(["one", "per_layer"], layers=3)
     g = torch.Generator().manual_seed(3)
     reqs = ["a", "b"]
+
+    def append(layers, rids, offs, k, v):  # to "one" in one message, to the other per layer
+        cl.clients["one"].append(layers[0], rids, offs, offs, k, v)
+        for i, layer in enumerate(layers):
+            cl.clients["per_layer"].append(layer, rids, offs, offs, k[:, i], v[:, i])
+
     prompt = torch.randn(2, 3, 21, 2, 64, generator=g)
-    cl.clients["one"].append(0, reqs, [0, 0], [0, 0], prompt, -prompt)
-    for layer in range(3):
-        cl.clients["per_layer"].append(layer, reqs, [0, 0], [0, 0], prompt[:, layer],
-                                       -prompt[:, layer])
-    new = torch.randn(2, 2, 1, 2, 64, generator=g)  # layers 1 and 2 only
-    cl.clients["one"].append(1, reqs, [21, 21], [21, 21], new, new)
-    for layer in (1, 2):
-        cl.clients["per_layer"].append(layer, reqs, [21, 21], [21, 21], new[:, layer - 1],
-                                       new[:, layer - 1])
+    append([0, 1, 2], reqs, [0, 0], prompt, -prompt)
+    extra = torch.randn(1, 3, 4, 2, 64, generator=g)
+    append([0, 1, 2], ["b"], [21], extra, extra)  # b now holds 25 tokens, a 21
+    new = torch.randn(2, 2, 1, 2, 64, generator=g)
+    append([1, 2], reqs, [21, 25], new, -new)  # one token more, in layers 1 and 2 only
     for c in cl.clients.values():
         c.flush()
     one, per_layer = cl.nodes["one"], cl.nodes["per_layer"]
-    assert [one.requests[r].lengths for r in reqs] == [[21, 22, 22]] * 2
+    assert [one.requests[r].lengths for r in reqs] == [[21, 22, 22], [25, 26, 26]]
     q = torch.randn(2, 8, 64, generator=g)
-    for layer, n in ((0, 21), (1, 22), (2, 22)):
-        o1, s1 = one.attend(layer, reqs, [n, n], q)
-        o2, s2 = per_layer.attend(layer, reqs, [n, n], q)
+    for layer, lens in ((0, [21, 25]), (1, [22, 26]), (2, [22, 26])):
+        o1, s1 = one.attend(layer, reqs, lens, q)
+        o2, s2 = per_layer.attend(layer, reqs, lens, q)
         torch.testing.assert_close((o1, s1), (o2, s2), rtol=0, atol=0)
     # Refused, and the node unchanged: a gap in one of the layers, a shape that does not
     # match the layer count, layers past the node's.
     free = one.stats()["pages_free"]
-    for layer, k, match in ((0, new[:, :1].expand(2, 3, 1, 2, 64).contiguous(), "leaves a gap"),
-                            (1, torch.randn(2, 3, 1, 2, 64), "out of range"),
-                            (0, torch.randn(2, 2, 1, 2, 32), "must be")):
-        offs = [22, 22] if match == "leaves a gap" else [21, 21]
+    for layer, offs, k, match in (
+        (0, [22, 26], new[:, :1].expand(2, 3, 1, 2, 64).contiguous(), "leaves a gap"),
+        (1, [22, 26], torch.randn(2, 3, 1, 2, 64), "out of range"),
+        (0, [21, 25], torch.randn(2, 2, 1, 2, 32), "must be"),
+    ):
         cl.clients["one"].append(layer, reqs, offs, offs, k, k)
         with pytest.raises(RemoteError, match=match):
             cl.clients["one"].flush()
     assert one.stats()["pages_free"] == free
-    assert [one.requests[r].lengths for r in reqs] == [[21, 22, 22]] * 2
+    assert [one.requests[r].lengths for r in reqs] == [[21, 22, 22], [25, 26, 26]]
     with pytest.raises(ValueError, match="range of consecutive layers"):
         one.append_layers(range(0, 3, 2), reqs, [0, 0], [0, 0], prompt[:, :2], prompt[:, :2])

@@ -81,6 +81,31 @@ def test_fewer_nodes_bf16_geometry_checked(nodes, transport, n_nodes):
 
 
 @pytest.mark.timeout(120)
+def test_a_step_of_every_layer_in_one_message_over_ucx(nodes, transport):
+    """What a captured step sends once per micro-batch: k, v [b, layers, T, Hkv, D]."""
+    c = connect(transport, nodes[1:2])["n0"]
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(2, 2, 5, 2, 64, generator=g)
+    v = torch.randn(2, 2, 5, 2, 64, generator=g)
+    c.append(0, ["all1", "all2"], [0, 0], [0, 0], k, v)  # both layers, one message
+    for layer in range(2):  # the same tokens, one message per layer
+        c.append(layer, ["per1", "per2"], [0, 0], [0, 0], k[:, layer].contiguous(),
+                 v[:, layer].contiguous())
+    c.flush()
+    q = torch.randn(2, 8, 64, generator=g)
+    for layer in range(2):
+        (one,) = c.attend(layer, 1, ["all1", "all2"], [5, 5], q).result().tensors
+        (per,) = c.attend(layer, 1, ["per1", "per2"], [5, 5], q).result().tensors
+        assert torch.equal(one, per)
+        out, lse = unpack_states(one, 8, 64, torch.float32)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    c.append(0, ["all1"], [7], [7], k[:1], v[:1])  # a gap in both layers: refused
+    with pytest.raises(RemoteError, match="leaves a gap in layer 0"):
+        c.flush()
+    c.free(["all1", "all2", "per1", "per2"])
+
+
+@pytest.mark.timeout(120)
 def test_bad_input_gets_a_clear_error_and_the_node_keeps_serving(nodes, transport):
     c = connect(transport, nodes[:1])["n0"]
     k = torch.randn(1, 4, 2, 64)
