@@ -22,6 +22,7 @@ from .comm.wire import pack_states
 from .kernels import append_kv, split_kv_attention
 from .kernels.split_kv import default_num_splits
 from .node_graph import AttendGraphs
+from .segments import add_segment, locate
 
 __all__ = ["AttentionNode", "NodeCapacityError", "NodeConfig", "UnknownRequestError"]
 
@@ -280,7 +281,7 @@ class AttentionNode:
             for layer in layers:
                 req.lengths[layer] = max(req.lengths[layer], off + t)
             if layers.start == 0:  # where global positions sit is the same in every layer
-                _add_segment(req.segments, int(pos), int(pos) + t, int(off))
+                add_segment(req.segments, int(pos), int(pos) + t, int(off))
 
     def attend(self, layer: int, requests: Sequence, kv_len: Sequence[int],
                q: torch.Tensor, *, scale: float | None = None,
@@ -339,7 +340,7 @@ class AttentionNode:
         """KV of global positions `[start, end)` of a request, all layers:
         `k, v [layers, end - start, Hkv, D]`."""
         req = self._req(rid)
-        local = _locate(req.segments, start, end, rid)
+        local = locate(req.segments, start, end, rid)
         if local and max(local) >= req.length:
             raise ValueError(f"request {rid!r}: positions [{start}, {end}) are not yet written "
                              "in every layer")
@@ -374,35 +375,4 @@ class AttentionNode:
                       k[layer : layer + 1].to(self.device, self.dtype),
                       v[layer : layer + 1].to(self.device, self.dtype), check=False)
         req.lengths = [off + n] * c.layers
-        _add_segment(req.segments, start, start + n, off)
-
-
-def _add_segment(segments: list[list[int]], start: int, end: int, local: int) -> None:
-    """Record that global [start, end) sits at local slots [local, local + end - start)."""
-    if segments:
-        last = segments[-1]
-        if last[1] == start and last[2] + (last[1] - last[0]) == local:
-            last[1] = max(last[1], end)
-            return
-        if last[2] <= local < last[2] + (last[1] - last[0]):  # rewrite of the last tokens
-            return
-    segments.append([start, end, local])
-
-
-def _locate(segments: list[list[int]], start: int, end: int, rid) -> list[int]:
-    """Local slots of global positions [start, end); all must be held."""
-    out: list[int] = []
-    pos = start
-    for g0, g1, local in sorted(segments):
-        if g1 <= pos or g0 >= end:
-            continue
-        if g0 > pos:
-            break
-        stop = min(g1, end)
-        out.extend(range(local + pos - g0, local + stop - g0))
-        pos = stop
-        if pos >= end:
-            break
-    if pos < end:
-        raise ValueError(f"request {rid!r}: this node does not hold positions [{pos}, {end})")
-    return out
+        add_segment(req.segments, start, start + n, off)
