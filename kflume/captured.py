@@ -92,10 +92,11 @@ class CapturedRemoteAttention:
         self.node_slots: list[str] = [""] * max_nodes
         sizes = [r.stop - r.start for r in self.ranges]
         z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
-        # Per micro-batch, one buffer for what goes out to every node slot and one for
-        # what comes back ([node slot][q | k | v] and [node slot][out | lse] bytes), fixed
-        # for the graph's lifetime; the views below are what the kernels and the
-        # transport touch. Staged: the transport's side lives in pinned host memory.
+        # Per micro-batch, one buffer for the queries going out to every node slot
+        # ([node slot][row] q), one for what comes back ([node slot][row] out | lse
+        # bytes) and one for the step's new k, v; fixed for the graph's lifetime. The
+        # views below are what the kernels and the transport touch. Staged: the
+        # transport's side lives in pinned host memory.
         self._send_dev = [z(max_nodes, n, hq, d) for n in sizes]
         row = state_row_bytes(hq, d, dtype)  # replies: kflume/comm/wire.py's layout
         self._recv_dev = [z(max_nodes, n, row, dt=torch.uint8) for n in sizes]
