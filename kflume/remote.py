@@ -213,7 +213,7 @@ class RemoteAttention:
             out, lse = unpack_states(m.tensors[0], self.hq, self.d, q.dtype)
             if m.tensors[0].is_cuda:  # reused only once the copies below have run
                 m.tensors[0].record_stream(torch.cuda.current_stream(m.tensors[0].device))
-            parts_out[i + 1].index_copy_(0, rows, out.to(q.dtype))
+            parts_out[i + 1].index_copy_(0, rows, out)
             parts_lse[i + 1].index_copy_(0, rows, lse)
         out, _ = merge_attention_states(parts_out, parts_lse)
         return out
