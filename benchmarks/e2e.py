@@ -281,7 +281,8 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 pipe_rows = LayerPipeline(shape.layers, None, None, None, mb).split(batch)
                 cap = CapturedRemoteAttention(remote, batch=batch, num_layers=shape.layers,
                                               row_ranges=pipe_rows, max_nodes=2,
-                                              mechanism=args.mechanism, dtype=wdt, stage=stage)
+                                              mechanism=args.mechanism, dtype=wdt,
+                                              **STAGES[stage])
                 pipe = LayerPipeline(shape.layers, model.before, model.after, cap, mb)
                 step, _ = step_fn(model, pipe, batch)
 
@@ -365,6 +366,10 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
         cl.close()
 
 
+STAGES = {"device": {"stage": "device"}, "messages": {"stage": "device", "streams": False},
+          "host": {"stage": "host"}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -376,8 +381,10 @@ def main() -> None:
     ap.add_argument("--range-tokens", type=int, default=4096)
     ap.add_argument("--mechanism", default=None, help="GraphSignal mechanism (memop, kernel)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
-    ap.add_argument("--stages", nargs="+", default=["device"], choices=["host", "device"],
-                    help="CapturedRemoteAttention stage(s) to run; the first is the headline")
+    ap.add_argument("--stages", nargs="+", default=["device"], choices=list(STAGES),
+                    help="CapturedRemoteAttention stage(s) to run; the first is the headline "
+                         "(device: CUDA buffers, attend streams; messages: CUDA buffers, one "
+                         "attend message per slot; host: pinned host buffers, messages)")
     ap.add_argument("--serve", choices=["thread", "inline"], default="thread",
                     help="serve slots from a StepServer thread (default) or, after the "
                          "launch, from the launching thread (which can deadlock when a "

@@ -2,7 +2,8 @@
 # One call on the GPU machine (see /work/.library/device): install the carried ucxx
 # wheels, then run the named phases, each with a time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
-# Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager e2e-big
+# Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
+#         e2e-big e2e-stress
 # (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -25,7 +26,7 @@ run() {  # run NAME SECONDS CMD...
 }
 for phase in "$@"; do
   case $phase in
-    tests) run tests 240 python3 -m pytest -q -x -s -p no:cacheprovider -o timeout=180 tests/gpu tests/remote/test_node_graph.py ;;
+    tests) run tests 240 python3 -m pytest -q -x -s -p no:cacheprovider -o timeout=180 tests/gpu tests/remote/test_node_graph.py tests/remote/test_streams.py ;;
     kernels) run kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k cuda ;;
     signal) run signal 120 python3 benchmarks/graph_signal.py ;;
     node-host) run node-host 120 python3 benchmarks/node_host.py ;;
@@ -36,10 +37,11 @@ for phase in "$@"; do
     e2e-smoke) run e2e-smoke 300 python3 benchmarks/e2e.py --layers 4 --configs 8x32768 --steps 20 --warmup 5 ;;
     e2e-smoke1) run e2e-smoke1 300 python3 benchmarks/e2e.py --layers 4 --configs 8x8192 --steps 20 --warmup 5 --node-gpu 0 ;;
     demo) run demo 300 python3 -m kflume demo --device cuda --quiet ;;
-    e2e-8x32k) run e2e-8x32k 200 python3 benchmarks/e2e.py --configs 8x32768 --stages device host ;;
+    e2e-8x32k) run e2e-8x32k 300 python3 benchmarks/e2e.py --configs 8x32768 --stages device messages ;;
     e2e-eager) run e2e-eager 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --eager-node 8x32768 ;;
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
-    e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device host --steps 40 --warmup 5 ;;
+    e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device messages --steps 40 --warmup 5 ;;
+    e2e-stress) run e2e-stress 500 python3 benchmarks/e2e.py --configs 8x32768 8x32768 8x32768 8x32768 --steps 30 --warmup 3 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -10,6 +10,12 @@ its first slots are served. With `stage="host"` the buffers the transport touche
 pinned host memory, copied across inside the graph (one copy per direction and
 micro-batch).
 
+Each (node, micro-batch) is one attend stream a step (kflume/client.py): `serve_step`
+opens them before the first slot is posted, so a slot sends its queries alone and its
+replies land straight in the reply buffers, one message each way per node and layer.
+`streams=False` sends each slot as an attend message instead (header and q out, header
+and reply back), as the staged path does.
+
 The step's new k, v are not on any slot's critical path: the node does not need them
 until the next step (each layer merges its new token locally). The graph gathers them
 into a buffer of every layer, and once a micro-batch's last layer is posted, each tail
@@ -34,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .client import Pending
+from .client import AttendStream, Pending
 from .comm.wire import state_row_bytes, unpack_states
 from .graph import GraphSignal, SignalTimeout
 from .kernels import merge_attention_states
@@ -73,12 +79,14 @@ class CapturedRemoteAttention:
             replies back in one copy, so the transport moves host memory (small
             tensors ride inline with the header). On 2xH200 it was slower end to end
             (docs/benchmarks.md): the node's staging in Python costs more than CUDA IPC.
+        streams: attend streams (default, device stage) or one message per slot (the
+            staged path's only way: a node receives stream queries into its own memory).
     """
 
     def __init__(self, remote: RemoteAttention, *, batch: int, num_layers: int,
                  row_ranges: list[slice] | None = None, max_nodes: int = 4,
                  mechanism: str | None = None, dtype=torch.bfloat16,
-                 stage: str = "device") -> None:
+                 stage: str = "device", streams: bool | None = None) -> None:
         if stage not in ("host", "device"):
             raise ValueError(f"stage must be 'host' or 'device'; got {stage!r}")
         self.remote, self.batch, self.num_layers = remote, batch, num_layers
@@ -86,6 +94,10 @@ class CapturedRemoteAttention:
         self.max_nodes, self.dtype = max_nodes, dtype
         dev = self.device = remote.device
         self.staged = dev.type == "cuda" and stage == "host"
+        if streams and self.staged:
+            raise ValueError("attend streams need stage='device'")
+        self.streams = not self.staged if streams is None else streams
+        self._open: dict[tuple[int, int], AttendStream] = {}  # (node slot, micro-batch)
         hq, hkv, d = remote.hq, remote.hkv, remote.d
         m = len(self.ranges)
         self.signal = GraphSignal(num_layers * m, dev, mechanism)
@@ -225,10 +237,13 @@ class CapturedRemoteAttention:
         for i, name, s in live:
             if s.requests:
                 b = len(s.requests)
-                q, into = self.outgoing[i][m], self.incoming[i][m]
-                pend.append(self.remote.clients[name].attend(
-                    layer, self.epoch, s.requests, s.kv_len, q[:b], into[:b],
-                    self.remote.scale, ready=True))
+                q, into = self.outgoing[i][m][:b], self.incoming[i][m][:b]
+                if self.streams:
+                    pend.append(self._open[i, m].attend(layer, q, into, ready=True))
+                else:
+                    pend.append(self.remote.clients[name].attend(
+                        layer, self.epoch, s.requests, s.kv_len, q, into, self.remote.scale,
+                        ready=True))
         if layer == self.num_layers - 1:
             for i, name, s in live:
                 if s.append_requests:
@@ -239,13 +254,27 @@ class CapturedRemoteAttention:
                         ready=True))
         return pend
 
+    def _open_streams(self) -> list[Pending]:
+        """One attend stream per (node, micro-batch) with rows; their acknowledgements."""
+        self._open.clear()
+        r = self.remote
+        for i, name in enumerate(self.node_slots):
+            for m in range(len(self.ranges)):
+                s = self.plan_slots[i][m]
+                if name and s.requests:
+                    self._open[i, m] = r.clients[name].open_stream(
+                        range(self.num_layers), self.epoch, s.requests, s.kv_len, r.hq, r.d,
+                        self.dtype, r.scale)
+        return [st.ack for st in self._open.values()]
+
     def serve_step(self, timeout: float = 30.0) -> None:
         """Serve every slot of one replay: send when posted, release when answered.
 
         Slots are dispatched as soon as the graph posts them (so a node can work on the
         next micro-batch while the previous one's reply travels) and released in order.
-        On any error every slot is released (the graph finishes, its results invalid)
-        and the error is raised.
+        It returns once the nodes acknowledged the step's appends and streams. On any
+        error every slot is released (the graph finishes, its results invalid) and the
+        error is raised.
         """
         total = self.signal.slots
         deadline = time.monotonic() + timeout
@@ -256,7 +285,8 @@ class CapturedRemoteAttention:
         times: dict[int, list[float]] = {}
         appends: list[Pending] = []
         try:
-            while released < total or not all(p.done for p in appends):
+            acks = self._open_streams() if self.streams else []
+            while released < total or not all(p.done for p in appends + acks):
                 if sent < total and self.signal.posted(sent):
                     t0 = time.perf_counter() if tr else 0.0
                     self.signal.wait_posted(sent, 0.0)
@@ -280,8 +310,11 @@ class CapturedRemoteAttention:
                     if time.monotonic() > deadline:
                         raise SignalTimeout(f"step not served within {timeout} s ({sent} of "
                                             f"{total} slots sent, {released} released, "
-                                            f"{sum(p.done for p in appends)} of "
-                                            f"{len(appends)} appends acknowledged)")
+                                            f"{sum(p.done for p in appends + acks)} of "
+                                            f"{len(appends + acks)} appends and streams "
+                                            "acknowledged)")
+            for p in acks:
+                p.result(0.0)  # a stream refused after its last reply (appends: client.check)
         except BaseException:
             self.signal.abort()
             raise

@@ -5,18 +5,34 @@ so callers can dispatch to many nodes before waiting on any (query-first dispatc
 Replies that nobody waits for on the critical path (appends, imports) are kept as
 outstanding acknowledgements and checked later (`check`, `flush`): a node's refusal is
 raised, never dropped.
+
+An attend stream (`open_stream`) is attention of one batch at every layer of a step:
+one header says the batch once, then each layer's q goes alone and its reply comes back
+alone (`Connection.send_part`), with the receives posted ahead on both sides: one
+message each way per layer instead of two, and nothing to decode. The node answers the
+stream's header once it has replied to every layer, or with an error as soon as it
+refuses (the layers not yet answered then raise it).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
 
-from .comm.base import Connection, DeadlineExceeded, Message, Recv, RemoteError, Transport
-from .comm.wire import Header
+from .comm.base import (
+    MAX_PART,
+    Connection,
+    DeadlineExceeded,
+    Message,
+    Recv,
+    RemoteError,
+    Transport,
+)
+from .comm.wire import Header, dtype_name, state_row_bytes
 
-__all__ = ["NodeClient", "Pending"]
+__all__ = ["AttendStream", "NodeClient", "Pending", "StreamReply"]
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -32,6 +48,12 @@ class Pending:
     def done(self) -> bool:
         return self._message is not None or self.recv.done
 
+    def _peek(self) -> Message:
+        """The message, error or not (once `done`)."""
+        if self._message is None:
+            self._message = self.recv.message()
+        return self._message
+
     def result(self, timeout: float | None = None) -> Message:
         if self._message is None:
             t = self.client.timeout if timeout is None else timeout
@@ -42,6 +64,82 @@ class Pending:
                 raise DeadlineExceeded(f"node {self.client.name} ({self.client.conn.peer}): "
                                        f"{e}") from None
         return _raise_if_error(self.client, self.op, self._message)
+
+
+class AttendStream:
+    """The weight node's side of an attend stream (`NodeClient.open_stream`).
+
+    `attend(layer, q, into)` once for each layer of the stream, in any order; `ack` is
+    the node's answer to the whole stream (check it once every layer is answered).
+    Every layer must be sent: the node waits for each (until its stream deadline).
+    """
+
+    def __init__(self, client: NodeClient, seq: int, layers: range, ack: Pending,
+                 shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+        self.client, self.seq, self.layers, self.ack = client, seq, layers, ack
+        self.shape, self.dtype = shape, dtype
+        self.row = state_row_bytes(shape[1], shape[2], dtype)
+        self._sent: set[int] = set()
+
+    def attend(self, layer: int, q: torch.Tensor, into: torch.Tensor,
+               ready: bool = False) -> StreamReply:
+        """Send `layer`'s q `[b, Hq, D]`; its reply (the layout of kflume/comm/wire.py,
+        uint8 `[b, row]`) lands in `into`. `ready` as in `NodeClient.attend`; q and `into`
+        should be buffers reused from step to step (the transport keeps their
+        registration)."""
+        if layer not in self.layers or layer in self._sent:
+            raise ValueError(f"layer {layer} is not an unsent layer of the stream "
+                             f"{self.layers}")
+        if tuple(q.shape) != self.shape or q.dtype != self.dtype:
+            raise ValueError(f"q must be {self.dtype} {list(self.shape)}; got {q.dtype} "
+                             f"{list(q.shape)}")
+        want = (self.shape[0], self.row)
+        if tuple(into.shape) != want or into.dtype != torch.uint8:
+            raise ValueError(f"into must be uint8 {list(want)}; got {into.dtype} "
+                             f"{list(into.shape)}")
+        self._sent.add(layer)
+        part = layer - self.layers.start + 1
+        conn = self.client.conn
+        recv = conn.post_part_recv(self.seq, part, into)  # posted before the send
+        conn.send_part(self.seq, part, q, ready=ready, static=True)
+        return StreamReply(self, layer, recv)
+
+    def failed(self) -> bool:
+        """The node answered the stream with an error (raised by `ack.result()`)."""
+        if not self.ack.done:
+            return False
+        try:
+            return self.ack._peek().header.op == "error"
+        except Exception:  # noqa: BLE001 - the link failed: result() raises it
+            return True
+
+
+class StreamReply:
+    """One layer's reply of an attend stream; `result()` as `Pending.result`."""
+
+    def __init__(self, stream: AttendStream, layer: int, recv: Recv) -> None:
+        self.stream, self.layer, self.recv = stream, layer, recv
+
+    @property
+    def done(self) -> bool:
+        return self.recv.done or self.stream.failed()
+
+    def result(self, timeout: float | None = None) -> Message:
+        client = self.stream.client
+        t = client.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        while not self.done:
+            now = time.monotonic()
+            if now > deadline:
+                self.recv.cancel()
+                raise DeadlineExceeded(f"node {client.name} ({client.conn.peer}): no reply to "
+                                       f"layer {self.layer} of stream {self.stream.seq} within "
+                                       f"{t:.3g} s")
+            client.transport.progress(min(deadline - now, 0.01))
+        if not self.recv.done:
+            self.recv.cancel()
+            self.stream.ack.result(0.0)  # raises the node's refusal
+        return self.recv.message()
 
 
 def _raise_if_error(client: NodeClient, op: str, msg: Message) -> Message:
@@ -106,6 +204,25 @@ class NodeClient:
         return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
                                 ints={"kv_len": list(kv_len)}, info=info), [q], into,
                          ready=ready)
+
+    def open_stream(self, layers: range, epoch: int, requests: Sequence,
+                    kv_len: Sequence[int], q_heads: int, head_dim: int,
+                    dtype: torch.dtype, scale: float | None = None) -> AttendStream:
+        """Open an attend stream: attention of `requests` over their first `kv_len`
+        tokens at every layer of `layers` (at most MAX_PART), q `[b, q_heads, head_dim]`
+        in `dtype` (module docstring)."""
+        if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
+            raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
+                             f"{layers}")
+        info = {"layers": len(layers), "heads": int(q_heads), "head_dim": int(head_dim),
+                "dtype": dtype_name(dtype)}
+        if scale is not None:
+            info["scale"] = float(scale)
+        h = Header("stream", layer=layers.start, epoch=epoch, requests=list(requests),
+                   ints={"kv_len": list(kv_len)}, info=info)
+        ack = self.call(h)
+        return AttendStream(self, h.seq, layers, ack, (len(h.requests), q_heads, head_dim),
+                            dtype)
 
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,

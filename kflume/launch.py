@@ -184,6 +184,9 @@ def build_parser():
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the attention as captured graphs (default); "
                         "--no-graphs launches the kernels per message")
+    p.add_argument("--stream-deadline", type=float, default=60.0,
+                   help="seconds an attend stream may wait for its queries before the node "
+                        "gives it up (and reports it to the peer)")
     p.add_argument("--port-file", default=None,
                    help="write the address actually listened on to this file")
     p.add_argument("--log-level", default="info")
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
+    if args.stream_deadline <= 0:
+        raise SystemExit("--stream-deadline must be positive")
     config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                         capacity_tokens=args.capacity_tokens, dtype=args.dtype,
                         device=args.device, page_size=args.page_size, q_heads=args.q_heads,
@@ -218,7 +223,8 @@ def main(argv=None) -> int:
     transport = UcxTransport(token=args.token, info=node.stats(),
                              progress=args.progress or default_progress(args.device),
                              inline_bytes=SERVER_INLINE_BYTES)
-    server = NodeServer(node, transport, transport.listen(args.listen))
+    server = NodeServer(node, transport, transport.listen(args.listen),
+                        stream_deadline=args.stream_deadline)
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))

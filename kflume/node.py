@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .comm.wire import pack_states
+from .comm.wire import pack_states, unpack_states
 from .kernels import append_kv, split_kv_attention
 from .kernels.split_kv import default_num_splits
 from .node_graph import AttendGraphs
@@ -289,31 +289,68 @@ class AttentionNode:
                packed: bool = False):
         """Attention of `q [b, Hq, D]` over the first `kv_len[i]` tokens this node holds of
         each request, all requests in one kernel launch. Returns `(out, lse)`, or with
-        `packed=True` both in one uint8 tensor, the reply layout of kflume/comm/wire.py."""
-        self._check_layer(layer)
+        `packed=True` both in one uint8 tensor, the reply layout of kflume/comm/wire.py
+        (written into `out` when given)."""
         c = self.config
         b = len(requests)
-        if q.dim() != 3 or q.shape[0] != b or q.shape[2] != c.head_dim or q.shape[1] % c.kv_heads:
-            raise ValueError(f"q must be [{b}, Hq, {c.head_dim}] with Hq a multiple of "
-                             f"{c.kv_heads}; got {list(q.shape)}")
+        if q.dim() != 3 or q.shape[0] != b or q.shape[2] != c.head_dim:
+            raise ValueError(f"q must be [{b}, Hq, {c.head_dim}]; got {list(q.shape)}")
         if q.dtype != self.dtype:
             raise TypeError(f"q has dtype {q.dtype}; this node holds {c.dtype} KV")
-        if len(kv_len) != b:
+        self._check_batch(range(layer, layer + 1), requests, kv_len, q.shape[1])
+        return self._launch(layer, q.to(self.device), self._batch(requests, kv_len), scale,
+                            out=out, lse=lse, packed=packed)
+
+    def attend_batch(self, layers: range, requests: Sequence, kv_len: Sequence[int],
+                     q_heads: int, *, scale: float | None = None):
+        """Check once what `attend` checks, for every layer of `layers`, and return
+        `run(layer, q, out)`: `attend(layer, requests, kv_len, q, packed=True, out=out)`
+        with no further checks (`q [b, q_heads, D]` in this node's dtype, on its device).
+
+        For a stream of one batch's layers (kflume/server.py). It attends over the
+        requests' pages as they are now: freeing or moving them before the last layer ran
+        is the caller's mistake to avoid."""
+        self._check_batch(layers, requests, kv_len, q_heads)
+        batch = self._batch(requests, kv_len)
+        return lambda layer, q, out: self._launch(layer, q, batch, scale, out=out,
+                                                  packed=True)
+
+    def _check_batch(self, layers: range, requests: Sequence, kv_len: Sequence[int],
+                     q_heads: int) -> None:
+        c = self.config
+        if len(layers) == 0:
+            raise ValueError("no layers to attend")
+        self._check_layer(layers.start)
+        self._check_layer(layers[-1])
+        if q_heads <= 0 or q_heads % c.kv_heads:
+            raise ValueError(f"q must be [b, Hq, D] with Hq a multiple of the {c.kv_heads} KV "
+                             f"heads; got Hq={q_heads}")
+        if len(kv_len) != len(requests):
             raise ValueError("attend: requests and kv_len differ in length")
         for rid, n in zip(requests, kv_len):
-            have = self._req(rid).lengths[layer]
+            have = min(self._req(rid).lengths[layers.start : layers.stop])
             if not 0 <= n <= have:
                 raise ValueError(f"kv_len {n} for request {rid!r}: the node holds {have} tokens")
-        pt, lens, start = self._batch(requests, kv_len)
-        q = q.to(self.device, self.dtype)
+
+    def _launch(self, layer: int, q: torch.Tensor, batch: tuple, scale: float | None, *,
+                out=None, lse=None, packed: bool = False):
+        c = self.config
+        pt, lens, start = batch
+        scale = float(c.head_dim**-0.5 if scale is None else scale)
         if self._graphs is not None:
-            scale = float(c.head_dim**-0.5 if scale is None else scale)
             return self._graphs.attend(layer, q, pt, lens, scale, out=out, lse=lse,
                                        packed=packed)
-        splits = default_num_splits(b, c.kv_heads, pt.shape[1] * c.page_size, self._sms)
+        into = out if packed else None  # packed: out is the reply layout, or None
+        if into is not None:  # the kernel writes through its views
+            out, lse = unpack_states(into, q.shape[1], c.head_dim, q.dtype)
+        elif packed:
+            out = lse = None
+        splits = default_num_splits(len(q), c.kv_heads, pt.shape[1] * c.page_size, self._sms)
         res = split_kv_attention(q, self.k_pool[layer], self.v_pool[layer], pt, start, lens,
                                  scale=scale, num_splits=splits, out=out, lse=lse, check=False)
-        return pack_states(*res) if packed else res
+        if not packed:
+            return res
+        return into if into is not None else pack_states(*res)
 
     def warmup(self) -> None:
         """Run append and attend once on a scratch request, so that kernels are compiled and

@@ -79,7 +79,8 @@ class AttendGraphs:
                kv_len: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                lse: torch.Tensor | None = None, packed: bool = False):
         """Like `split_kv_attention(q, k_pool[layer], v_pool[layer], page_table, 0, kv_len)`.
-        `packed=True` returns the reply layout (one uint8 tensor) instead of `(out, lse)`.
+        `packed=True` returns the reply layout (one uint8 tensor, written into `out` when
+        given) instead of `(out, lse)`.
         No checks: the node checked `layer`, `q` and the lengths."""
         b, hq, d = q.shape
         key = (b, hq, page_table.shape[1], q.dtype, float(scale))
@@ -95,7 +96,7 @@ class AttendGraphs:
         g.q.copy_(q)
         g.run()
         if packed:
-            return g.result.clone()
+            return g.result.clone() if out is None else out.copy_(g.result)
         dense = torch.contiguous_format
         return (g.out.clone(memory_format=dense) if out is None else out.copy_(g.out),
                 g.lse.clone(memory_format=dense) if lse is None else lse.copy_(g.lse))

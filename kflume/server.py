@@ -5,6 +5,13 @@ peer's next sequence number, handles each message with the node, and answers eve
 message (a result, "ok", or an "error" that names the problem). A message the node
 refuses changes nothing and the server goes on serving everyone. When a peer goes away,
 the requests it opened are freed (and logged), so capacity is never lost silently.
+
+An attend stream (kflume/client.py) is checked once, when its header comes; the
+receives of all its layers' queries are posted then, into buffers reused from stream to
+stream, and each layer runs as soon as its query lands. A stream the node refuses, or
+that fails midway, is answered with an error at once and its remaining queries are
+still received (and dropped), so the peer's sends complete; a stream whose queries stop
+coming is given up after `stream_deadline` seconds.
 """
 
 from __future__ import annotations
@@ -13,13 +20,14 @@ import logging
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .comm.base import Connection, Listener, Recv, Transport
-from .comm.wire import Header, WireError
+from .comm.base import MAX_PART, Connection, Listener, Recv, Transport
+from .comm.wire import DTYPES, Header, WireError, state_row_bytes, transfer_empty
 from .node import AttentionNode, NodeCapacityError, UnknownRequestError
 
 __all__ = ["NodeServer"]
@@ -28,11 +36,26 @@ log = logging.getLogger("kflume.node")
 
 
 @dataclass(slots=True)
+class _Stream:
+    """A peer's attend stream being served (module docstring)."""
+
+    seq: int
+    layers: range
+    bufs: tuple[torch.Tensor, torch.Tensor]  # queries [L, b, Hq, D], replies [L, b, row]
+    key: tuple  # of the buffers' pool
+    deadline: float
+    run: Callable | None = None  # None: refused or failed; the rest is only drained
+    recvs: list = field(default_factory=list)  # [layer] the query's receive
+    next: int = 0  # layers received so far (handled in order)
+
+
+@dataclass(slots=True)
 class _Peer:
     conn: Connection
     next_seq: int = 0
     recv: Recv | None = None
     requests: set = field(default_factory=set)
+    streams: list[_Stream] = field(default_factory=list)
 
 
 def _to_device(tensors: list[torch.Tensor], device) -> tuple[list, list]:
@@ -71,15 +94,19 @@ def _error_kind(e: BaseException) -> str:
 class NodeServer:
     """Serve `node` on `listener` (made by `transport`). Call `serve()` or `poll()`."""
 
-    def __init__(self, node: AttentionNode, transport: Transport, listener: Listener) -> None:
+    def __init__(self, node: AttentionNode, transport: Transport, listener: Listener,
+                 stream_deadline: float = 60.0) -> None:
         self.node, self.transport, self.listener = node, transport, listener
+        self.stream_deadline = stream_deadline
         self.peers: list[_Peer] = []
         self.stopped = False
         self.handled = 0
+        self.streams_served = 0
         # On a GPU node, replies wait for their event (kernels done with the message's
         # tensors and the reply's), while the loop goes on receiving: the next message's
-        # overhead hides the kernel.
+        # overhead hides the kernel. Entries: (event, send, what it keeps alive, timing).
         self._deferred: list[tuple] = []
+        self._stream_bufs: dict[tuple, list] = {}  # free stream buffers by shape
         # Per attend message (the last 4096): seconds from its arrival being seen to its
         # kernels being launched, and from there to its reply being sent ("stats").
         self.timings: deque[tuple[float, float]] = deque(maxlen=4096)
@@ -125,6 +152,8 @@ class NodeServer:
                 finally:
                     msg.release()
                 handled += 1
+            if peer in self.peers:
+                handled += self._serve_streams(peer)
         self.handled += handled
         return handled
 
@@ -147,6 +176,10 @@ class NodeServer:
 
     def _drop(self, peer: _Peer, why: str) -> None:
         self.peers.remove(peer)
+        for st in peer.streams:
+            for r in st.recvs:
+                if r is not None:
+                    r.cancel()
         freed = self.node.free(sorted(peer.requests, key=str))
         level = logging.WARNING if peer.requests else logging.INFO
         log.log(level, "peer %s left (%s); freed its %d requests (%d tokens)", peer.conn.peer,
@@ -173,6 +206,8 @@ class NodeServer:
             ):
                 tensors, staged = _to_device(tensors, self.node.device)
             reply, out = handler(peer, h, tensors)
+            if reply is None:  # a stream: answered once its layers are
+                return
             if staged:  # a message that came through host memory is answered the same way
                 out = [_to_host(t) if t.is_cuda else t for t in out]
         except Exception as e:  # noqa: BLE001 - refuse this message, keep serving
@@ -183,27 +218,108 @@ class NodeServer:
             self._reply_error(peer, h, e)
             return
         reply.seq = h.seq
-        t1 = time.perf_counter()
+        timing = (t0, time.perf_counter()) if h.op == "attend" else None
+        self._defer(lambda: peer.conn.send(reply, out, ready=True), (tensors, staged), timing,
+                    peer)
+
+    def _defer(self, send: Callable[[], None], keep, timing: tuple | None,
+               peer: _Peer) -> None:
+        """Send once the kernels enqueued so far are done (at once on CPU). Kernels may
+        still read a message's tensors and write its reply's: both stay referenced
+        (`keep`) until the stream passes the event, since a received CUDA buffer that went
+        back to the allocator could take the next message (written by UCX, outside
+        stream order) while a kernel still reads it. `timing`: (arrival seen, launched)
+        of an attend, recorded with the send."""
         if self.node.device.type == "cuda":
-            # Kernels may still read this message's tensors and write the reply's. Both stay
-            # referenced until the stream passes this event: a received CUDA buffer that went
-            # back to the allocator now could take the next message (written by UCX, outside
-            # stream order) while a kernel still reads it.
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.node.device))
-            self._deferred.append((event, peer, reply, out, (tensors, staged, h.op, t0, t1)))
+            self._deferred.append((event, send, keep, timing, peer))
         else:
-            peer.conn.send(reply, out)
-            if h.op == "attend":
-                self.timings.append((t1 - t0, time.perf_counter() - t1))
+            self._send_now(send, timing, peer)
+
+    def _send_now(self, send, timing, peer) -> None:
+        if peer.conn.alive:
+            send()
+        if timing is not None:
+            t0, t1 = timing
+            self.timings.append((t1 - t0, time.perf_counter() - t1))
 
     def _send_deferred(self) -> None:
         while self._deferred and self._deferred[0][0].query():
-            _, peer, reply, out, (_, _, op, t0, t1) = self._deferred.pop(0)
-            if peer.conn.alive:
-                peer.conn.send(reply, out, ready=True)
-            if op == "attend":
-                self.timings.append((t1 - t0, time.perf_counter() - t1))
+            _, send, _, timing, peer = self._deferred.pop(0)
+            self._send_now(send, timing, peer)
+
+    # ---- attend streams ----------------------------------------------------------------
+    def _serve_streams(self, peer: _Peer) -> int:
+        """Run each layer whose query has landed; finish streams that are done."""
+        handled = 0
+        for st in list(peer.streams):
+            while st.next < len(st.recvs) and st.recvs[st.next].done:
+                i = st.next
+                recv, st.recvs[i] = st.recvs[i], None
+                st.next += 1
+                t0 = time.perf_counter()
+                try:
+                    recv.message()  # raises what went wrong (a truncated part, ...)
+                    if st.run is None:
+                        continue  # drained
+                    q, res = st.bufs[0][i], st.bufs[1][i]
+                    st.run(st.layers[i], q, res)
+                except Exception as e:  # noqa: BLE001 - refuse the stream, keep serving
+                    if not peer.conn.alive:
+                        self._drop(peer, str(e))
+                        return handled
+                    self._stream_failed(peer, st, e)
+                    continue
+                handled += 1
+                self._defer(lambda s=st.seq, p=i + 1, r=res: peer.conn.send_part(
+                    s, p, r, ready=True, static=True), None, (t0, time.perf_counter()), peer)
+            if st.next == len(st.recvs):
+                peer.streams.remove(st)
+                self._defer(lambda st=st: self._stream_done(peer, st), None, None, peer)
+            elif time.monotonic() > st.deadline:
+                peer.streams.remove(st)
+                for r in st.recvs:
+                    if r is not None:
+                        r.cancel()  # its buffers are not reused: a late part may land there
+                log.warning("%s: stream %d got %d of %d queries in %.0f s; given up",
+                            peer.conn.peer, st.seq, st.next, len(st.recvs),
+                            self.stream_deadline)
+                if st.run is not None:
+                    self._stream_failed(peer, st, TimeoutError(
+                        f"stream {st.seq}: {len(st.recvs) - st.next} queries never came"))
+        return handled
+
+    def _stream_failed(self, peer: _Peer, st: _Stream, e: BaseException) -> None:
+        if st.run is None:
+            return  # already answered
+        st.run = None
+        if _error_kind(e) == "internal":
+            log.exception("%s: stream %d failed", peer.conn.peer, st.seq)
+        else:
+            log.info("%s: refused stream %d: %s", peer.conn.peer, st.seq, e)
+        self._reply_error(peer, Header("stream", seq=st.seq), e)
+
+    def _stream_done(self, peer: _Peer, st: _Stream) -> None:
+        """Every layer answered (and the kernels done with the buffers): acknowledge the
+        stream and pool its buffers."""
+        if st.run is not None:
+            peer.conn.send(Header("ok", seq=st.seq))
+            self.streams_served += 1
+        free = self._stream_bufs.setdefault(st.key, [])
+        if len(free) < 4:
+            free.append(st.bufs)
+        if len(self._stream_bufs) > 16:
+            self._stream_bufs.pop(next(iter(self._stream_bufs)))
+
+    def _stream_buffers(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        free = self._stream_bufs.get(key)
+        if free:
+            return free.pop()
+        layers, b, hq, d, dtype = key
+        dev = self.node.device
+        return (transfer_empty((layers, b, hq, d), dtype, dev),
+                transfer_empty((layers, b, state_row_bytes(hq, d, dtype)), torch.uint8, dev))
 
     @staticmethod
     def _ints(h: Header, name: str, n: int) -> list[int]:
@@ -226,6 +342,32 @@ class NodeServer:
         states = self.node.attend(h.layer, h.requests, self._ints(h, "kv_len", len(h.requests)),
                                   q, scale=scale, packed=True)
         return Header("result", layer=h.layer, epoch=h.epoch), [states]
+
+    def _op_stream(self, peer, h: Header, tensors):
+        self._tensors(h, tensors, 0)
+        layers, hq, d = (h.info.get(k) for k in ("layers", "heads", "head_dim"))
+        dtype, b = DTYPES.get(h.info.get("dtype")), len(h.requests)
+        if not (all(type(x) is int for x in (layers, hq, d)) and 1 <= layers <= MAX_PART
+                and 0 < hq <= 1024 and 0 < d <= 1024 and 0 < b <= 65536
+                and dtype is not None and dtype.is_floating_point):
+            raise ValueError(f"stream: info must give layers (1..{MAX_PART}), heads, head_dim "
+                             f"and a float dtype, for 1..65536 requests; got {h.info}")
+        scale = h.info.get("scale")
+        if scale is not None and not isinstance(scale, float):
+            raise ValueError(f"stream: scale must be a float; got {scale!r}")
+        key = (layers, b, hq, d, dtype)
+        bufs = self._stream_buffers(key)
+        st = _Stream(h.seq, range(h.layer, h.layer + layers), bufs, key,
+                     time.monotonic() + self.stream_deadline)
+        st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, bufs[0][i]) for i in range(layers)]
+        peer.streams.append(st)  # received from now on, whatever the checks below say
+        c = self.node.config
+        if d != c.head_dim or dtype != self.node.dtype:
+            raise ValueError(f"stream: q is {h.info['dtype']} with head_dim {d}; this node "
+                             f"holds {c.dtype} KV with head_dim {c.head_dim}")
+        st.run = self.node.attend_batch(st.layers, h.requests,
+                                        self._ints(h, "kv_len", b), hq, scale=scale)
+        return None, []
 
     def _op_append(self, peer, h: Header, tensors):
         k, v = self._tensors(h, tensors, 2)
@@ -274,6 +416,7 @@ class NodeServer:
 
     def _op_stats(self, peer, h: Header, tensors):
         info = self.node.stats()
+        info["attend_streams"] = self.streams_served
         if self.timings:  # medians over the last attend messages, microseconds
             info["attend_handle_us"] = statistics.median(a for a, _ in self.timings) * 1e6
             info["attend_reply_us"] = statistics.median(b for _, b in self.timings) * 1e6

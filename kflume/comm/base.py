@@ -7,6 +7,10 @@ into)` says which message (by sequence number) is expected and, where the sizes 
 known, the buffers to land in, allocated once by the caller and reused. `Transport.wait`
 progresses everything until the given receives complete, with a deadline on every wait;
 a peer that dies or answers with an error raises here, naming the peer.
+
+Parts: where both sides already agreed on a message's sizes (an attend stream,
+kflume/client.py), its tensors go alone, with no header: `send_part` / `post_part_recv`
+by (sequence number, part).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ __all__ = [
     "Transport",
     "TransportError",
     "Listener",
+    "MAX_PART",
 ]
+
+MAX_PART = 254  # parts of one message: 1..MAX_PART (part 0 is its header)
 
 
 class TransportError(ConnectionError):
@@ -107,12 +114,33 @@ class Connection(ABC):
     def post_recv(self, seq: int, into: Sequence[torch.Tensor] | None = None) -> Recv:
         """Expect the peer's message number `seq`; land its tensors in `into` if given."""
 
+    @abstractmethod
+    def send_part(self, seq: int, part: int, tensor: torch.Tensor, ready: bool = False,
+                  static: bool = False) -> None:
+        """Send one tensor without a header, as part `part` (1..MAX_PART) of this side's
+        message `seq`; the peer knows its size from an earlier message and posted
+        `post_part_recv` for it. `ready` as in `send`. `static`: the buffer is reused
+        from call to call (the transport may keep what it made to send it)."""
+
+    @abstractmethod
+    def post_part_recv(self, seq: int, part: int, into: torch.Tensor) -> Recv:
+        """Expect part `part` of the peer's message `seq`, exactly `into`'s bytes, in
+        `into` (kept as the buffer of later calls too). The Recv's message is a
+        "result" header and `[into]`."""
+
     @property
     @abstractmethod
     def alive(self) -> bool: ...
 
     @abstractmethod
     def close(self) -> None: ...
+
+
+def check_part(part: int, tensor: torch.Tensor) -> None:
+    if not 1 <= part <= MAX_PART:
+        raise ValueError(f"part must be in [1, {MAX_PART}]; got {part}")
+    if not tensor.is_contiguous():
+        raise ValueError("tensors sent or received as parts must be contiguous")
 
 
 class Listener(ABC):

@@ -14,8 +14,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import Connection, Listener, Message, Recv, Transport, TransportError, check_into
-from .wire import Header, decode, encode
+from .base import (
+    Connection,
+    Listener,
+    Message,
+    Recv,
+    Transport,
+    TransportError,
+    check_into,
+    check_part,
+)
+from .wire import Header, WireError, decode, encode
 
 __all__ = ["InProcHub", "InProcTransport"]
 
@@ -78,10 +87,40 @@ class _InProcRecv(Recv):
         self.conn.inbox.pop(self.seq, None)
 
 
+class _InProcPartRecv(Recv):
+    def __init__(self, conn: _InProcConnection, key: tuple[int, int], into: torch.Tensor):
+        self.conn, self.key, self.into = conn, key, into
+        self._cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self.key in self.conn.parts or not self.conn.alive or self._cancelled
+
+    def message(self) -> Message:
+        if self.key not in self.conn.parts:
+            raise TransportError(f"{self.conn.peer}: part {self.key} did not arrive")
+        src = self.conn.parts.pop(self.key).reshape(-1).view(torch.uint8)
+        dst = self.into.view(-1).view(torch.uint8)
+        if src.numel() != dst.numel():  # what UCX reports as a truncated message
+            raise WireError(f"{self.conn.peer}: part {self.key} has {src.numel()} bytes; the "
+                            f"buffer {dst.numel()}")
+        dst.copy_(src)
+        if self.into.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        return Message(Header("result", seq=self.key[0]), [self.into])
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.conn.dropped_parts.add(self.key)
+        self.conn.parts.pop(self.key, None)
+
+
 class _InProcConnection(Connection):
     def __init__(self, peer: str):
         self.peer = peer
         self.inbox: dict[int, tuple[Header, list[torch.Tensor]]] = {}
+        self.parts: dict[tuple[int, int], torch.Tensor] = {}
+        self.dropped_parts: set[tuple[int, int]] = set()
         self.dropped: set[int] = set()
         self.other: _InProcConnection | None = None
         self._alive = True
@@ -100,6 +139,20 @@ class _InProcConnection(Connection):
 
     def post_recv(self, seq: int, into: Sequence[torch.Tensor] | None = None) -> Recv:
         return _InProcRecv(self, seq, into)
+
+    def send_part(self, seq: int, part: int, tensor: torch.Tensor, ready: bool = False,
+                  static: bool = False) -> None:
+        if not self._alive or self.other is None or not self.other._alive:
+            raise TransportError(f"{self.peer}: connection is closed")
+        check_part(part, tensor)
+        if (seq, part) in self.other.dropped_parts:
+            self.other.dropped_parts.discard((seq, part))
+            return
+        self.other.parts[(seq, part)] = tensor.detach().clone()
+
+    def post_part_recv(self, seq: int, part: int, into: torch.Tensor) -> Recv:
+        check_part(part, into)
+        return _InProcPartRecv(self, (seq, part), into)
 
     @property
     def alive(self) -> bool:

@@ -19,7 +19,8 @@ message). benchmarks/transport.py measures them; shared/notes/ucx.md has the fac
 
 Small host tensors travel inside the header message (one message instead of several);
 the rest go as their own messages, received straight into the caller's buffers when it
-gave them (`post_recv(into=...)`), posted before the request was even sent.
+gave them (`post_recv(into=...)`), posted before the request was even sent. Parts
+(`send_part`) are one tagged tensor each, under their message's sequence number.
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ import numpy as np
 import torch
 
 from . import handshake
-from .base import Connection, Listener, Message, Recv, Transport, TransportError, check_into
+from .base import (
+    Connection,
+    Listener,
+    Message,
+    Recv,
+    Transport,
+    TransportError,
+    check_into,
+    check_part,
+)
 from .handshake import parse_address
 from .wire import (
     DTYPES,
@@ -216,6 +226,40 @@ class _UcxRecv(Recv):
         self._error = self._error or TransportError(f"{self.conn.peer}: receive cancelled")
 
 
+class _UcxPartRecv(Recv):
+    """Receive of one part (a header-less tensor) straight into the caller's buffer."""
+
+    def __init__(self, conn: UcxConnection, seq: int, part: int, into: torch.Tensor):
+        self.conn, self.seq, self.into = conn, seq, into
+        arr, self._keep = conn.transport._array(into, cached=True)
+        self._req = conn.ep.tag_recv(arr, conn.transport.L.UCXXTag(_tag(conn.rx_channel, seq,
+                                                                       part)))
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        if self._error is None and not self.conn.alive:
+            self._error = TransportError(f"{self.conn.peer}: peer is gone ({self.conn.why})")
+        return self._error is not None or self._req.completed
+
+    def message(self) -> Message:
+        if not self.done:
+            raise RuntimeError("message() before the receive completed")
+        if self._error is not None:
+            raise self._error
+        try:
+            self._req.check_error()
+        except self.conn.transport.L.UCXMessageTruncatedError:
+            raise WireError(f"{self.conn.peer}: part of message {self.seq} is larger than its "
+                            f"{self.into.numel() * self.into.element_size()}-byte buffer"
+                            ) from None
+        return Message(Header("result", seq=self.seq), [self.into])
+
+    def cancel(self) -> None:
+        self._req = None  # dropping the request cancels it
+        self._error = self._error or TransportError(f"{self.conn.peer}: receive cancelled")
+
+
 class UcxConnection(Connection):
     def __init__(self, transport: UcxTransport, sock: socket.socket, rx_channel: int,
                  tx_channel: int, peer_address: bytes, peer: str, hello: dict):
@@ -283,6 +327,21 @@ class UcxConnection(Connection):
 
     def post_recv(self, seq: int, into: Sequence[torch.Tensor] | None = None) -> Recv:
         return _UcxRecv(self, seq, into)
+
+    def send_part(self, seq: int, part: int, tensor: torch.Tensor, ready: bool = False,
+                  static: bool = False) -> None:
+        if not self.alive:
+            raise TransportError(f"{self.peer}: peer is gone ({self.why})")
+        check_part(part, tensor)
+        if tensor.is_cuda and not ready:
+            torch.cuda.current_stream().synchronize()  # the array interface carries no stream
+        arr, keep = self.transport._array(tensor, cached=static)
+        req = self.ep.tag_send(arr, self.transport.L.UCXXTag(_tag(self.tx_channel, seq, part)))
+        self.transport._inflight.append((req, keep, self, False))
+
+    def post_part_recv(self, seq: int, part: int, into: torch.Tensor) -> Recv:
+        check_part(part, into)
+        return _UcxPartRecv(self, seq, part, into)
 
     @property
     def alive(self) -> bool:
@@ -368,20 +427,20 @@ class UcxTransport(Transport):
         elif progress == "thread":
             self.worker.start_progress_thread(polling_mode=False)
         self._inflight: list = []
-        self._arrays: dict[tuple, tuple] = {}  # Arrays of reused receive buffers (bounded)
+        self._arrays: dict[tuple, tuple] = {}  # Arrays of reused buffers (bounded)
         self._conns: dict[int, UcxConnection] = {}
         self._last_busy = time.monotonic()
         self._last_check = 0.0
 
     def _array(self, t: torch.Tensor, cached: bool):
-        """(Array, keep-alive) for a tensor. Receive buffers that callers reuse (`into`)
-        keep their Array: making one costs as much as posting the receive."""
+        """(Array, keep-alive) for a tensor. Buffers that callers reuse (`into`, static
+        parts) keep their Array: making one costs as much as posting the receive."""
         if not cached:
             return _as_array(t, self.Array)
         key = (t.data_ptr(), t.numel() * t.element_size(), t.device)
         hit = self._arrays.get(key)
         if hit is None:
-            if len(self._arrays) >= 256:
+            if len(self._arrays) >= 1024:  # (an attend stream keeps one per layer)
                 self._arrays.pop(next(iter(self._arrays)))
             hit = self._arrays[key] = _as_array(t, self.Array)
         return hit

@@ -22,7 +22,7 @@ VERSION = 1
 MAX_HEADER = 1 << 16  # bytes (64 KiB); a header beyond this is refused
 MAX_TENSOR_BYTES = 1 << 36  # 64 GiB: refuse descriptors that would allocate absurd buffers
 OPS = frozenset(
-    {"open", "append", "attend", "free", "export", "import", "stats", "shutdown",
+    {"open", "append", "attend", "stream", "free", "export", "import", "stats", "shutdown",
      "ok", "result", "error"}
 )
 DTYPES = {

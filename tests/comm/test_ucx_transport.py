@@ -36,6 +36,14 @@ def echo_server(q, token):
                 break
             if m.header.op == "stats":
                 continue  # never answered: the client's deadline must fire
+            if m.header.op == "stream":  # parts of the announced size, echoed (+ extra bytes)
+                n, size, extra = (m.header.info[k] for k in ("parts", "bytes", "extra"))
+                bufs = [torch.empty(size, dtype=torch.uint8) for _ in range(n)]
+                t.wait([conn.post_part_recv(m.header.seq, i + 1, b) for i, b in enumerate(bufs)],
+                       60.0)
+                for i, b in enumerate(bufs):
+                    conn.send_part(m.header.seq, i + 1, torch.cat([b, b[:extra]]))
+                continue
             conn.send(Header("result", seq=m.header.seq, info=m.header.info), m.tensors)
         t.progress(0.1)
     except Exception:  # forward the child's traceback to the parent
@@ -116,6 +124,37 @@ def test_dead_peer_is_noticed(echo):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [1, 4096, 1 << 20])
+def test_parts_round_trip(echo, size):
+    """Header-less parts, posted before they come, in sizes that go eagerly and by
+    rendezvous; reusing the buffers for a second message."""
+    t, conn, _ = echo
+    dst = [torch.zeros(size, dtype=torch.uint8) for _ in range(3)]
+    for seq in range(2):
+        src = [torch.randint(0, 256, (size,), dtype=torch.uint8) for _ in range(3)]
+        recvs = [conn.post_part_recv(seq, i + 1, d) for i, d in enumerate(dst)]
+        conn.send(Header("stream", seq=seq, info={"parts": 3, "bytes": size, "extra": 0}))
+        for i, x in reversed(list(enumerate(src))):  # any order
+            conn.send_part(seq, i + 1, x, static=True)
+        msgs = t.wait(recvs, 20.0)
+        for x, d, m in zip(src, dst, msgs):
+            assert m.tensors[0] is d and torch.equal(d, x)
+
+
+def test_part_larger_than_its_buffer_is_an_error(echo):
+    t, conn, _ = echo
+    d = torch.zeros(64, dtype=torch.uint8)
+    r = conn.post_part_recv(0, 1, d)
+    conn.send(Header("stream", seq=0, info={"parts": 1, "bytes": 64, "extra": 8}))
+    conn.send_part(0, 1, torch.ones(64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="larger than its 64-byte buffer"):
+        t.wait([r], 20.0)
+    with pytest.raises(ValueError, match="part must be in"):
+        conn.send_part(0, 255, d)
+    with pytest.raises(ValueError, match="contiguous"):
+        conn.post_part_recv(1, 1, torch.zeros(4, 4, dtype=torch.uint8)[:, 0])
+
+
 def test_bad_address():
     t = UcxTransport(token=TOKEN)
     with pytest.raises(TransportError, match="cannot connect"):

@@ -79,7 +79,8 @@ def test_pipeline_matches_sequential(microbatches):
                 c.router.advance(rid)
 
 
-def test_captured_attention_with_host_signals_matches_eager():
+@pytest.mark.parametrize("streams", [True, False])
+def test_captured_attention_with_host_signals_matches_eager(streams):
     """The capturable path (gather, signals, host serving, scatter, merge) on CPU: the host
     side serves each step from a thread while the 'device' side runs the pipeline."""
     model = TinyModel(3)
@@ -87,7 +88,7 @@ def test_captured_attention_with_host_signals_matches_eager():
     pipe_rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
     cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
                                   row_ranges=pipe_rows, max_nodes=3, mechanism="host",
-                                  dtype=torch.float32)
+                                  dtype=torch.float32, streams=streams)
     pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
     server = StepServer(cap, timeout=20)
     g = torch.Generator().manual_seed(5)
@@ -107,6 +108,9 @@ def test_captured_attention_with_host_signals_matches_eager():
             for rid in PROMPTS:
                 c.router.advance(rid)
     assert cap.steps == 6 and "node2" in cap.node_slots
+    served = sum(c.stats()["attend_streams"] for c in cl.remote.clients.values())
+    # one stream per (node, micro-batch) with rows, each step; none without streams
+    assert served >= 2 * 6 if streams else served == 0
     # A step nobody runs: serving gives up at its deadline and end() raises it.
     server.timeout = 0.5
     server.begin()

@@ -1,0 +1,206 @@
+"""Attend streams (one header a step, then one header-less q and reply per layer) over the
+in-process transport and over UCX loopback to a `kflume node` process: results equal a
+float64 reference, refusals reach the caller and the node keeps serving."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from kflume.client import NodeClient
+from kflume.comm import InProcHub, InProcTransport, RemoteError
+from kflume.comm.wire import state_row_bytes, unpack_states
+from kflume.node import AttentionNode, NodeConfig
+from kflume.server import NodeServer
+from kflume.testing import ReferenceKV, assert_close_rel
+
+TOKEN = "stream-test-token"
+CONFIG = NodeConfig(layers=3, kv_heads=2, head_dim=64, capacity_tokens=4096, dtype="float32",
+                    page_size=16)
+HQ = 8  # GQA ratio 4
+
+
+@pytest.fixture(scope="module")
+def ucx_node():
+    pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
+    from kflume.launch import NodeProcess
+
+    proc = NodeProcess(CONFIG, token=TOKEN)
+    yield proc
+    assert proc.stop() == 0
+
+
+class InProc:
+    def __init__(self):
+        hub = InProcHub()
+        self.transport = InProcTransport(hub)
+        self.node = AttentionNode(CONFIG)
+        self.server = NodeServer(self.node, self.transport, self.transport.listen("n"))
+        hub.add_driver(self.server.poll)
+        self.client = NodeClient.connect("n", self.transport, "n", timeout=10.0)
+
+
+@pytest.fixture(params=["inproc", "ucx"])
+def client(request):
+    if request.param == "inproc":
+        yield InProc().client
+        return
+    from kflume.comm.ucx import UcxTransport
+
+    t = UcxTransport(token=TOKEN)
+    c = NodeClient.connect("n", t, request.getfixturevalue("ucx_node").address, timeout=10.0)
+    yield c
+    c.close()
+    t.close()
+
+
+def fill(client, ref, lengths, seed):
+    """Requests `name -> tokens` of random KV in every layer (one append message)."""
+    g = torch.Generator().manual_seed(seed)
+    rids = list(lengths)
+    t = max(lengths.values())
+    k = torch.randn(len(rids), CONFIG.layers, t, 2, 64, generator=g)
+    v = torch.randn(len(rids), CONFIG.layers, t, 2, 64, generator=g)
+    client.open(rids, [t] * len(rids))
+    client.append(0, rids, [0] * len(rids), [0] * len(rids), k, v)
+    client.flush()
+    for i, rid in enumerate(rids):
+        for layer in range(CONFIG.layers):
+            ref.extend(layer, rid, k[i, layer, : lengths[rid]], v[i, layer, : lengths[rid]])
+    return rids
+
+
+def run_stream(client, rids, kv_len, qs, order, scale=None):
+    row = state_row_bytes(HQ, 64, torch.float32)
+    st = client.open_stream(range(CONFIG.layers), 1, rids, kv_len, HQ, 64, torch.float32,
+                            scale)
+    into = [torch.zeros(len(rids), row, dtype=torch.uint8) for _ in qs]
+    replies = {layer: st.attend(layer, qs[layer], into[layer]) for layer in order}
+    for layer in order:
+        assert replies[layer].result().tensors[0] is into[layer]
+    st.ack.result()
+    return [unpack_states(t, HQ, 64, torch.float32) for t in into]
+
+
+def test_stream_matches_reference(client):
+    ref = ReferenceKV(CONFIG.layers)
+    lengths = {"a": 37, "b": 1, "c": 16, "d": 5}  # odd lengths, one page exactly
+    rids = fill(client, ref, lengths, seed=1)
+    kv_len = [37, 1, 16, 0]  # "d": an empty range
+    g = torch.Generator().manual_seed(2)
+    for scale, order in ((None, [0, 1, 2]), (0.3, [2, 0, 1])):  # reused buffers, any order
+        qs = [torch.randn(len(rids), HQ, 64, generator=g) for _ in range(CONFIG.layers)]
+        states = run_stream(client, rids, kv_len, qs, order, scale)
+        for layer, (out, lse) in enumerate(states):
+            want = ref.attend(layer, rids[:3], qs[layer][:3], scale or 64**-0.5)
+            assert_close_rel(out[:3], want, torch.float32, f"layer {layer}")
+            assert torch.isfinite(lse[:3]).all()
+            assert (out[3] == 0).all() and (lse[3] == float("-inf")).all()
+    client.free(rids)
+
+
+def test_refused_streams_raise_and_the_node_keeps_serving(client):
+    ref = ReferenceKV(CONFIG.layers)
+    rids = fill(client, ref, {"r": 20}, seed=3)
+    q = [torch.randn(1, HQ, 64) for _ in range(CONFIG.layers)]
+    row = state_row_bytes(HQ, 64, torch.float32)
+    cases = [(["ghost"], [3], range(3), 64, "unknown request 'ghost'"),
+             (rids, [21], range(3), 64, "kv_len 21 for request 'r'"),
+             (rids, [20], range(1, 4), 64, "layer 3 out of range"),
+             (rids, [20], range(3), 32, "head_dim 32")]
+    for reqs, kv_len, layers, d, match in cases:
+        st = client.open_stream(layers, 1, reqs, kv_len, HQ, d, torch.float32)
+        qd = torch.randn(1, HQ, d)
+        into = torch.zeros(1, state_row_bytes(HQ, d, torch.float32), dtype=torch.uint8)
+        replies = [st.attend(layer, qd, into.clone()) for layer in layers]  # all are sent
+        for r in replies:
+            with pytest.raises(RemoteError, match=match):
+                r.result()
+        with pytest.raises(RemoteError, match=match):
+            st.ack.result()
+    out = run_stream(client, rids, [20], q, [0, 1, 2])  # still serving, same connection
+    assert_close_rel(out[1][0], ref.attend(1, rids, q[1], 64**-0.5), torch.float32)
+    assert client.stats()["requests"] == 1
+    with pytest.raises(ValueError, match="q must be"):
+        client.open_stream(range(3), 1, rids, [20], HQ, 64, torch.float32).attend(
+            0, torch.randn(2, HQ, 64), torch.zeros(2, row, dtype=torch.uint8))
+    st = client.open_stream(range(3), 1, rids, [20], HQ, 64, torch.float32)
+    for layer in range(3):
+        st.attend(layer, q[layer], torch.zeros(1, row, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="not an unsent layer"):
+        st.attend(0, q[0], torch.zeros(1, row, dtype=torch.uint8))
+    st.ack.result()
+    with pytest.raises(ValueError, match="1 to 254 consecutive layers"):
+        client.open_stream(range(300), 1, rids, [20], HQ, 64, torch.float32)
+    client.free(rids)
+
+
+def test_a_stream_whose_queries_stop_is_given_up():
+    c = InProc()
+    c.server.stream_deadline = 0.2
+    ref = ReferenceKV(CONFIG.layers)
+    rids = fill(c.client, ref, {"s": 9}, seed=4)
+    row = state_row_bytes(HQ, 64, torch.float32)
+    q = torch.randn(1, HQ, 64)
+    st = c.client.open_stream(range(3), 1, rids, [9], HQ, 64, torch.float32)
+    first = st.attend(0, q, torch.zeros(1, row, dtype=torch.uint8))
+    first.result()  # answered; layers 1 and 2 never sent
+    time.sleep(0.3)
+    with pytest.raises(RemoteError, match="2 queries never came"):
+        st.ack.result()
+    assert not any(p.streams for p in c.server.peers)
+    out = run_stream(c.client, rids, [9], [q, q, q], [0, 1, 2])
+    assert_close_rel(out[2][0], ref.attend(2, rids, q, 64**-0.5), torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.timeout(300)
+def test_cuda_stream_over_ucx_matches_reference():
+    """A CUDA node process (bf16, captured attention graphs) answering streams whose
+    queries and replies are CUDA buffers (cuda_ipc on one host; another GPU if there is
+    one), several steps reusing the same buffers."""
+    pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
+    from kflume.comm.ucx import UcxTransport
+    from kflume.launch import NodeProcess
+
+    gpu = "1,0" if torch.cuda.device_count() > 1 else "0"
+    cfg = NodeConfig(layers=4, kv_heads=8, head_dim=128, capacity_tokens=1 << 15,
+                     dtype="bfloat16", device="cuda")
+    proc = NodeProcess(cfg, token=TOKEN, env={"CUDA_VISIBLE_DEVICES": gpu})
+    t = UcxTransport(token=TOKEN)
+    try:
+        c = NodeClient.connect("n", t, proc.address, timeout=30.0)
+        lengths = {i: n for i, n in enumerate([4097, 1, 300, 8191, 77, 0, 2048, 5])}
+        rids, b, hq = list(lengths), len(lengths), 32  # GQA ratio 4
+        g = torch.Generator().manual_seed(7)
+        ref = ReferenceKV(cfg.layers)
+        c.open(rids, [8191] * b)
+        for layer in range(cfg.layers):
+            k = torch.randn(b, 8191, 8, 128, generator=g).to(torch.bfloat16)
+            v = torch.randn(b, 8191, 8, 128, generator=g).to(torch.bfloat16)
+            c.append(layer, rids, [0] * b, [0] * b, k.cuda(), v.cuda())
+            for i, rid in enumerate(rids):
+                ref.extend(layer, rid, k[i, : lengths[rid]], v[i, : lengths[rid]])
+        c.flush()
+        row = state_row_bytes(hq, 128, torch.bfloat16)
+        q = torch.zeros(b, hq, 128, dtype=torch.bfloat16, device="cuda")
+        into = [torch.zeros(b, row, dtype=torch.uint8, device="cuda") for _ in range(4)]
+        live = [i for i in rids if lengths[i]]
+        for _ in range(3):
+            st = c.open_stream(range(4), 1, rids, list(lengths.values()), hq, 128,
+                               torch.bfloat16)
+            for layer in range(4):
+                q.copy_(torch.randn(b, hq, 128, generator=g).to(torch.bfloat16))
+                st.attend(layer, q, into[layer]).result()  # q is reused by the next layer
+                out, lse = unpack_states(into[layer], hq, 128, torch.bfloat16)
+                want = ref.attend(layer, live, q[live].cpu(), 128**-0.5)
+                assert_close_rel(out[live], want, torch.bfloat16, f"layer {layer}")
+                assert (lse[5] == float("-inf")).all() and (out[5] == 0).all()
+            st.ack.result()
+        assert c.stats()["attend_streams"] == 3
+        c.close()
+    finally:
+        t.close()
+        assert proc.stop() == 0
