@@ -166,7 +166,7 @@ def test_cuda_stream_over_ucx_matches_reference():
     from kflume.launch import NodeProcess
 
     gpu = "1,0" if torch.cuda.device_count() > 1 else "0"
-    cfg = NodeConfig(layers=4, kv_heads=8, head_dim=128, capacity_tokens=1 << 15,
+    cfg = NodeConfig(layers=4, kv_heads=8, head_dim=128, capacity_tokens=1 << 17,
                      dtype="bfloat16", device="cuda")
     proc = NodeProcess(cfg, token=TOKEN, env={"CUDA_VISIBLE_DEVICES": gpu})
     t = UcxTransport(token=TOKEN)
