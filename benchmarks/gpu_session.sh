@@ -3,7 +3,7 @@
 # wheels, then run the named phases, each with a time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
 # Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
-#         e2e-big e2e-stress
+#         e2e-big e2e-stress transport-gpu transport-stream
 # (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -40,6 +40,9 @@ for phase in "$@"; do
     e2e-8x32k) run e2e-8x32k 300 python3 benchmarks/e2e.py --configs 8x32768 --stages device messages ;;
     e2e-eager) run e2e-eager 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --eager-node 8x32768 ;;
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
+    transport-stream)
+      run transport-stream-b4 120 python3 benchmarks/transport.py --device cuda --batch 4 --iters 1000 --modes poll --stream
+      run transport-stream-b8 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes poll --stream ;;
     e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device messages --steps 40 --warmup 5 ;;
     e2e-stress) run e2e-stress 500 python3 benchmarks/e2e.py --configs 8x32768 8x32768 8x32768 8x32768 --steps 30 --warmup 3 ;;
     *) echo "unknown phase $phase" ;;

@@ -8,7 +8,9 @@ once (no attention computed), so the figures are transport only:
   the floor for moving these bytes;
 - kflume: `NodeClient`-style calls over `UcxTransport` (header + q out; header + out and
   lse packed in one tensor back, as a node replies, into a buffer allocated once), for
-  each progress mode.
+  each progress mode;
+- kflume-stream: the layers of attend streams (`NodeClient.open_stream`, 32 layers a
+  stream): q alone out, the packed reply alone back (`--stream`).
 
     python benchmarks/transport.py                  # host memory, loopback
     python benchmarks/transport.py --device cuda    # GPU0 <-> GPU1 (needs 2 GPUs)
@@ -144,11 +146,20 @@ def kflume_server(kind, progress, q_out):
         m.release()
         if m.header.op == "shutdown":
             break
+        if m.header.op == "stream":  # as a node serves one, less the attention
+            layers = m.header.info["layers"]
+            qs = torch.empty(layers, B, HQ, D, dtype=torch.bfloat16, device=dev)
+            recvs = [conn.post_part_recv(m.header.seq, i + 1, qs[i]) for i in range(layers)]
+            for i, r in enumerate(recvs):
+                t.wait([r], 600.0)
+                conn.send_part(m.header.seq, i + 1, states, ready=True, static=True)
+            conn.send(Header("ok", seq=m.header.seq))
+            continue
         conn.send(Header("result", seq=m.header.seq), [states])
     t.progress(0.2)
 
 
-def kflume_client(kind, progress, iters, warmup) -> list[float]:
+def kflume_client(kind, progress, iters, warmup, stream: bool = False) -> list[float]:
     from kflume.client import NodeClient
     from kflume.comm.ucx import UcxTransport
 
@@ -164,11 +175,24 @@ def kflume_client(kind, progress, iters, warmup) -> list[float]:
                        dtype=torch.uint8)  # out and lse, one reply tensor
     reqs, lens = list(range(B)), [1] * B
     times = []
+    st = None
     for i in range(warmup + iters):
+        if stream and i % 32 == 0:  # one stream per 32 layers (its header is not timed)
+            if st is not None:
+                st.ack.result(30.0)
+            st = c.open_stream(range(32), 0, reqs, lens, HQ, D, torch.bfloat16)
         t0 = time.perf_counter()
-        c.attend(0, 0, reqs, lens, qt, into).result(30.0)
+        if stream:
+            st.attend(i % 32, qt, into).result(30.0)
+        else:
+            c.attend(0, 0, reqs, lens, qt, into).result(30.0)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e6)
+    if st is not None:
+        sent = (warmup + iters) % 32 or 32
+        for layer in range(sent, 32):  # the stream's remaining layers: every layer is sent
+            st.attend(layer, qt, into).result(30.0)
+        st.ack.result(30.0)
     c.call(__import__("kflume.comm", fromlist=["Header"]).Header("shutdown"))
     t.progress(0.2)
     p.join(30)
@@ -189,6 +213,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--modes", nargs="*", default=["poll", "hybrid", "blocking", "thread"])
     ap.add_argument("--batch", type=int, default=32, help="rows of q (B)")
+    ap.add_argument("--stream", action="store_true",
+                    help="also the layers of attend streams (poll mode)")
     args = ap.parse_args()
     os.environ["KFLUME_BENCH_B"] = str(args.batch)  # spawned peers read it too
     _env(args.device, 0)
@@ -200,6 +226,9 @@ def main() -> None:
     for mode in args.modes:
         iters = args.iters if mode != "thread" else max(200, args.iters // 5)
         res[f"kflume-{mode}"] = summary(kflume_client(args.device, mode, iters, args.warmup))
+    if args.stream:
+        res["kflume-stream-poll"] = summary(kflume_client(args.device, "poll", args.iters,
+                                                          args.warmup, stream=True))
     mb = (B * HQ * D * 2 + B * HQ * D * 2 + B * HQ * 4) / 1e6
     print(bench_header(f"q round trip B={B} Hq={HQ} D={D} bf16 ({args.device} memory), "
                        f"{mb:.2f} MB moved per round trip"))
