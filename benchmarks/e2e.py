@@ -348,13 +348,17 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 cap.trace_steps = 0
                 if add_node and mb == 2 and stage == args.stages[0]:
                     before = time_steps(20, one)
-                    name = cl.add_node(capacity, wait=False)
+                    join_env = ({"CUDA_VISIBLE_DEVICES": f"{args.join_gpu},0"}
+                                if args.join_gpu is not None else None)
+                    name = cl.add_node(capacity, wait=False, env=join_env)
                     cl.processes[name].wait_ready()
                     cl.router.drain_node("node0")  # new tokens go to the new node from now on
                     joined = time_steps(2, one)
                     after = time_steps(20, one)
                     load = cl.router.node_load(name)
-                    out["add_node"] = {"before": stats(before), "after": stats(after),
+                    out["add_node"] = {"gpu": args.join_gpu if args.join_gpu is not None
+                                       else args.node_gpu,
+                                       "before": stats(before), "after": stats(after),
                                        "join_steps_ms": joined, "new_node_tokens": load}
                     print(f"  add_node: {out['add_node']}", flush=True)
                 server.close()
@@ -396,6 +400,8 @@ def main() -> None:
     ap.add_argument("--eager-node", nargs="*", default=[], metavar="BxL",
                     help="configs also run with nodes that launch their kernels per message "
                          "instead of replaying captured graphs (same run, for comparison)")
+    ap.add_argument("--join-gpu", type=int, default=None,
+                    help="GPU of the node that joins mid-run (default: the nodes' GPU)")
     ap.add_argument("--node-gpu", type=int, default=1,
                     help="GPU of the attention nodes (0: share the weight node's, a smoke run)")
     args = ap.parse_args()

@@ -3,7 +3,7 @@
 # wheels, then run the named phases, each with a time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
 # Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
-#         e2e-big e2e-stress transport-gpu transport-stream
+#         e2e-big e2e-stress transport-gpu transport-stream e2e-join4 (4 GPUs)
 # (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -38,6 +38,7 @@ for phase in "$@"; do
     e2e-smoke1) run e2e-smoke1 300 python3 benchmarks/e2e.py --layers 4 --configs 8x8192 --steps 20 --warmup 5 --node-gpu 0 ;;
     demo) run demo 300 python3 -m kflume demo --device cuda --quiet ;;
     e2e-8x32k) run e2e-8x32k 300 python3 benchmarks/e2e.py --configs 8x32768 --stages device messages ;;
+    e2e-join4) run e2e-join4 300 python3 benchmarks/e2e.py --configs 8x32768 --stages device messages --join-gpu 2 ;;
     e2e-eager) run e2e-eager 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --eager-node 8x32768 ;;
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
     transport-stream)

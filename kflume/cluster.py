@@ -148,12 +148,13 @@ class Cluster:
 
     # ---- membership ----------------------------------------------------------------------
     def add_node(self, capacity_tokens: int | None = None, *, address: str | None = None,
-                 name: str | None = None, wait: bool = True) -> str:
+                 name: str | None = None, wait: bool = True, env: dict | None = None) -> str:
         """Add a node: connect to `address`, or start one (local / in-process clusters).
 
         The node enters the routing table at the next token boundary. With `wait=False`
         a started process joins at the first boundary after it is ready, so running
-        steps never wait for it to start.
+        steps never wait for it to start. `env`: variables for a started process, over
+        the cluster's (e.g. `{"CUDA_VISIBLE_DEVICES": "2,0"}` for a GPU of its own).
         """
         cap = capacity_tokens or self.geometry.capacity_tokens
         if address is not None:
@@ -165,7 +166,7 @@ class Cluster:
             raise ValueError("this cluster cannot start nodes itself: give add_node an address")
         if self._spawn.get("inproc"):
             return self._add_in_process(cap, name)
-        name, proc = self._start_process(cap, name)
+        name, proc = self._start_process(cap, name, env)
         if wait:
             proc.wait_ready()
             self._join(name, proc.address, cap, proc)
@@ -179,13 +180,13 @@ class Cluster:
             raise KeyError(f"no node {name!r} in this cluster")
         self.router.remove_node(name)
 
-    def _start_process(self, cap: int, name: str | None = None):
+    def _start_process(self, cap: int, name: str | None = None, env: dict | None = None):
         from .launch import NodeProcess
 
         name = name or next(self._names)
         config = replace(self.geometry, capacity_tokens=cap)
-        proc = NodeProcess(config, token=self._spawn["token"], env=self._spawn["env"],
-                           wait=False)
+        proc = NodeProcess(config, token=self._spawn["token"],
+                           env={**(self._spawn["env"] or {}), **(env or {})}, wait=False)
         self.processes[name] = proc
         return name, proc
 
