@@ -252,7 +252,10 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                graphs: bool = True) -> dict:
     # Each process sees both GPUs (cuda_ipc needs it), the node's first.
     env = {"CUDA_VISIBLE_DEVICES": "1,0"} if node_device == "cuda" and args.node_gpu == 1 else {}
-    capacity = batch * (context + args.warmup * 3 + args.steps * 3 + 64)
+    # Every run (stage x micro-batches) appends a token a step, and all stay on node0
+    # until the last run adds a node: room for all of them (2 steps each for capture).
+    runs = 2 * (len(args.stages) if graphs else 1)
+    capacity = batch * (context + (args.warmup + args.steps + 2) * runs + 64 + 64)
     dtype = "bfloat16" if device == "cuda" else "float32"
     cl = Cluster.local(1, layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                        dtype=dtype, capacity_tokens=capacity, device=node_device, env=env,
