@@ -215,6 +215,24 @@ def slot_breakdown(trace) -> dict:
     return {"send_us": med(1), "remote_us": med(2), "release_us": med(3), "n": len(trace)}
 
 
+def one_way(trace, node_trace) -> dict:
+    """Median per slot served by one node stream (micro-batches of one node), in
+    microseconds, from both sides' clocks (one clock on a Linux host): q on the way
+    (weight node sent -> node saw it), node launch, node launch -> reply sent, reply on
+    the way (node sent -> weight node saw it)."""
+    at_node = {(e[0], e[1]): e[2:] for e in node_trace}
+    rows = []
+    for t in trace:
+        if len(t[7]) == 1 and (t[7][0], t[6]) in at_node:
+            seen, launched, sent = at_node[t[7][0], t[6]]
+            rows.append((seen - t[4], launched - seen, sent - launched, t[5] - sent))
+    if not rows:
+        return {}
+    med = lambda i: statistics.median(r[i] for r in rows) * 1e6  # noqa: E731
+    return {"q_us": med(0), "node_launch_us": med(1), "node_reply_us": med(2),
+            "reply_us": med(3), "n": len(rows)}
+
+
 def stats(ms: list[float]) -> dict:
     s = sorted(ms)
     p99 = s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
@@ -344,9 +362,10 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 out[key]["slots"] = slot_breakdown(cap.trace)
                 out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:])
                                         for k, v in parts.items()}
-                node = cl.clients["node0"].stats(reset_timings=True)
+                node = cl.clients["node0"].stats(reset_timings=True, trace=512)
                 out[key]["node_us"] = {k: node.get(f"attend_{k}_us", 0.0)
                                        for k in ("handle", "reply")}
+                out[key]["one_way"] = one_way(cap.trace, node.get("attend_trace", []))
                 print(f"  {key}: {out[key]}", flush=True)
                 cap.trace_steps = 0
                 if add_node and mb == 2 and stage == args.stages[0]:
@@ -472,8 +491,9 @@ def report(results, args) -> None:
               f"| {cfg} | {col} | {fmt(k)} | {fmt(p)} | n/a | n/a | ", end="")
         print(f"{lc1['p50_ms']:.2f} / {lc2['p50_ms']:.2f} |" if lc1 else "n/a |")
     print("\n| B x L | run | p50 / p99 ms | per slot: send / remote / release us | "
-          "node: handle / launch-to-reply us | host parts: serve / sync / boundary ms |")
-    print("|---|---|---|---|---|---|")
+          "node: handle / launch-to-reply us | host parts: serve / sync / boundary ms | "
+          "one way: q / reply us |")
+    print("|---|---|---|---|---|---|---|")
     for cfg, r in results["configs"].items():
         for key, d in r.items():
             if key.startswith("kflume") and isinstance(d, dict):
@@ -483,7 +503,9 @@ def report(results, args) -> None:
                       f"{sl.get('release_us', 0):.0f} | "
                       f"{d.get('node_us', {}).get('handle', 0):.0f} / "
                       f"{d.get('node_us', {}).get('reply', 0):.0f} | {pa.get('serve', 0):.2f} / "
-                      f"{pa.get('sync', 0):.2f} / {pa.get('boundary', 0):.2f} |")
+                      f"{pa.get('sync', 0):.2f} / {pa.get('boundary', 0):.2f} | "
+                      + (f"{ow['q_us']:.0f} / {ow['reply_us']:.0f} |"
+                         if (ow := d.get("one_way")) else "n/a |"))
     for cfg, r in results["configs"].items():
         if "add_node" in r:
             a = r["add_node"]

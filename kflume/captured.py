@@ -144,7 +144,9 @@ class CapturedRemoteAttention:
         self.epoch = -1
         self.steps = 0
         # Per served slot: (slot, posted->sent, sent->answered, answered->released) in
-        # seconds, for the last `trace_steps` steps (0: off).
+        # seconds, then (sent, answered) in time.perf_counter() seconds, the layer and the
+        # micro-batch's stream sequence numbers (to match a node's `stats(trace=n)`), for
+        # the last `trace_steps` steps (0: off).
         self.trace: list[tuple] = []
         self.trace_steps = 0
 
@@ -302,7 +304,10 @@ class CapturedRemoteAttention:
                     self.signal.release(released)
                     if tr:
                         a, b, c = times.pop(released)
-                        self.trace.append((released, b - a, c - b, time.perf_counter() - c))
+                        layer, m = divmod(released, len(self.ranges))
+                        seqs = tuple(st.seq for (_, mm), st in self._open.items() if mm == m)
+                        self.trace.append((released, b - a, c - b, time.perf_counter() - c,
+                                           b, c, layer, seqs))
                     released += 1
                 else:
                     transport.progress(0.0)

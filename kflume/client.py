@@ -255,11 +255,16 @@ class NodeClient:
         self.outstanding.append(p)
         return p
 
-    def stats(self, reset_timings: bool = False) -> dict:
+    def stats(self, reset_timings: bool = False, trace: int = 0) -> dict:
         """The node's state; with its serving times (medians over the attend messages
-        since the last reset: `attend_handle_us`, arrival to kernels launched, and
-        `attend_reply_us`, launch to reply sent)."""
+        and stream layers since the last reset: `attend_handle_us`, arrival to kernels
+        launched, and `attend_reply_us`, launch to reply sent). `trace=n` (<= 512): also
+        the last n of them, `attend_trace`: `[seq, layer, seen, launched, sent]` in the
+        node's `time.perf_counter()` seconds (one clock for all processes of a Linux
+        host: comparable with the caller's)."""
         info = {"reset_timings": True} if reset_timings else {}
+        if trace:
+            info["trace"] = trace
         return dict(self.call(Header("stats", info=info)).result().header.info)
 
     def shutdown(self) -> None:

@@ -107,9 +107,10 @@ class NodeServer:
         # overhead hides the kernel. Entries: (event, send, what it keeps alive, timing).
         self._deferred: list[tuple] = []
         self._stream_bufs: dict[tuple, list] = {}  # free stream buffers by shape
-        # Per attend message (the last 4096): seconds from its arrival being seen to its
-        # kernels being launched, and from there to its reply being sent ("stats").
-        self.timings: deque[tuple[float, float]] = deque(maxlen=4096)
+        # Per attend message or stream layer (the last 4096): (arrival seen, kernels
+        # launched, reply sent) in time.perf_counter() seconds, the message's sequence
+        # number and layer ("stats": medians, and the entries themselves on request).
+        self.timings: deque[tuple] = deque(maxlen=4096)
 
     @property
     def address(self) -> str:
@@ -218,7 +219,7 @@ class NodeServer:
             self._reply_error(peer, h, e)
             return
         reply.seq = h.seq
-        timing = (t0, time.perf_counter()) if h.op == "attend" else None
+        timing = (t0, time.perf_counter(), h.seq, h.layer) if h.op == "attend" else None
         self._defer(lambda: peer.conn.send(reply, out, ready=True), (tensors, staged), timing,
                     peer)
 
@@ -228,8 +229,8 @@ class NodeServer:
         still read a message's tensors and write its reply's: both stay referenced
         (`keep`) until the stream passes the event, since a received CUDA buffer that went
         back to the allocator could take the next message (written by UCX, outside
-        stream order) while a kernel still reads it. `timing`: (arrival seen, launched)
-        of an attend, recorded with the send."""
+        stream order) while a kernel still reads it. `timing`: (arrival seen, launched,
+        seq, layer) of an attend, recorded with the send."""
         if self.node.device.type == "cuda":
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.node.device))
@@ -241,8 +242,8 @@ class NodeServer:
         if peer.conn.alive:
             send()
         if timing is not None:
-            t0, t1 = timing
-            self.timings.append((t1 - t0, time.perf_counter() - t1))
+            t0, t1, seq, layer = timing
+            self.timings.append((t0, t1, time.perf_counter(), seq, layer))
 
     def _send_deferred(self) -> None:
         while self._deferred and self._deferred[0][0].query():
@@ -273,7 +274,8 @@ class NodeServer:
                     continue
                 handled += 1
                 self._defer(lambda s=st.seq, p=i + 1, r=res: peer.conn.send_part(
-                    s, p, r, ready=True, static=True), None, (t0, time.perf_counter()), peer)
+                    s, p, r, ready=True, static=True), None,
+                    (t0, time.perf_counter(), st.seq, st.layers[i]), peer)
             if st.next == len(st.recvs):
                 peer.streams.remove(st)
                 self._defer(lambda st=st: self._stream_done(peer, st), None, None, peer)
@@ -418,9 +420,16 @@ class NodeServer:
         info = self.node.stats()
         info["attend_streams"] = self.streams_served
         if self.timings:  # medians over the last attend messages, microseconds
-            info["attend_handle_us"] = statistics.median(a for a, _ in self.timings) * 1e6
-            info["attend_reply_us"] = statistics.median(b for _, b in self.timings) * 1e6
-            info["attend_messages"] = len(self.timings)
+            t = self.timings
+            info["attend_handle_us"] = statistics.median(e[1] - e[0] for e in t) * 1e6
+            info["attend_reply_us"] = statistics.median(e[2] - e[1] for e in t) * 1e6
+            info["attend_messages"] = len(t)
+        n = h.info.get("trace", 0)
+        if type(n) is not int or not 0 <= n <= 512:
+            raise ValueError("stats: trace must be an int in [0, 512]")
+        if n:  # the last n entries: [seq, layer, seen, launched, sent] (perf_counter s)
+            info["attend_trace"] = [[e[3], e[4], e[0], e[1], e[2]]
+                                    for e in list(self.timings)[-n:]]
         if h.info.get("reset_timings"):
             self.timings.clear()
         return Header("ok", info=info), []
