@@ -46,7 +46,8 @@ for phase in "$@"; do
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
     transport-stream)
       run transport-stream-b4 120 python3 benchmarks/transport.py --device cuda --batch 4 --iters 1000 --modes poll --stream
-      run transport-stream-b8 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes poll --stream ;;
+      run transport-stream-b8 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes poll --stream
+      run transport-stream-b8-same 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --same-reply ;;
     e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device messages --steps 40 --warmup 5 ;;
     e2e-stress) run e2e-stress 500 python3 benchmarks/e2e.py --configs 8x32768 8x32768 8x32768 8x32768 --steps 30 --warmup 3 ;;
     *) echo "unknown phase $phase" ;;

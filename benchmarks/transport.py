@@ -36,6 +36,8 @@ from kflume.comm.wire import pack_states, state_row_bytes  # noqa: E402
 
 HQ, D = 32, 128
 B = int(os.environ.get("KFLUME_BENCH_B", "32"))  # rows of q (--batch)
+# stream replies from one buffer instead of a buffer per layer (--same-reply)
+SAME_REPLY = os.environ.get("KFLUME_BENCH_SAME_REPLY") == "1"
 
 
 def _device(kind: str) -> torch.device:
@@ -149,10 +151,12 @@ def kflume_server(kind, progress, q_out):
         if m.header.op == "stream":  # as a node serves one, less the attention
             layers = m.header.info["layers"]
             qs = torch.empty(layers, B, HQ, D, dtype=torch.bfloat16, device=dev)
+            res = states.expand(layers, *states.shape).clone()  # a node's: one per layer
             recvs = [conn.post_part_recv(m.header.seq, i + 1, qs[i]) for i in range(layers)]
             for i, r in enumerate(recvs):
                 t.wait([r], 600.0)
-                conn.send_part(m.header.seq, i + 1, states, ready=True, static=True)
+                reply = states if SAME_REPLY else res[i]
+                conn.send_part(m.header.seq, i + 1, reply, ready=True, static=True)
             conn.send(Header("ok", seq=m.header.seq))
             continue
         conn.send(Header("result", seq=m.header.seq), [states])
@@ -215,8 +219,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="rows of q (B)")
     ap.add_argument("--stream", action="store_true",
                     help="also the layers of attend streams (poll mode)")
+    ap.add_argument("--same-reply", action="store_true",
+                    help="the peer answers every layer of a stream from one buffer (a node "
+                         "answers from one buffer per layer)")
     args = ap.parse_args()
     os.environ["KFLUME_BENCH_B"] = str(args.batch)  # spawned peers read it too
+    os.environ["KFLUME_BENCH_SAME_REPLY"] = "1" if args.same_reply else "0"
     _env(args.device, 0)
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         sys.exit("--device cuda needs two GPUs")
