@@ -39,6 +39,7 @@ from common import header, save_json  # noqa: E402
 
 from kflume.captured import CapturedRemoteAttention, StepServer  # noqa: E402
 from kflume.cluster import Cluster  # noqa: E402
+from kflume.graph import warm_and_capture  # noqa: E402
 from kflume.pipeline import LayerPipeline  # noqa: E402
 
 
@@ -181,22 +182,6 @@ def step_fn(model: Model, pipe: LayerPipeline, batch: int):
     return step, rows
 
 
-def capture(step, stream, serve=None):
-    """Warm up (eagerly, served from a thread if needed), then capture one step."""
-    t = threading.Thread(target=serve) if serve else None
-    if t:
-        t.start()
-    with torch.cuda.stream(stream):
-        step()
-    if t:
-        t.join(120)
-    stream.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=stream):
-        step()
-    return g
-
-
 def time_steps(n, run_one) -> list[float]:
     out = []
     for _ in range(n):
@@ -252,7 +237,7 @@ def run_colocated(shape, W, batch, context, device, args) -> dict:
             pipe = LayerPipeline(shape.layers, model.before, model.after, attn, mb)
             step, _ = step_fn(model, pipe, batch)
             s = torch.cuda.Stream()
-            g = capture(step, s)
+            g = warm_and_capture(step, s)
 
             def one(g=g, s=s):
                 with torch.cuda.stream(s):
@@ -318,7 +303,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 s = torch.cuda.Stream() if device == "cuda" else None
                 graph = None
                 if s is not None:  # the warm-up before capture ran this step: advance past it
-                    graph = capture(step, s, serve=cap.serve_step)
+                    graph = warm_and_capture(step, s, serve=cap.serve_step)
                     boundary()
                 parts: dict[str, list[float]] = {"serve": [], "sync": [], "boundary": []}
                 server = StepServer(cap, timeout=60.0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, save_json  # noqa: E402
 
-from kflume.graph import GraphSignal  # noqa: E402
+from kflume.graph import GraphSignal, warm_and_capture  # noqa: E402
 
 K = 64
 
@@ -41,15 +40,7 @@ def run(mechanism: str, reps: int = 200) -> dict:
             sig.wait_posted(i, 10)
             sig.release(i)
 
-    t = threading.Thread(target=serve)  # warm-up, eagerly: waits happen on the host
-    t.start()
-    with torch.cuda.stream(s):
-        step()
-    t.join(30)
-    s.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        step()
+    g = warm_and_capture(step, s, serve, timeout=30)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()

@@ -24,15 +24,18 @@ memory barrier, the kernel uses a system-scope release); the host side never lau
 kernels while a graph waits (modules that load lazily would deadlock it: warm up first,
 or set CUDA_MODULE_LOADING=EAGER); every host wait has a deadline, and `abort()` releases
 every slot so that a stuck graph finishes (its outputs are then flagged invalid).
+`warm_and_capture` is the recipe for capturing a step that waits on the host.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["GraphSignal", "SignalTimeout"]
+__all__ = ["GraphSignal", "SignalTimeout", "warm_and_capture"]
 
 
 class SignalTimeout(TimeoutError):
@@ -229,3 +232,40 @@ class GraphSignal:
             self._ack_np[:] = 1
         else:
             self._ack_np[:] = 2**31 - 1
+
+
+def warm_and_capture(step: Callable[[], object], stream: torch.cuda.Stream,
+                     serve: Callable[[], object] | None = None,
+                     timeout: float = 120.0) -> torch.cuda.CUDAGraph:
+    """Run `step` once eagerly on `stream`, then capture it into a new CUDA graph.
+
+    The eager run loads every kernel the step launches (a module loaded lazily while a
+    graph waits on the host deadlocks it); its signal waits happen on the host, so
+    `serve` (what answers them: `CapturedRemoteAttention.serve_step`, say) runs on a
+    thread of its own meanwhile. Raises SignalTimeout if serving does not end within
+    `timeout` seconds.
+    """
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller below
+            error.append(e)
+
+    t = threading.Thread(target=run, name="kflume-warmup", daemon=True) if serve else None
+    if t is not None:
+        t.start()
+    with torch.cuda.stream(stream):
+        step()
+    if t is not None:
+        t.join(timeout)
+        if t.is_alive():
+            raise SignalTimeout(f"the warm-up step was not served within {timeout} s")
+        if error:
+            raise error[0]
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        step()
+    return graph

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kflume.captured import CapturedRemoteAttention
-from kflume.graph import GraphSignal
+from kflume.graph import GraphSignal, warm_and_capture
 from kflume.pipeline import LayerPipeline
 
 pytestmark = pytest.mark.cuda
@@ -59,7 +59,6 @@ def test_signal_orders_device_and_host_work(mechanism):
         sig.post(1)  # the host may read b now
         sig.wait(1)
 
-    import threading
 
     def host(i):
         sig.wait_posted(0, timeout=10)
@@ -70,15 +69,8 @@ def test_signal_orders_device_and_host_work(mechanism):
             seen.copy_(b.cpu())
         sig.release(1)
 
-    # Warm-up, eagerly (waits happen on the host there): served from a thread.
-    t = threading.Thread(target=host, args=(0,))
-    t.start()
-    with torch.cuda.stream(s):
-        step()
-    t.join(30)
-    s.synchronize()
-    torch.testing.assert_close(b, (x + 1) * 1)
-    graph = capture(step, s)
+    graph = warm_and_capture(step, s, lambda: host(0), timeout=30)
+    torch.testing.assert_close(b, (x + 1) * 1)  # the eager warm-up ran (capture does not)
     for i in range(1, 1001):
         with torch.cuda.stream(s):
             graph.replay()
@@ -133,7 +125,6 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism, stage):
     (tokens appended every step, a node joins at replay 300): no recapture. Every 50th
     replay is checked against the eager RemoteAttention run just before it on the same
     cluster and inputs (whose appends the replay then rewrites with the same values)."""
-    import threading
 
     from kflume.cluster import Cluster
 
@@ -178,16 +169,8 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism, stage):
         cap.load(cl.begin_step())
         x_in.copy_(torch.randn(b, DIM, device="cuda", generator=gen))
         s.wait_stream(torch.cuda.current_stream())  # x_in was written on this stream
-        if graph is None:  # warm every kernel up eagerly (served from a thread), then capture
-            t = threading.Thread(target=cap.serve_step)
-            t.start()
-            with torch.cuda.stream(s):
-                step()
-            t.join(60)
-            s.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=s):
-                step()
+        if graph is None:
+            graph = warm_and_capture(step, s, cap.serve_step, timeout=60)
         ref = None
         if i % 50 == 0 or i == 999:
             x = x_in.clone()
