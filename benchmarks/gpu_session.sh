@@ -3,7 +3,7 @@
 # wheels, then run the named phases, each with a time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
 # Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
-#         e2e-big e2e-stress transport-gpu transport-stream e2e-join4 (4 GPUs) e2e-rndv
+#         e2e-big e2e-stress transport-gpu transport-stream e2e-join4 (4 GPUs) e2e-rndv transport-busy
 # (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -48,6 +48,10 @@ for phase in "$@"; do
       run transport-stream-b4 120 python3 benchmarks/transport.py --device cuda --batch 4 --iters 1000 --modes poll --stream
       run transport-stream-b8 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes poll --stream
       run transport-stream-b8-same 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --same-reply ;;
+    transport-busy)  # a stream layer's round trip while the weight node's GPU is busy
+      run transport-busy-none 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream
+      run transport-busy-spin 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy spin
+      run transport-busy-gemm 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy gemm ;;
     e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device messages --steps 40 --warmup 5 ;;
     e2e-stress) run e2e-stress 500 python3 benchmarks/e2e.py --configs 8x32768 8x32768 8x32768 8x32768 --steps 30 --warmup 3 ;;
     *) echo "unknown phase $phase" ;;

@@ -38,6 +38,7 @@ HQ, D = 32, 128
 B = int(os.environ.get("KFLUME_BENCH_B", "32"))  # rows of q (--batch)
 # stream replies from one buffer instead of a buffer per layer (--same-reply)
 SAME_REPLY = os.environ.get("KFLUME_BENCH_SAME_REPLY") == "1"
+BUSY = os.environ.get("KFLUME_BENCH_BUSY", "none")  # what runs on GPU0 meanwhile (--busy)
 
 
 def _device(kind: str) -> torch.device:
@@ -180,7 +181,16 @@ def kflume_client(kind, progress, iters, warmup, stream: bool = False) -> list[f
     reqs, lens = list(range(B)), [1] * B
     times = []
     st = None
+    side = torch.cuda.Stream() if BUSY != "none" else None
+    big = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16) if BUSY == "gemm" else None
     for i in range(warmup + iters):
+        if side is not None and side.query():  # keep this GPU busy meanwhile
+            with torch.cuda.stream(side):
+                if BUSY == "spin":  # one spinning block, like a graph's wait kernel
+                    torch.cuda._sleep(50_000_000)
+                else:  # every SM and HBM, like the other micro-batch's FFN
+                    for _ in range(20):
+                        big @ big
         if stream and i % 32 == 0:  # one stream per 32 layers (its header is not timed)
             if st is not None:
                 st.ack.result(30.0)
@@ -219,12 +229,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="rows of q (B)")
     ap.add_argument("--stream", action="store_true",
                     help="also the layers of attend streams (poll mode)")
+    ap.add_argument("--busy", choices=["none", "spin", "gemm"], default="none",
+                    help="keep the weight node's GPU busy during the kflume runs: a spinning "
+                         "block (a graph waiting) or matmuls on every SM (an FFN)")
     ap.add_argument("--same-reply", action="store_true",
                     help="the peer answers every layer of a stream from one buffer (a node "
                          "answers from one buffer per layer)")
     args = ap.parse_args()
     os.environ["KFLUME_BENCH_B"] = str(args.batch)  # spawned peers read it too
     os.environ["KFLUME_BENCH_SAME_REPLY"] = "1" if args.same_reply else "0"
+    global BUSY
+    BUSY = os.environ["KFLUME_BENCH_BUSY"] = args.busy
     _env(args.device, 0)
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         sys.exit("--device cuda needs two GPUs")
