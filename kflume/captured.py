@@ -34,6 +34,7 @@ device half (capturable, no host sync, no allocation after the first call).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,12 @@ class CapturedRemoteAttention:
         self.max_nodes, self.dtype = max_nodes, dtype
         dev = self.device = remote.device
         self.staged = dev.type == "cuda" and stage == "host"
+        # Between polls the serving loop hands the GIL over. On a GPU host the cores are
+        # free: os.sched_yield() (under a microsecond). time.sleep(0) costs ~55 us there
+        # (Linux's timer slack), a delay each step of each reply's progress paid (reply
+        # one way 141-165 us at 8x32K, docs/benchmarks.md); on CPU, where the nodes
+        # compute on the same cores, that sleep is what leaves them a core.
+        self._yield = os.sched_yield if dev.type == "cuda" else (lambda: time.sleep(0))
         if streams and self.staged:
             raise ValueError("attend streams need stage='device'")
         self.streams = not self.staged if streams is None else streams
@@ -311,7 +318,7 @@ class CapturedRemoteAttention:
                     released += 1
                 else:
                     transport.progress(0.0)
-                    time.sleep(0)  # hand the GIL over: the launching thread may need it
+                    self._yield()  # hand the GIL over: the launching thread may need it
                     if time.monotonic() > deadline:
                         raise SignalTimeout(f"step not served within {timeout} s ({sent} of "
                                             f"{total} slots sent, {released} released, "
