@@ -366,7 +366,8 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                     out["add_node"] = {"gpu": args.join_gpu if args.join_gpu is not None
                                        else args.node_gpu,
                                        "before": stats(before), "after": stats(after),
-                                       "join_steps_ms": joined, "new_node_tokens": load}
+                                       "join_steps_ms": joined, "new_node_tokens": load,
+                                       "after_steps_ms": [round(t, 2) for t in after]}
                     print(f"  add_node: {out['add_node']}", flush=True)
                 server.close()
             except Exception as e:  # noqa: BLE001 - record it, go on with the next run

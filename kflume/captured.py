@@ -201,18 +201,26 @@ class CapturedRemoteAttention:
         """Gather each node's rows into its send buffers and post the slot. q `[b, Hq, D]`,
         k, v `[b, Hkv, D]` of micro-batch `rows`."""
         m = self.ranges.index(rows) if rows is not None else 0
+        last = layer == self.num_layers - 1
         for i in range(self.max_nodes):
             torch.index_select(q, 0, self.gather[i][m], out=self.gathered[i][m])
-            sk, sv = self.gathered_kv[i][m]
-            sk[:, layer, 0] = k.index_select(0, self.append_gather[i][m])
-            sv[:, layer, 0] = v.index_select(0, self.append_gather[i][m])
+        if last:  # sent with this slot: gathered before the post
+            self._gather_kv(layer, m, k, v)
         if self.staged:  # one copy for every node slot; the post below comes after it
             self._send_host[m].copy_(self._send_dev[m], non_blocking=True)
-            if layer == self.num_layers - 1:
+            if last:
                 self._kv_host[m].copy_(self._kv_dev[m], non_blocking=True)
         slot = layer * len(self.ranges) + m
         self.signal.post(slot)
+        if not last:  # not needed before the last layer: off the slot's critical path
+            self._gather_kv(layer, m, k, v)
         return (slot, m, q, k, v)
+
+    def _gather_kv(self, layer: int, m: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for i in range(self.max_nodes):
+            sk, sv = self.gathered_kv[i][m]
+            sk[:, layer, 0] = k.index_select(0, self.append_gather[i][m])
+            sv[:, layer, 0] = v.index_select(0, self.append_gather[i][m])
 
     def finish(self, handle) -> torch.Tensor:
         """Wait for the host's release of the slot, then merge the replies with the new
