@@ -32,8 +32,9 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 def default_progress(device: str) -> str:
     """GPU nodes poll (a dedicated server; cuda_ipc copies complete without waking an fd);
-    CPU nodes spin a little, then sleep (they share their cores)."""
-    return "poll" if str(device).startswith("cuda") else "hybrid"
+    CPU nodes sleep on the worker's event fd (their cores compute: on a 2-core machine
+    spinning after each message made the end-to-end CPU run slower)."""
+    return "poll" if str(device).startswith("cuda") else "blocking"
 
 
 def _die_with_parent() -> None:  # runs in the child before exec
@@ -177,8 +178,8 @@ def build_parser():
     p.add_argument("--token", default=None,
                    help="cluster token peers must present (default: $KFLUME_TOKEN)")
     p.add_argument("--progress", default=None, choices=["hybrid", "poll", "blocking"],
-                   help="how the UCX worker is progressed (default: poll on a GPU, hybrid on "
-                   "CPU)")
+                   help="how the UCX worker is progressed (default: poll on a GPU, blocking "
+                   "on CPU)")
     p.add_argument("--q-heads", type=int, default=None,
                    help="query heads of the model, to compile its kernels before listening")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,

@@ -161,9 +161,9 @@ class NodeServer:
     def serve(self, should_stop=lambda: False, idle_sleep: float = 0.001) -> None:
         """Serve until a "shutdown" message or `should_stop()` returns True."""
         while not self.stopped and not should_stop():
-            if self.poll() == 0:
-                # Never sleep while a reply waits on its kernel: poll again at once.
-                self.transport.progress(0.0 if self._deferred else idle_sleep)
+            handled = self.poll()
+            # Never sleep while a reply waits on its kernel: poll again at once.
+            self.transport.progress(0.0 if handled or self._deferred else idle_sleep)
         while self._deferred:  # replies already computed still go out
             self._send_deferred()
             self.transport.progress(0.0)

@@ -399,7 +399,9 @@ class UcxTransport(Transport):
 
     token: the cluster token both sides must present (default `$KFLUME_TOKEN`, else
     none). progress: "poll" (default: a weight node waiting for replies has nothing
-    else to do), "hybrid" (spin `spin_us`, then sleep: the default of `kflume node`),
+    else to do), "hybrid" (after the last call with `timeout=0`, i.e. with work in
+    flight, spin `spin_us`, then sleep), "blocking" (sleep at once: the default of a
+    `kflume node` on CPU, whose cores the computation needs),
     "blocking" or "thread". inline_bytes: how many bytes of host tensors may ride in a
     message's header part (nodes use SERVER_INLINE_BYTES: their replies' large tensors
     land directly in the buffers the weight node posted).
@@ -538,6 +540,8 @@ class UcxTransport(Transport):
             self.worker.progress()
         self._reap()
         now = time.monotonic()
+        if timeout <= 0:  # the caller has work in flight: "hybrid" keeps spinning a while
+            self._last_busy = now
         if self.mode == "poll" or self.mode == "thread" or timeout <= 0 or (
             self.mode == "hybrid" and now - self._last_busy < self.spin_s
         ):

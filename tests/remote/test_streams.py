@@ -204,3 +204,27 @@ def test_cuda_stream_over_ucx_matches_reference():
     finally:
         t.close()
         assert proc.stop() == 0
+
+
+def test_node_trace_names_each_stream_layer_in_order():
+    c = InProc()
+    ref = ReferenceKV(CONFIG.layers)
+    rids = fill(c.client, ref, {"t": 12}, seed=5)
+    q = [torch.randn(1, HQ, 64) for _ in range(CONFIG.layers)]
+    c.client.stats(reset_timings=True)
+    t0 = time.perf_counter()
+    st = c.client.open_stream(range(3), 1, rids, [12], HQ, 64, torch.float32)
+    row = state_row_bytes(HQ, 64, torch.float32)
+    replies = [st.attend(layer, q[layer], torch.zeros(1, row, dtype=torch.uint8))
+               for layer in (2, 1, 0)]  # sent in reverse, run in order
+    for r in replies:
+        r.result()
+    st.ack.result()
+    info = c.client.stats(trace=5)
+    trace = info["attend_trace"]
+    assert [e[:2] for e in trace] == [[st.seq, 0], [st.seq, 1], [st.seq, 2]]
+    for _, _, seen, launched, sent in trace:
+        assert t0 <= seen <= launched <= sent <= time.perf_counter()
+    assert info["attend_streams"] == 1 and info["attend_messages"] == 3
+    with pytest.raises(RemoteError, match="trace must be an int"):
+        c.client.stats(trace=513)
