@@ -88,6 +88,8 @@ def _error_kind(e: BaseException) -> str:
         return "unknown_request"
     if isinstance(e, (ValueError, WireError, TypeError)):
         return "bad_request"
+    if isinstance(e, TimeoutError):
+        return "timeout"
     return "internal"
 
 
@@ -297,7 +299,7 @@ class NodeServer:
             return  # already answered
         st.run = None
         if _error_kind(e) == "internal":
-            log.exception("%s: stream %d failed", peer.conn.peer, st.seq)
+            log.error("%s: stream %d failed", peer.conn.peer, st.seq, exc_info=e)
         else:
             log.info("%s: refused stream %d: %s", peer.conn.peer, st.seq, e)
         self._reply_error(peer, Header("stream", seq=st.seq), e)
@@ -357,6 +359,9 @@ class NodeServer:
         scale = h.info.get("scale")
         if scale is not None and not isinstance(scale, float):
             raise ValueError(f"stream: scale must be a float; got {scale!r}")
+        if b > len(self.node.requests):  # before allocating buffers for it
+            raise UnknownRequestError(f"stream names {b} requests; this node holds "
+                                      f"{len(self.node.requests)}")
         key = (layers, b, hq, d, dtype)
         bufs = self._stream_buffers(key)
         st = _Stream(h.seq, range(h.layer, h.layer + layers), bufs, key,

@@ -110,6 +110,9 @@ def test_refused_streams_raise_and_the_node_keeps_serving(client):
              (rids, [21], range(3), 64, "kv_len 21 for request 'r'"),
              (rids, [20], range(1, 4), 64, "layer 3 out of range"),
              (rids, [20], range(3), 32, "head_dim 32")]
+    st = client.open_stream(range(3), 1, ["x", "y"], [1, 1], HQ, 64, torch.float32)
+    with pytest.raises(RemoteError, match="names 2 requests; this node holds 1"):
+        st.ack.result()  # refused before any buffer exists: nothing sent to drain
     for reqs, kv_len, layers, d, match in cases:
         st = client.open_stream(layers, 1, reqs, kv_len, HQ, d, torch.float32)
         qd = torch.randn(1, HQ, d)
@@ -148,8 +151,9 @@ def test_a_stream_whose_queries_stop_is_given_up():
     first = st.attend(0, q, torch.zeros(1, row, dtype=torch.uint8))
     first.result()  # answered; layers 1 and 2 never sent
     time.sleep(0.3)
-    with pytest.raises(RemoteError, match="2 queries never came"):
+    with pytest.raises(RemoteError, match="2 queries never came") as e:
         st.ack.result()
+    assert e.value.kind == "timeout"
     assert not any(p.streams for p in c.server.peers)
     out = run_stream(c.client, rids, [9], [q, q, q], [0, 1, 2])
     assert_close_rel(out[2][0], ref.attend(2, rids, q, 64**-0.5), torch.float32)
