@@ -218,6 +218,37 @@ def one_way(trace, node_trace) -> dict:
             "reply_us": med(3), "n": len(rows)}
 
 
+def profile_steps(run_one, n: int, name: str) -> dict:
+    """GPU time per step by kernel family over `n` steps (torch.profiler: CUPTI sees the
+    kernels a replayed graph runs); the table and a Chrome trace go to $OUT."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            run_one()
+    torch.cuda.synchronize()
+    fam: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total  # the kernels' own time (ops and API calls: 0)
+        if not t or e.key.startswith("aten::"):
+            continue
+        k = e.key.lower()
+        f = ("wait" if "wait_kernel" in k else "post" if "post_kernel" in k else
+             "memcpy" if k.startswith("memcpy") else
+             "attention/merge" if "merge" in k or "split_kv" in k else
+             "gemm" if any(x in k for x in ("gemm", "cutlass", "sm90", "nvjet", "cublas"))
+             else "index (gather/scatter)" if "index" in k else "other")
+        a = fam.setdefault(f, [0.0, 0])
+        a[0] += t / n
+        a[1] += e.count / n
+    out = {f: {"us": round(t, 1), "kernels": round(c, 1)} for f, (t, c) in fam.items()}
+    dest = Path(os.environ.get("OUT", "."))
+    prof.export_chrome_trace(str(dest / f"{name}.trace.json"))
+    (dest / f"{name}.kernels.txt").write_text(prof.key_averages().table(
+        sort_by="self_device_time_total", row_limit=40))
+    return out
+
+
 def stats(ms: list[float]) -> dict:
     s = sorted(ms)
     p99 = s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
@@ -351,6 +382,8 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 out[key]["node_us"] = {k: node.get(f"attend_{k}_us", 0.0)
                                        for k in ("handle", "reply")}
                 out[key]["one_way"] = one_way(cap.trace, node.get("attend_trace", []))
+                if args.profile and stage == args.stages[0] and graph is not None:
+                    out[key]["gpu_per_step"] = profile_steps(one, 3, f"{batch}x{context}-{key}")
                 print(f"  {key}: {out[key]}", flush=True)
                 cap.trace_steps = 0
                 if add_node and mb == 2 and stage == args.stages[0]:
@@ -408,6 +441,9 @@ def main() -> None:
     ap.add_argument("--eager-node", nargs="*", default=[], metavar="BxL",
                     help="configs also run with nodes that launch their kernels per message "
                          "instead of replaying captured graphs (same run, for comparison)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, 3 steps of each headline run under torch.profiler: "
+                         "GPU time per step by kernel family (and a trace under $OUT)")
     ap.add_argument("--join-gpu", type=int, default=None,
                     help="GPU of the node that joins mid-run (default: the nodes' GPU)")
     ap.add_argument("--node-gpu", type=int, default=1,

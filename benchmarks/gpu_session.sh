@@ -3,7 +3,7 @@
 # wheels, then run the named phases, each with a time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
 # Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
-#         e2e-big e2e-stress transport-gpu transport-stream e2e-join4 (4 GPUs) e2e-rndv transport-busy
+#         e2e-big e2e-stress transport-gpu transport-stream e2e-join4 (4 GPUs) e2e-rndv transport-busy e2e-profile
 # (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -42,6 +42,7 @@ for phase in "$@"; do
     e2e-rndv)  # who moves a rendezvous' bytes: the receiver (get, UCX's choice) or the sender
       run e2e-rndv-auto 150 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5
       run e2e-rndv-put 150 env UCX_RNDV_SCHEME=put_zcopy python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 ;;
+    e2e-profile) run e2e-profile 240 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 20 --warmup 5 --profile ;;
     e2e-eager) run e2e-eager 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --eager-node 8x32768 ;;
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
     transport-stream)
