@@ -72,6 +72,8 @@ class AttendStream:
     `attend(layer, q, into)` once for each layer of the stream, in any order; `ack` is
     the node's answer to the whole stream (check it once every layer is answered).
     Every layer must be sent: the node waits for each (until its stream deadline).
+    Open a connection's next stream of the same shape only once this one's replies are
+    in: the node answers it from the same buffers.
     """
 
     def __init__(self, client: NodeClient, seq: int, layers: range, ack: Pending,

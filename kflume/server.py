@@ -7,8 +7,9 @@ refuses changes nothing and the server goes on serving everyone. When a peer goe
 the requests it opened are freed (and logged), so capacity is never lost silently.
 
 An attend stream (kflume/client.py) is checked once, when its header comes; the
-receives of all its layers' queries are posted then, into buffers reused from stream to
-stream, and each layer runs as soon as its query lands. A stream the node refuses, or
+receives of all its layers' queries are posted then, into buffers reused from one of
+the peer's streams to its next (a peer opens the next once it has the replies), and
+each layer runs as soon as its query lands. A stream the node refuses, or
 that fails midway, is answered with an error at once and its remaining queries are
 still received (and dropped), so the peer's sends complete; a stream whose queries stop
 coming is given up after `stream_deadline` seconds.
@@ -56,6 +57,10 @@ class _Peer:
     recv: Recv | None = None
     requests: set = field(default_factory=set)
     streams: list[_Stream] = field(default_factory=list)
+    # Free stream buffers by shape, per peer: a stream's last replies may still be on
+    # their way (the peer pulls them) when it ends, and only this peer's next stream,
+    # opened once it has them, may write the buffers again.
+    stream_bufs: dict[tuple, list] = field(default_factory=dict)
 
 
 def _to_device(tensors: list[torch.Tensor], device) -> tuple[list, list]:
@@ -108,7 +113,6 @@ class NodeServer:
         # tensors and the reply's), while the loop goes on receiving: the next message's
         # overhead hides the kernel. Entries: (event, send, what it keeps alive, timing).
         self._deferred: list[tuple] = []
-        self._stream_bufs: dict[tuple, list] = {}  # free stream buffers by shape
         # Per attend message or stream layer (the last 4096): (arrival seen, kernels
         # launched, reply sent) in time.perf_counter() seconds, the message's sequence
         # number and layer ("stats": medians, and the entries themselves on request).
@@ -310,14 +314,14 @@ class NodeServer:
         if st.run is not None:
             peer.conn.send(Header("ok", seq=st.seq))
             self.streams_served += 1
-        free = self._stream_bufs.setdefault(st.key, [])
+        free = peer.stream_bufs.setdefault(st.key, [])
         if len(free) < 4:
             free.append(st.bufs)
-        if len(self._stream_bufs) > 16:
-            self._stream_bufs.pop(next(iter(self._stream_bufs)))
+        if len(peer.stream_bufs) > 8:
+            peer.stream_bufs.pop(next(iter(peer.stream_bufs)))
 
-    def _stream_buffers(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        free = self._stream_bufs.get(key)
+    def _stream_buffers(self, peer: _Peer, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        free = peer.stream_bufs.get(key)
         if free:
             return free.pop()
         layers, b, hq, d, dtype = key
@@ -363,7 +367,7 @@ class NodeServer:
             raise UnknownRequestError(f"stream names {b} requests; this node holds "
                                       f"{len(self.node.requests)}")
         key = (layers, b, hq, d, dtype)
-        bufs = self._stream_buffers(key)
+        bufs = self._stream_buffers(peer, key)
         st = _Stream(h.seq, range(h.layer, h.layer + layers), bufs, key,
                      time.monotonic() + self.stream_deadline)
         st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, bufs[0][i]) for i in range(layers)]
