@@ -59,96 +59,88 @@ DEFAULT_HUB = InProcHub()
 
 
 class _InProcRecv(Recv):
-    def __init__(self, conn: _InProcConnection, seq: int, into):
-        self.conn, self.seq, self.into = conn, seq, into
-        self._cancelled = False
+    """A receive of whatever arrives in the connection's inbox under `key`: a message
+    (key: its sequence number) or a part (key: (sequence number, part))."""
 
-    @property
-    def done(self) -> bool:
-        return self.seq in self.conn.inbox or not self.conn.alive or self._cancelled
-
-    def message(self) -> Message:
-        if self.seq not in self.conn.inbox:
-            raise TransportError(f"{self.conn.peer}: connection closed before message "
-                                 f"{self.seq} arrived")
-        header, tensors = self.conn.inbox.pop(self.seq)
-        into = check_into(header, self.into, self.conn.peer)
-        if into is not None:
-            for dst, src in zip(into, tensors):
-                dst.copy_(src)
-            if any(t.is_cuda for t in into):  # complete, like a real transport's receive
-                torch.cuda.current_stream().synchronize()
-            tensors = list(into)
-        return Message(header, tensors)
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self.conn.dropped.add(self.seq)
-        self.conn.inbox.pop(self.seq, None)
-
-
-class _InProcPartRecv(Recv):
-    def __init__(self, conn: _InProcConnection, key: tuple[int, int], into: torch.Tensor):
+    def __init__(self, conn: _InProcConnection, key, into):
         self.conn, self.key, self.into = conn, key, into
         self._cancelled = False
 
     @property
     def done(self) -> bool:
-        return self.key in self.conn.parts or not self.conn.alive or self._cancelled
+        return self.key in self.conn.inbox or not self.conn.alive or self._cancelled
+
+    def _take(self):
+        if self.key not in self.conn.inbox:
+            raise TransportError(f"{self.conn.peer}: connection closed before {self.key} "
+                                 "arrived")
+        return self.conn.inbox.pop(self.key)
 
     def message(self) -> Message:
-        if self.key not in self.conn.parts:
-            raise TransportError(f"{self.conn.peer}: part {self.key} did not arrive")
-        src = self.conn.parts.pop(self.key).reshape(-1).view(torch.uint8)
+        header, tensors = self._take()
+        into = check_into(header, self.into, self.conn.peer)
+        if into is not None:
+            for dst, src in zip(into, tensors):
+                dst.copy_(src)
+            tensors = list(into)
+            _complete(tensors)
+        return Message(header, tensors)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.conn.dropped.add(self.key)
+        self.conn.inbox.pop(self.key, None)
+
+
+class _InProcPartRecv(_InProcRecv):
+    def message(self) -> Message:
+        src = self._take().reshape(-1).view(torch.uint8)
         dst = self.into.view(-1).view(torch.uint8)
         if src.numel() != dst.numel():  # what UCX reports as a truncated message
             raise WireError(f"{self.conn.peer}: part {self.key} has {src.numel()} bytes; the "
                             f"buffer {dst.numel()}")
         dst.copy_(src)
-        if self.into.is_cuda:
-            torch.cuda.current_stream().synchronize()
+        _complete([self.into])
         return Message(Header("result", seq=self.key[0]), [self.into])
 
-    def cancel(self) -> None:
-        self._cancelled = True
-        self.conn.dropped_parts.add(self.key)
-        self.conn.parts.pop(self.key, None)
+
+def _complete(tensors) -> None:
+    """Buffers received into are complete, like a real transport's receive."""
+    if any(t.is_cuda for t in tensors):
+        torch.cuda.current_stream().synchronize()
 
 
 class _InProcConnection(Connection):
     def __init__(self, peer: str):
         self.peer = peer
-        self.inbox: dict[int, tuple[Header, list[torch.Tensor]]] = {}
-        self.parts: dict[tuple[int, int], torch.Tensor] = {}
-        self.dropped_parts: set[tuple[int, int]] = set()
-        self.dropped: set[int] = set()
+        # what arrived: messages by sequence number, parts by (sequence number, part)
+        self.inbox: dict = {}
+        self.dropped: set = set()  # keys of receives given up: what comes is dropped
         self.other: _InProcConnection | None = None
         self._alive = True
 
-    def send(self, header: Header, tensors: Sequence[torch.Tensor] = (),
-             ready: bool = False) -> None:
+    def _deliver(self, key, value) -> None:
         if not self._alive or self.other is None or not self.other._alive:
             raise TransportError(f"{self.peer}: connection is closed")
+        if key in self.other.dropped:
+            self.other.dropped.discard(key)
+            return
+        self.other.inbox[key] = value
+
+    def send(self, header: Header, tensors: Sequence[torch.Tensor] = (),
+             ready: bool = False) -> None:
         header.describe(tensors)
         wire_header = decode(encode(header))  # what a real wire would deliver
-        copies = [t.detach().contiguous().clone() for t in tensors]
-        if header.seq in self.other.dropped:
-            self.other.dropped.discard(header.seq)
-            return
-        self.other.inbox[header.seq] = (wire_header, copies)
+        self._deliver(header.seq, (wire_header, [t.detach().contiguous().clone()
+                                                 for t in tensors]))
 
     def post_recv(self, seq: int, into: Sequence[torch.Tensor] | None = None) -> Recv:
         return _InProcRecv(self, seq, into)
 
     def send_part(self, seq: int, part: int, tensor: torch.Tensor, ready: bool = False,
                   static: bool = False) -> None:
-        if not self._alive or self.other is None or not self.other._alive:
-            raise TransportError(f"{self.peer}: connection is closed")
         check_part(part, tensor)
-        if (seq, part) in self.other.dropped_parts:
-            self.other.dropped_parts.discard((seq, part))
-            return
-        self.other.parts[(seq, part)] = tensor.detach().clone()
+        self._deliver((seq, part), tensor.detach().clone())
 
     def post_part_recv(self, seq: int, part: int, into: torch.Tensor) -> Recv:
         check_part(part, into)
