@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
 # Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
 #         e2e-big e2e-stress transport-gpu transport-stream e2e-join4 (4 GPUs) e2e-rndv transport-busy e2e-profile
+#         e2e-ab (against ./old: git worktree add old COMMIT, carried, its .git removed)
 # (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -53,6 +54,11 @@ for phase in "$@"; do
       run transport-busy-none 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream
       run transport-busy-spin 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy spin
       run transport-busy-gemm 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy gemm ;;
+    e2e-ab)  # this tree against ./old (a worktree of an older commit), alternated, one call
+      for i in 1 2; do
+        run e2e-new-$i 200 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5
+        run e2e-old-$i 200 env PYTHONPATH=$PWD/old:$PWD/.site bash -c "cd old && python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5"
+      done ;;
     e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device messages --steps 40 --warmup 5 ;;
     e2e-stress) run e2e-stress 500 python3 benchmarks/e2e.py --configs 8x32768 8x32768 8x32768 8x32768 --steps 30 --warmup 3 ;;
     *) echo "unknown phase $phase" ;;

@@ -105,6 +105,7 @@ class CapturedRemoteAttention:
             raise ValueError("attend streams need stage='device'")
         self.streams = not self.staged if streams is None else streams
         self._open: dict[tuple[int, int], AttendStream] = {}  # (node slot, micro-batch)
+        self._stream_q: list[list] = []  # [micro-batch] (stream, its q buffer) per node
         hq, hkv, d = remote.hq, remote.hkv, remote.d
         m = len(self.ranges)
         self.signal = GraphSignal(num_layers * m, dev, mechanism)
@@ -130,19 +131,23 @@ class CapturedRemoteAttention:
         def per_slot(bufs, view=lambda t: t):
             return [[view(bufs[m][i]) for m in range(len(sizes))] for i in range(max_nodes)]
 
-        # [node slot][micro-batch] -> q [n, Hq, D] / (k, v) [n, layers, 1, Hkv, D] /
-        # packed replies [n, row] / (out, lse) views of them; the first rows of each are
-        # one contiguous tensor, which is what the transport sends or receives.
-        self.gathered = per_slot(self._send_dev)  # written by the graph
-        self.outgoing = per_slot(self._send_host)  # read by the transport
-        self.gathered_kv = per_slot(self._kv_dev, lambda t: (t[0], t[1]))
+        # What the transport touches: [node slot][micro-batch] -> q [n, Hq, D] /
+        # (k, v) [n, layers, 1, Hkv, D] / packed replies [n, row]; the first rows of
+        # each are one contiguous tensor, which is what it sends or receives. (The graph
+        # writes and reads all node slots of a micro-batch at once.)
+        self.outgoing = per_slot(self._send_host)
         self.outgoing_kv = per_slot(self._kv_host, lambda t: (t[0], t[1]))
-        self.incoming = per_slot(self._recv_host)  # written by the transport
-        self.replies = per_slot(self._recv_dev, lambda t: unpack_states(t, hq, d, dtype))
-        i64 = lambda n: torch.zeros(n, dtype=torch.long, device=dev)  # noqa: E731
-        self.gather = [[i64(n) for n in sizes] for _ in range(max_nodes)]
-        self.scatter = [[i64(n) for n in sizes] for _ in range(max_nodes)]
-        self.append_gather = [[i64(n) for n in sizes] for _ in range(max_nodes)]
+        self.incoming = per_slot(self._recv_host)
+        # Per micro-batch, one index buffer [gather | scatter | append gather], each part
+        # [node slot][row] flattened, so that one kernel serves every node slot and one
+        # copy a step refreshes them: gather -> the row of q (and of k, v) that goes out
+        # as the slot's j-th row; scatter -> where the slot's j-th reply row goes in the
+        # merge's parts [node slot][row + 1 dummy], flattened (so offset by i * (n + 1)).
+        self.index = [torch.zeros(3, max_nodes * n, dtype=torch.long, device=dev)
+                      for n in sizes]
+        # the same replies as one flat [node slot * row] (out, lse), for the scatter
+        self._replies_flat = [unpack_states(t.view(-1, row), hq, d, dtype)
+                              for t in self._recv_dev]
         self.parts_out = [z(max_nodes + 1, n + 1, hq, d) for n in sizes]  # +1: dummy row
         self.parts_lse = [z(max_nodes + 1, n + 1, hq, dt=torch.float32) for n in sizes]
         self.out = [z(n, hq, d) for n in sizes]
@@ -171,28 +176,31 @@ class CapturedRemoteAttention:
                     raise ValueError(f"more than max_nodes={self.max_nodes} attention nodes")
                 self.node_slots[self.node_slots.index("")] = n
         by_node = {w.node: w for w in plan.nodes}
-        for i, name in enumerate(self.node_slots):
-            for m, r in enumerate(self.ranges):
-                size, slot = r.stop - r.start, _Slot(name)
-                gather, scatter, agather = [0] * size, [size] * size, [0] * size
+        for m, r in enumerate(self.ranges):
+            size = r.stop - r.start
+            gather, scatter, agather = [], [], []
+            for i, name in enumerate(self.node_slots):
+                slot, base = _Slot(name), i * (size + 1)
+                g, sc, ag = [0] * size, [base + size] * size, [0] * size  # padding
                 w = by_node.get(name)
                 if w is not None:
                     for row, n in zip(w.rows, w.kv_len):
                         if r.start <= row < r.stop:
-                            gather[len(slot.requests)] = scatter[len(slot.requests)] = (
-                                row - r.start)
+                            g[len(slot.requests)] = row - r.start
+                            sc[len(slot.requests)] = base + row - r.start
                             slot.requests.append(plan.requests[row])
                             slot.kv_len.append(n)
                     for row, off in zip(w.append_rows, w.append_offsets):
                         if r.start <= row < r.stop:
-                            agather[len(slot.append_requests)] = row - r.start
+                            ag[len(slot.append_requests)] = row - r.start
                             slot.append_requests.append(plan.requests[row])
                             slot.append_offsets.append(off)
                             slot.positions.append(plan.positions[row])
                 self.plan_slots[i][m] = slot
-                for buf, vals in ((self.gather, gather), (self.scatter, scatter),
-                                  (self.append_gather, agather)):
-                    buf[i][m].copy_(torch.tensor(vals, dtype=torch.long), non_blocking=False)
+                gather += g
+                scatter += sc
+                agather += ag
+            self.index[m].copy_(torch.tensor([gather, scatter, agather], dtype=torch.long))
         self.epoch = plan.epoch
 
     # ---- device half: inside the graph ---------------------------------------------------
@@ -202,8 +210,8 @@ class CapturedRemoteAttention:
         k, v `[b, Hkv, D]` of micro-batch `rows`."""
         m = self.ranges.index(rows) if rows is not None else 0
         last = layer == self.num_layers - 1
-        for i in range(self.max_nodes):
-            torch.index_select(q, 0, self.gather[i][m], out=self.gathered[i][m])
+        send = self._send_dev[m]  # every node slot's rows, one kernel
+        torch.index_select(q, 0, self.index[m][0], out=send.view(-1, *send.shape[2:]))
         if last:  # sent with this slot: gathered before the post
             self._gather_kv(layer, m, k, v)
         if self.staged:  # one copy for every node slot; the post below comes after it
@@ -217,10 +225,9 @@ class CapturedRemoteAttention:
         return (slot, m, q, k, v)
 
     def _gather_kv(self, layer: int, m: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for i in range(self.max_nodes):
-            sk, sv = self.gathered_kv[i][m]
-            sk[:, layer, 0] = k.index_select(0, self.append_gather[i][m])
-            sv[:, layer, 0] = v.index_select(0, self.append_gather[i][m])
+        kv = self._kv_dev[m][:, :, :, layer, 0]  # [node slot, k | v, row, Hkv, D]
+        rows = torch.stack((k, v)).index_select(1, self.index[m][2])
+        kv.copy_(rows.view(2, self.max_nodes, -1, *k.shape[1:]).transpose(0, 1))
 
     def finish(self, handle) -> torch.Tensor:
         """Wait for the host's release of the slot, then merge the replies with the new
@@ -236,10 +243,9 @@ class CapturedRemoteAttention:
         self.signal.wait(slot)
         if self.staged:
             self._recv_dev[m].copy_(self._recv_host[m], non_blocking=True)
-        for i in range(self.max_nodes):
-            out, lse = self.replies[i][m]
-            po[i + 1].index_copy_(0, self.scatter[i][m], out)
-            pl[i + 1].index_copy_(0, self.scatter[i][m], lse)
+        out, lse = self._replies_flat[m]  # every node slot's replies, one kernel each
+        po[1:].view(-1, *po.shape[2:]).index_copy_(0, self.index[m][1], out)
+        pl[1:].view(-1, pl.shape[2]).index_copy_(0, self.index[m][1], lse)
         merge_attention_states(po[:, :n], pl[:, :n], out=self.out[m], lse=self.out_lse[m])
         return self.out[m]
 
@@ -248,22 +254,21 @@ class CapturedRemoteAttention:
         """Queries to every node holding rows of this slot. After a micro-batch's last
         layer, also its new k, v of every layer to their tail nodes (into `appends`)."""
         layer, m = divmod(slot, len(self.ranges))
-        pend = []
-        live = [(i, name, self.plan_slots[i][m]) for i, name in enumerate(self.node_slots)
-                if name]
-        for i, name, s in live:
-            if s.requests:
-                b = len(s.requests)
-                q, into = self.outgoing[i][m][:b], self.incoming[i][m][:b]
-                if self.streams:
-                    pend.append(self._open[i, m].attend(layer, q, into, ready=True))
-                else:
+        if self.streams:  # the replies' receives were posted ahead
+            pend = [st.attend(layer, q, ready=True) for st, q in self._stream_q[m]]
+        else:
+            pend = []
+            for i, name in enumerate(self.node_slots):
+                s = self.plan_slots[i][m]
+                if name and s.requests:
+                    b = len(s.requests)
                     pend.append(self.remote.clients[name].attend(
-                        layer, self.epoch, s.requests, s.kv_len, q, into, self.remote.scale,
-                        ready=True))
+                        layer, self.epoch, s.requests, s.kv_len, self.outgoing[i][m][:b],
+                        self.incoming[i][m][:b], self.remote.scale, ready=True))
         if layer == self.num_layers - 1:
-            for i, name, s in live:
-                if s.append_requests:
+            for i, name in enumerate(self.node_slots):
+                s = self.plan_slots[i][m]
+                if name and s.append_requests:
                     a = len(s.append_requests)
                     k, v = self.outgoing_kv[i][m]
                     appends.append(self.remote.clients[name].append(
@@ -274,14 +279,17 @@ class CapturedRemoteAttention:
     def _open_streams(self) -> list[Pending]:
         """One attend stream per (node, micro-batch) with rows; their acknowledgements."""
         self._open.clear()
+        self._stream_q = [[] for _ in self.ranges]
         r = self.remote
         for i, name in enumerate(self.node_slots):
             for m in range(len(self.ranges)):
                 s = self.plan_slots[i][m]
                 if name and s.requests:
-                    self._open[i, m] = r.clients[name].open_stream(
+                    b = len(s.requests)
+                    st = self._open[i, m] = r.clients[name].open_stream(
                         range(self.num_layers), self.epoch, s.requests, s.kv_len, r.hq, r.d,
-                        self.dtype, r.scale)
+                        self.dtype, r.scale, into=self.incoming[i][m][:b])
+                    self._stream_q[m].append((st, self.outgoing[i][m][:b]))
         return [st.ack for st in self._open.values()]
 
     def serve_step(self, timeout: float = 30.0) -> None:
@@ -337,6 +345,8 @@ class CapturedRemoteAttention:
                 p.result(0.0)  # a stream refused after its last reply (appends: client.check)
         except BaseException:
             self.signal.abort()
+            for st in self._open.values():
+                st.close()
             raise
         self.steps += 1
         if tr:

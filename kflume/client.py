@@ -74,37 +74,63 @@ class AttendStream:
     Every layer must be sent: the node waits for each (until its stream deadline).
     Open a connection's next stream of the same shape only once this one's replies are
     in: the node answers it from the same buffers.
+
+    A stream opened with `into` (one reply buffer for every layer) posts each layer's
+    reply receive ahead: the first at once, the next right after a layer's query is
+    sent, so that a layer's send is the send alone. `attend` then takes no `into`, and
+    the caller must have read a layer's reply before it sends the next layer's query.
     """
 
     def __init__(self, client: NodeClient, seq: int, layers: range, ack: Pending,
-                 shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+                 shape: tuple[int, int, int], dtype: torch.dtype,
+                 into: torch.Tensor | None = None) -> None:
         self.client, self.seq, self.layers, self.ack = client, seq, layers, ack
         self.shape, self.dtype = shape, dtype
         self.row = state_row_bytes(shape[1], shape[2], dtype)
         self._sent: set[int] = set()
+        self._into = into
+        self._ahead: dict[int, Recv] = {}  # pre-posted reply receives, by layer
+        if into is not None:
+            _check_into(into, shape, dtype)
+            self._post_ahead(layers.start)
 
-    def attend(self, layer: int, q: torch.Tensor, into: torch.Tensor,
+    def _post_ahead(self, layer: int) -> None:
+        if layer in self.layers and layer not in self._sent and layer not in self._ahead:
+            self._ahead[layer] = self.client.conn.post_part_recv(
+                self.seq, layer - self.layers.start + 1, self._into)
+
+    def attend(self, layer: int, q: torch.Tensor, into: torch.Tensor | None = None,
                ready: bool = False) -> StreamReply:
         """Send `layer`'s q `[b, Hq, D]`; its reply (the layout of kflume/comm/wire.py,
-        uint8 `[b, row]`) lands in `into`. `ready` as in `NodeClient.attend`; q and `into`
-        should be buffers reused from step to step (the transport keeps their
-        registration)."""
+        uint8 `[b, row]`) lands in `into` (the stream's, if it was opened with one).
+        `ready` as in `NodeClient.attend`; q and `into` should be buffers reused from step
+        to step (the transport keeps their registration)."""
         if layer not in self.layers or layer in self._sent:
             raise ValueError(f"layer {layer} is not an unsent layer of the stream "
                              f"{self.layers}")
         if tuple(q.shape) != self.shape or q.dtype != self.dtype:
             raise ValueError(f"q must be {self.dtype} {list(self.shape)}; got {q.dtype} "
                              f"{list(q.shape)}")
-        want = (self.shape[0], self.row)
-        if tuple(into.shape) != want or into.dtype != torch.uint8:
-            raise ValueError(f"into must be uint8 {list(want)}; got {into.dtype} "
-                             f"{list(into.shape)}")
+        if (into is None) == (self._into is None):
+            raise ValueError("give into for each layer, or once to open_stream")
+        if into is not None:
+            _check_into(into, self.shape, self.dtype)
         self._sent.add(layer)
         part = layer - self.layers.start + 1
         conn = self.client.conn
-        recv = conn.post_part_recv(self.seq, part, into)  # posted before the send
+        recv = self._ahead.pop(layer, None)
+        if recv is None:  # posted before the send
+            recv = conn.post_part_recv(self.seq, part, self._into if into is None else into)
         conn.send_part(self.seq, part, q, ready=ready, static=True)
+        if self._into is not None:
+            self._post_ahead(layer + 1)
         return StreamReply(self, layer, recv)
+
+    def close(self) -> None:
+        """Cancel the receives posted ahead for layers never sent (a step given up)."""
+        for r in self._ahead.values():
+            r.cancel()
+        self._ahead.clear()
 
     def failed(self) -> bool:
         """The node answered the stream with an error (raised by `ack.result()`)."""
@@ -114,6 +140,12 @@ class AttendStream:
             return self.ack._peek().header.op == "error"
         except Exception:  # noqa: BLE001 - the link failed: result() raises it
             return True
+
+
+def _check_into(into: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    want = (shape[0], state_row_bytes(shape[1], shape[2], dtype))
+    if tuple(into.shape) != want or into.dtype != torch.uint8:
+        raise ValueError(f"into must be uint8 {list(want)}; got {into.dtype} {list(into.shape)}")
 
 
 class StreamReply:
@@ -209,10 +241,12 @@ class NodeClient:
 
     def open_stream(self, layers: range, epoch: int, requests: Sequence,
                     kv_len: Sequence[int], q_heads: int, head_dim: int,
-                    dtype: torch.dtype, scale: float | None = None) -> AttendStream:
+                    dtype: torch.dtype, scale: float | None = None,
+                    into: torch.Tensor | None = None) -> AttendStream:
         """Open an attend stream: attention of `requests` over their first `kv_len`
         tokens at every layer of `layers` (at most MAX_PART), q `[b, q_heads, head_dim]`
-        in `dtype` (module docstring)."""
+        in `dtype` (module docstring). `into`: one reply buffer for every layer, whose
+        receives are then posted ahead (`AttendStream`)."""
         if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
             raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
                              f"{layers}")
@@ -220,11 +254,13 @@ class NodeClient:
                 "dtype": dtype_name(dtype)}
         if scale is not None:
             info["scale"] = float(scale)
+        shape = (len(requests), int(q_heads), int(head_dim))
+        if into is not None:  # before the node opens the stream
+            _check_into(into, shape, dtype)
         h = Header("stream", layer=layers.start, epoch=epoch, requests=list(requests),
                    ints={"kv_len": list(kv_len)}, info=info)
         ack = self.call(h)
-        return AttendStream(self, h.seq, layers, ack, (len(h.requests), q_heads, head_dim),
-                            dtype)
+        return AttendStream(self, h.seq, layers, ack, shape, dtype, into)
 
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,

@@ -13,12 +13,12 @@ behind a transport; `kflume node` (kflume/launch.py) starts one as a process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .comm.wire import pack_states, unpack_states
+from .comm.wire import pack_states, state_row_bytes, unpack_states
 from .kernels import append_kv, split_kv_attention
 from .kernels.split_kv import default_num_splits
 from .node_graph import AttendGraphs
@@ -302,18 +302,38 @@ class AttentionNode:
                             out=out, lse=lse, packed=packed)
 
     def attend_batch(self, layers: range, requests: Sequence, kv_len: Sequence[int],
-                     q_heads: int, *, scale: float | None = None):
+                     q: torch.Tensor, out: torch.Tensor, *, scale: float | None = None
+                     ) -> Callable[[int], None]:
         """Check once what `attend` checks, for every layer of `layers`, and return
-        `run(layer, q, out)`: `attend(layer, requests, kv_len, q, packed=True, out=out)`
-        with no further checks (`q [b, q_heads, D]` in this node's dtype, on its device).
+        `run(i)`: layer `layers[i]`'s attention of `q[i]` into `out[i]`, as
+        `attend(layers[i], requests, kv_len, q[i], packed=True, out=out[i])` with no
+        further checks. `q [len(layers), b, Hq, D]` and `out [len(layers), b, row]`
+        (uint8, the reply layout) are the stream's buffers on this node's device; on a GPU
+        each layer replays a graph captured for them, so they should be reused from
+        stream to stream.
 
         For a stream of one batch's layers (kflume/server.py). It attends over the
         requests' pages as they are now: freeing or moving them before the last layer ran
         is the caller's mistake to avoid."""
-        self._check_batch(layers, requests, kv_len, q_heads)
+        c, n, b = self.config, len(layers), len(requests)
+        if q.dim() != 4 or tuple(q.shape[::3]) != (n, c.head_dim) or q.shape[1] != b:
+            raise ValueError(f"q must be [{n}, {b}, Hq, {c.head_dim}]; got {list(q.shape)}")
+        if q.dtype != self.dtype or not self._here(q):
+            raise TypeError(f"q must be {c.dtype} on {self.device}; got {q.dtype} on {q.device}")
+        row = state_row_bytes(q.shape[2], c.head_dim, q.dtype)
+        if tuple(out.shape) != (n, b, row) or out.dtype != torch.uint8 or not self._here(out):
+            raise ValueError(f"out must be uint8 [{n}, {b}, {row}] on {self.device}; got "
+                             f"{out.dtype} {list(out.shape)} on {out.device}")
+        self._check_batch(layers, requests, kv_len, q.shape[2])
         batch = self._batch(requests, kv_len)
-        return lambda layer, q, out: self._launch(layer, q, batch, scale, out=out,
-                                                  packed=True)
+        scale = float(c.head_dim**-0.5 if scale is None else scale)
+        if self._graphs is not None:
+            return self._graphs.stream(layers, q, out, batch[0], batch[1], scale)
+        return lambda i: self._launch(layers[i], q[i], batch, scale, out=out[i], packed=True)
+
+    def _here(self, t: torch.Tensor) -> bool:
+        d = self.device
+        return t.device.type == d.type and d.index in (None, t.device.index)
 
     def _check_batch(self, layers: range, requests: Sequence, kv_len: Sequence[int],
                      q_heads: int) -> None:

@@ -18,11 +18,21 @@ How one graph serves every layer and every step of a batch shape:
 
 So a message costs four small launches and a replay. A graph is keyed by (batch, query
 heads, page-table width, dtype, scale); the page table's width doubles as requests grow,
-so few shapes ever exist. Graphs share one memory pool: they replay one after another
-on one stream. Capture uses thread-local mode, so that UCX's threads may call CUDA
-meanwhile, runs the kernels once first, so that no module loads during capture, and
-does not synchronise the device, so a new shape costs a serving node under a
-millisecond (676–769 us on an H200, benchmarks/node_host.py).
+so few shapes ever exist.
+
+An attend stream (kflume/server.py) brings its own buffers, one query and one reply per
+layer, reused from stream to stream: `stream()` captures one graph per layer of them
+that reads the layer's query where it lands and writes the reply where it is sent from,
+with the layer's shifted page-table rows baked into a per-layer table filled once a
+stream. A stream layer then costs one replay and nothing else (the node's host time per
+layer is on the step's critical path). Graphs are captured at a layer's first use and
+kept for the buffers while they stay among the `max_streams` most recently used.
+
+Graphs share one memory pool: they replay one after another on one stream. Capture
+uses thread-local mode, so that UCX's threads may call CUDA meanwhile, runs the kernels
+once first, so that no module loads during capture, and does not synchronise the
+device, so a new shape costs a serving node under a millisecond (676–769 us on an H200,
+benchmarks/node_host.py).
 
 On CPU the same buffers and the same arithmetic run eagerly (what the tests check
 without a GPU).
@@ -56,12 +66,27 @@ class _Graph:
     kv_len_src: torch.Tensor | None = None  # the batch tensor last copied in
 
 
+@dataclass(slots=True)
+class _StreamGraphs:
+    """One graph per layer of one stream buffer set (module docstring)."""
+
+    q: torch.Tensor  # [L, b, Hq, D]: layer i's query lands in q[i]
+    result: torch.Tensor  # [L, b, row]: layer i's reply, in the reply layout
+    page_table: torch.Tensor  # [L, b, width]: the batch's rows shifted to each layer
+    start: torch.Tensor
+    kv_len: torch.Tensor
+    scale: float
+    splits: int
+    runs: list  # [L] a captured graph's replay (or the eager launch), None until first use
+    kv_len_src: torch.Tensor | None = None
+
+
 class AttendGraphs:
     """Attention over a node's pools `k_pool, v_pool [layers, pages, page_size, Hkv, D]`,
     through one captured graph per batch shape (eagerly on CPU)."""
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, *, num_sms: int = 132,
-                 max_graphs: int = 32) -> None:
+                 max_graphs: int = 32, max_streams: int = 8) -> None:
         layers, pages, page_size, hkv, d = k_pool.shape
         if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
             raise ValueError("AttendGraphs needs contiguous pools (one allocation per pool)")
@@ -70,8 +95,11 @@ class AttendGraphs:
         self.layers, self.pages, self.page_size, self.kv_heads = layers, pages, page_size, hkv
         self.device = k_pool.device
         self.capture = k_pool.is_cuda
-        self.num_sms, self.max_graphs = num_sms, max_graphs
+        self.num_sms, self.max_graphs, self.max_streams = num_sms, max_graphs, max_streams
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._streams: OrderedDict[tuple, _StreamGraphs] = OrderedDict()
+        self._base = torch.arange(layers, dtype=torch.int32, device=self.device).mul_(
+            pages).view(layers, 1, 1)  # page offset of each layer in the flattened pools
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.captured = 0  # graphs captured so far (a counter for tests and logs)
 
@@ -101,6 +129,76 @@ class AttendGraphs:
         return (g.out.clone(memory_format=dense) if out is None else out.copy_(g.out),
                 g.lse.clone(memory_format=dense) if lse is None else lse.copy_(g.lse))
 
+    def stream(self, layers: range, q: torch.Tensor, result: torch.Tensor,
+               page_table: torch.Tensor, kv_len: torch.Tensor, scale: float
+               ) -> Callable[[int], None]:
+        """Attention for a stream of `layers` over one batch: returns `run(i)`, which
+        computes layer `layers[i]` from `q[i]` (`q [len(layers), b, Hq, D]`) into
+        `result[i]` (`result [len(layers), b, row]` uint8, the reply layout), ordered on
+        the current stream. No checks: the node checked the batch. The buffers must stay
+        the same tensors from stream to stream (they are what the graphs read and write)."""
+        n, b, hq, d = q.shape
+        width = page_table.shape[1]
+        key = (q.data_ptr(), result.data_ptr(), n, b, hq, d, q.dtype, width, float(scale))
+        s = self._streams.get(key)
+        if s is None:
+            s = self._stream_set(key, q, result)
+        else:
+            self._streams.move_to_end(key)
+        torch.add(page_table, self._base[layers.start : layers.stop], out=s.page_table)
+        if s.kv_len_src is not kv_len:
+            s.kv_len.copy_(kv_len)
+            s.kv_len_src = kv_len
+        return lambda i: (s.runs[i] or self._stream_layer(s, i))()
+
+    def _stream_set(self, key: tuple, q: torch.Tensor, result: torch.Tensor) -> _StreamGraphs:
+        n, b, hq, d, dtype, width, scale = key[2:]
+        dev = self.device
+        zeros = torch.zeros(b, dtype=torch.int32, device=dev)
+        s = _StreamGraphs(q=q, result=result, scale=scale,
+                          page_table=torch.zeros(n, b, width, dtype=torch.int32, device=dev),
+                          start=zeros, kv_len=zeros.clone(), runs=[None] * n,
+                          splits=default_num_splits(b, self.kv_heads, width * self.page_size,
+                                                    self.num_sms))
+        if len(self._streams) >= self.max_streams:
+            if self.capture:  # its last replays may still run: let them finish first
+                torch.cuda.current_stream(dev).synchronize()
+            self._streams.popitem(last=False)
+        self._streams[key] = s
+        return s
+
+    def _stream_layer(self, s: _StreamGraphs, i: int) -> Callable[[], None]:
+        """Layer i's run of a stream set: captured at its first use (eager on CPU)."""
+        hq, d = s.q.shape[2], s.q.shape[3]
+        out, lse = unpack_states(s.result[i], hq, d, s.q.dtype)
+
+        def launch() -> None:
+            split_kv_attention(s.q[i], self.k, self.v, s.page_table[i], s.start, s.kv_len,
+                               scale=s.scale, num_splits=s.splits, out=out, lse=lse,
+                               check=False)
+
+        s.runs[i] = self._captured(launch) if self.capture else launch
+        return s.runs[i]
+
+    def _captured(self, launch: Callable[[], None]) -> Callable[[], None]:
+        """`launch` captured into a graph of the shared pool; returns its replay.
+        What torch.cuda.graph does, less its device sync, gc and cache flush (which would
+        stall a serving node for milliseconds at a new shape)."""
+        with torch.cuda.device(self.device):
+            launch()  # compile and load every kernel before capture; ordered as a replay
+            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+            side.wait_stream(main)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(side):
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    launch()
+                finally:
+                    graph.capture_end()
+            main.wait_stream(side)
+        self.captured += 1
+        return graph.replay  # (the bound method keeps the graph alive)
+
     def _build(self, key: tuple, q: torch.Tensor) -> _Graph:
         b, hq, width, dtype, scale = key
         dev, d = self.device, q.shape[2]
@@ -117,25 +215,7 @@ class AttendGraphs:
                                scale=scale, num_splits=splits, out=g.out, lse=g.lse,
                                check=False)
 
-        if self.capture:
-            # What torch.cuda.graph does, less its device sync, gc and cache flush (which
-            # would stall a serving node for milliseconds at a new shape).
-            with torch.cuda.device(dev):
-                launch()  # compile and load every kernel before capture (empty ranges)
-                main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-                side.wait_stream(main)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.stream(side):
-                    graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                    try:
-                        launch()
-                    finally:
-                        graph.capture_end()
-                main.wait_stream(side)
-            g.run = graph.replay  # (the bound method keeps the graph alive)
-            self.captured += 1
-        else:
-            g.run = launch
+        g.run = self._captured(launch) if self.capture else launch
         if len(self._graphs) >= self.max_graphs:
             if self.capture:  # its last replay may still run: let it finish first
                 torch.cuda.current_stream(dev).synchronize()

@@ -35,6 +35,10 @@ __all__ = ["NodeServer"]
 
 log = logging.getLogger("kflume.node")
 
+# Seconds between looks for new peers: a look costs a failed accept(2) (~7 us, the most
+# of an idle loop), and the loop runs on every layer's critical path.
+ACCEPT_EVERY = 0.001
+
 
 @dataclass(slots=True)
 class _Stream:
@@ -42,7 +46,8 @@ class _Stream:
 
     seq: int
     layers: range
-    bufs: tuple[torch.Tensor, torch.Tensor]  # queries [L, b, Hq, D], replies [L, b, row]
+    bufs: tuple  # queries [L, b, Hq, D], replies [L, b, row], their per-layer views and
+    # per-layer events (what a layer's reply waits on)
     key: tuple  # of the buffers' pool
     deadline: float
     run: Callable | None = None  # None: refused or failed; the rest is only drained
@@ -117,6 +122,7 @@ class NodeServer:
         # launched, reply sent) in time.perf_counter() seconds, the message's sequence
         # number and layer ("stats": medians, and the entries themselves on request).
         self.timings: deque[tuple] = deque(maxlen=4096)
+        self._next_accept = 0.0
 
     @property
     def address(self) -> str:
@@ -125,14 +131,10 @@ class NodeServer:
     # ---- the loop -------------------------------------------------------------------
     def poll(self) -> int:
         """Accept new peers and handle every message that has arrived. Never blocks."""
-        while (conn := self.listener.accept()) is not None:
-            if hasattr(conn, "recv_device"):
-                conn.recv_device = self.node.device
-            self.peers.append(_Peer(conn))
-            log.info("peer %s joined (%d connected)", conn.peer, len(self.peers))
-        refused = getattr(self.listener, "refused", None)
-        while refused:
-            log.warning("refused a peer: %s", refused.pop(0))
+        now = time.monotonic()
+        if now >= self._next_accept:  # a joining peer waits at most ACCEPT_EVERY
+            self._next_accept = now + ACCEPT_EVERY
+            self._accept()
         self._send_deferred()
         handled = 0
         for peer in list(self.peers):
@@ -163,6 +165,16 @@ class NodeServer:
                 handled += self._serve_streams(peer)
         self.handled += handled
         return handled
+
+    def _accept(self) -> None:
+        while (conn := self.listener.accept()) is not None:
+            if hasattr(conn, "recv_device"):
+                conn.recv_device = self.node.device
+            self.peers.append(_Peer(conn))
+            log.info("peer %s joined (%d connected)", conn.peer, len(self.peers))
+        refused = getattr(self.listener, "refused", None)
+        while refused:
+            log.warning("refused a peer: %s", refused.pop(0))
 
     def serve(self, should_stop=lambda: False, idle_sleep: float = 0.001) -> None:
         """Serve until a "shutdown" message or `should_stop()` returns True."""
@@ -230,15 +242,16 @@ class NodeServer:
                     peer)
 
     def _defer(self, send: Callable[[], None], keep, timing: tuple | None,
-               peer: _Peer) -> None:
+               peer: _Peer, event: torch.cuda.Event | None = None) -> None:
         """Send once the kernels enqueued so far are done (at once on CPU). Kernels may
         still read a message's tensors and write its reply's: both stay referenced
         (`keep`) until the stream passes the event, since a received CUDA buffer that went
         back to the allocator could take the next message (written by UCX, outside
         stream order) while a kernel still reads it. `timing`: (arrival seen, launched,
-        seq, layer) of an attend, recorded with the send."""
+        seq, layer) of an attend, recorded with the send. `event`: one to reuse (free
+        once its last send went out)."""
         if self.node.device.type == "cuda":
-            event = torch.cuda.Event()
+            event = event or torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.node.device))
             self._deferred.append((event, send, keep, timing, peer))
         else:
@@ -270,8 +283,8 @@ class NodeServer:
                     recv.message()  # raises what went wrong (a truncated part, ...)
                     if st.run is None:
                         continue  # drained
-                    q, res = st.bufs[0][i], st.bufs[1][i]
-                    st.run(st.layers[i], q, res)
+                    st.run(i)
+                    res = st.bufs[3][i]
                 except Exception as e:  # noqa: BLE001 - refuse the stream, keep serving
                     if not peer.conn.alive:
                         self._drop(peer, str(e))
@@ -281,7 +294,7 @@ class NodeServer:
                 handled += 1
                 self._defer(lambda s=st.seq, p=i + 1, r=res: peer.conn.send_part(
                     s, p, r, ready=True, static=True), None,
-                    (t0, time.perf_counter(), st.seq, st.layers[i]), peer)
+                    (t0, time.perf_counter(), st.seq, st.layers[i]), peer, st.bufs[4][i])
             if st.next == len(st.recvs):
                 peer.streams.remove(st)
                 self._defer(lambda st=st: self._stream_done(peer, st), None, None, peer)
@@ -320,14 +333,16 @@ class NodeServer:
         if len(peer.stream_bufs) > 8:
             peer.stream_bufs.pop(next(iter(peer.stream_bufs)))
 
-    def _stream_buffers(self, peer: _Peer, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stream_buffers(self, peer: _Peer, key: tuple) -> tuple:
         free = peer.stream_bufs.get(key)
         if free:
             return free.pop()
         layers, b, hq, d, dtype = key
         dev = self.node.device
-        return (transfer_empty((layers, b, hq, d), dtype, dev),
-                transfer_empty((layers, b, state_row_bytes(hq, d, dtype)), torch.uint8, dev))
+        q = transfer_empty((layers, b, hq, d), dtype, dev)
+        res = transfer_empty((layers, b, state_row_bytes(hq, d, dtype)), torch.uint8, dev)
+        events = [torch.cuda.Event() if dev.type == "cuda" else None for _ in range(layers)]
+        return q, res, list(q.unbind(0)), list(res.unbind(0)), events
 
     @staticmethod
     def _ints(h: Header, name: str, n: int) -> list[int]:
@@ -370,14 +385,14 @@ class NodeServer:
         bufs = self._stream_buffers(peer, key)
         st = _Stream(h.seq, range(h.layer, h.layer + layers), bufs, key,
                      time.monotonic() + self.stream_deadline)
-        st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, bufs[0][i]) for i in range(layers)]
+        st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, q) for i, q in enumerate(bufs[2])]
         peer.streams.append(st)  # received from now on, whatever the checks below say
         c = self.node.config
         if d != c.head_dim or dtype != self.node.dtype:
             raise ValueError(f"stream: q is {h.info['dtype']} with head_dim {d}; this node "
                              f"holds {c.dtype} KV with head_dim {c.head_dim}")
-        st.run = self.node.attend_batch(st.layers, h.requests,
-                                        self._ints(h, "kv_len", b), hq, scale=scale)
+        st.run = self.node.attend_batch(st.layers, h.requests, self._ints(h, "kv_len", b),
+                                        bufs[0], bufs[1], scale=scale)
         return None, []
 
     def _op_append(self, peer, h: Header, tensors):

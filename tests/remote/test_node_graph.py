@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kflume.comm.wire import pack_states
+from kflume.comm.wire import pack_states, state_row_bytes, unpack_states
 from kflume.kernels.reference import split_kv_attention_ref
 from kflume.node import AttentionNode, NodeConfig
 from kflume.node_graph import AttendGraphs
@@ -111,3 +111,59 @@ def test_a_cuda_node_with_graphs_answers_like_one_without():
             torch.testing.assert_close(o1, o2, rtol=0, atol=0)
             torch.testing.assert_close(s1, s2, rtol=0, atol=0)
     assert nodes[0]._graphs.captured == 1 and nodes[1]._graphs is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group,d,page_size", [(1, 128, 16), (4, 64, 16), (8, 64, 5)])
+def test_stream_graphs_read_and_write_the_stream_buffers(device, group, d, page_size):
+    """One graph per layer of a stream's buffers: layer i reads q[i] where it lands and
+    writes reply i in place; the same buffers serve the next stream with new lengths and
+    page tables, a stream may start at any layer, and an evicted set is rebuilt."""
+    gen = torch.Generator().manual_seed(group + d + page_size)
+    layers, pages, hkv = 4, 48, 2
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kp, vp = _pools(layers, pages, page_size, hkv, d, dtype, device, gen)
+    graphs = AttendGraphs(kp, vp, max_streams=1)
+    hq, scale, b, width = hkv * group, d**-0.5, 3, 6
+    row = state_row_bytes(hq, d, dtype)
+    bufs = [(torch.zeros(3, b, hq, d, dtype=dtype, device=device),
+             torch.zeros(3, b, row, dtype=torch.uint8, device=device)) for _ in range(2)]
+    for step, (span, which) in enumerate(((range(0, 3), 0), (range(1, 4), 0), (range(0, 3), 1),
+                                          (range(0, 3), 0))):
+        q, res = bufs[which]
+        pt = torch.randperm(pages, generator=gen)[: b * width].view(b, width)
+        pt = pt.to(device, torch.int32)
+        lens = torch.randint(0, width * page_size + 1, (b,), generator=gen)
+        lens[step % b] = 0 if step % 2 else width * page_size - 1  # empty, odd and full
+        lens = lens.to(device, torch.int32)
+        run = graphs.stream(span, q, res, pt, lens, scale)
+        for i in (2, 0, 1):  # layers may land in any order
+            q[i].copy_(torch.randn(b, hq, d, generator=gen).to(device, dtype))
+            res[i].fill_(255)  # NaN bytes: every byte must be written
+            run(i)
+            out, lse = unpack_states(res[i], hq, d, dtype)
+            _close(out, lse, *_ref(q[i], kp, vp, span[i], pt, lens, scale), lens, dtype)
+    if device == "cuda":  # set 0 was evicted by set 1 (max_streams=1), then rebuilt
+        assert graphs.captured == 9
+
+
+def test_attend_batch_checks_its_buffers():
+    node = AttentionNode(NodeConfig(layers=2, kv_heads=2, head_dim=64, capacity_tokens=64,
+                                    dtype="float32"))
+    node.append(0, ["a"], [0], [0], torch.randn(1, 5, 2, 64), torch.randn(1, 5, 2, 64))
+    node.append(1, ["a"], [0], [0], torch.randn(1, 5, 2, 64), torch.randn(1, 5, 2, 64))
+    q, row = torch.zeros(2, 1, 8, 64), state_row_bytes(8, 64, torch.float32)
+    out = torch.zeros(2, 1, row, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"q must be \[2, 1, Hq, 64\]"):
+        node.attend_batch(range(2), ["a"], [5], q[:1], out)
+    with pytest.raises(TypeError, match="q must be float32"):
+        node.attend_batch(range(2), ["a"], [5], q.double(), out)
+    with pytest.raises(ValueError, match=f"out must be uint8 \\[2, 1, {row}\\]"):
+        node.attend_batch(range(2), ["a"], [5], q, out[:, :, :-1])
+    with pytest.raises(ValueError, match="kv_len 6"):
+        node.attend_batch(range(2), ["a"], [6], q, out)
+    run = node.attend_batch(range(2), ["a"], [5], q.normal_(), out)
+    run(1)
+    got = unpack_states(out[1], 8, 64, torch.float32)
+    want = node.attend(1, ["a"], [5], q[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

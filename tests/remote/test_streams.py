@@ -101,6 +101,32 @@ def test_stream_matches_reference(client):
     client.free(rids)
 
 
+def test_replies_posted_ahead_land_in_one_buffer(client):
+    """A stream opened with one reply buffer posts each layer's receive ahead; layers go
+    one after another (each reply read before the next query), as in a decode step."""
+    ref = ReferenceKV(CONFIG.layers)
+    rids = fill(client, ref, {"p": 29, "q": 3}, seed=11)
+    row = state_row_bytes(HQ, 64, torch.float32)
+    g = torch.Generator().manual_seed(12)
+    with pytest.raises(ValueError, match=f"into must be uint8 \\[2, {row}\\]"):
+        client.open_stream(range(3), 1, rids, [29, 3], HQ, 64, torch.float32,
+                           into=torch.zeros(2, row - 1, dtype=torch.uint8))
+    into = torch.full((2, row), 255, dtype=torch.uint8)
+    for step in range(2):  # the same buffer, stream after stream
+        st = client.open_stream(range(3), 1, rids, [29, 3], HQ, 64, torch.float32, into=into)
+        with pytest.raises(ValueError, match="give into for each layer, or once"):
+            st.attend(0, torch.zeros(2, HQ, 64), into)
+        for layer in range(3):
+            q = torch.randn(2, HQ, 64, generator=g)
+            assert st.attend(layer, q).result().tensors[0] is into
+            out, lse = unpack_states(into, HQ, 64, torch.float32)
+            want = ref.attend(layer, rids, q, 64**-0.5)  # fresh q: a stale reply fails
+            assert_close_rel(out, want, torch.float32, f"step {step} layer {layer}")
+            assert torch.isfinite(lse).all()
+        st.ack.result()
+    client.free(rids)
+
+
 def test_refused_streams_raise_and_the_node_keeps_serving(client):
     ref = ReferenceKV(CONFIG.layers)
     rids = fill(client, ref, {"r": 20}, seed=3)
