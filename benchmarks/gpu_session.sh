@@ -55,7 +55,7 @@ for phase in "$@"; do
       run transport-busy-spin 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy spin
       run transport-busy-gemm 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy gemm ;;
     e2e-ab)  # this tree against ./old (a worktree of an older commit), alternated, one call
-      for i in 1 2; do
+      for i in $(seq "${AB_RUNS:-2}"); do
         run e2e-new-$i 200 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5
         run e2e-old-$i 200 env PYTHONPATH=$PWD/old:$PWD/.site bash -c "cd old && python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5"
       done ;;
