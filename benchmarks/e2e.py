@@ -294,7 +294,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
     cl = Cluster.local(1, layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                        dtype=dtype, capacity_tokens=capacity, device=node_device, env=env,
                        range_tokens=args.range_tokens, timeout=60.0, q_heads=shape.heads,
-                       graphs=graphs)
+                       graphs=graphs, stream_graphs=node_device != "cuda" or args.node_gpu != 0)
     try:
         remote = cl.attention(num_q_heads=shape.heads, device=device, max_batch=batch)
         t0 = time.perf_counter()

@@ -67,9 +67,12 @@ class Cluster:
     def local(cls, n: int, *, layers: int, kv_heads: int, head_dim: int,
               dtype: str = "float32", capacity_tokens: int = 1 << 16, device: str = "cpu",
               page_size: int = 16, token: str | None = None, env: dict | None = None,
-              q_heads: int | None = None, graphs: bool = True, **kwargs) -> Cluster:
+              q_heads: int | None = None, graphs: bool = True, stream_graphs: bool = True,
+              **kwargs) -> Cluster:
         """Start `n` attention nodes as `kflume node` processes on loopback, over UCX.
-        `graphs=False`: CUDA nodes launch their kernels per message (NodeConfig.graphs).
+        `graphs=False`: CUDA nodes launch their kernels per message (NodeConfig.graphs);
+        `stream_graphs=False`: for nodes on the GPU of this process's captured step
+        (NodeConfig.stream_graphs).
 
         They stop with `close()`, at the end of a `with` block, at interpreter exit, on
         Ctrl-C, and when this process dies.
@@ -85,7 +88,8 @@ class Cluster:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (n + 1))))
         geometry = NodeConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                               capacity_tokens=capacity_tokens, dtype=dtype, device=device,
-                              page_size=page_size, q_heads=q_heads, graphs=graphs)
+                              page_size=page_size, q_heads=q_heads, graphs=graphs,
+                              stream_graphs=stream_graphs)
         cluster = cls(UcxTransport(token=token), geometry,
                       spawn={"token": token, "env": env}, **kwargs)
         try:
@@ -102,12 +106,14 @@ class Cluster:
     def in_process(cls, n: int, *, layers: int, kv_heads: int, head_dim: int,
                    dtype: str = "float32", capacity_tokens: int = 1 << 16,
                    device: str = "cpu", page_size: int = 16, **kwargs) -> Cluster:
-        """`n` AttentionNodes served in this process (no network; for tests and laptops)."""
+        """`n` AttentionNodes served in this process (no network; for tests and laptops).
+        On CUDA they share this process's GPU, so they capture no graphs while a step runs
+        (`NodeConfig.stream_graphs`)."""
         from .comm.inproc import InProcHub, InProcTransport
 
         geometry = NodeConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                               capacity_tokens=capacity_tokens, dtype=dtype, device=device,
-                              page_size=page_size)
+                              page_size=page_size, stream_graphs=False)
         cluster = cls(InProcTransport(InProcHub()), geometry, spawn={"inproc": True}, **kwargs)
         for _ in range(n):
             cluster.add_node(capacity_tokens)

@@ -72,6 +72,8 @@ class NodeProcess:
             cmd += ["--q-heads", str(config.q_heads)]
         if not config.graphs:
             cmd.append("--no-graphs")
+        if not config.stream_graphs:
+            cmd.append("--no-stream-graphs")
         full_env = dict(os.environ)
         full_env.update(env or {})
         if token is not None:
@@ -185,6 +187,10 @@ def build_parser():
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the attention as captured graphs (default); "
                         "--no-graphs launches the kernels per message")
+    p.add_argument("--stream-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="with graphs, capture each attend stream's layers on its buffers "
+                        "(default); turn off where this node shares its GPU with the weight "
+                        "node's captured step (NodeConfig.stream_graphs)")
     p.add_argument("--stream-deadline", type=float, default=60.0,
                    help="seconds an attend stream may wait for its queries before the node "
                         "gives it up (and reports it to the peer)")
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
     config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                         capacity_tokens=args.capacity_tokens, dtype=args.dtype,
                         device=args.device, page_size=args.page_size, q_heads=args.q_heads,
-                        graphs=args.graphs)
+                        graphs=args.graphs, stream_graphs=args.stream_graphs)
     import torch
 
     from .comm.ucx import SERVER_INLINE_BYTES, UcxTransport

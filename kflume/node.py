@@ -55,6 +55,13 @@ class NodeConfig:
     # CUDA nodes replay their attention as captured graphs (kflume/node_graph.py); False
     # launches the kernels from Python every message (slower; kept to compare against).
     graphs: bool = True
+    # With graphs, an attend stream's layers replay graphs captured on the stream's own
+    # buffers, at their first use, i.e. while the peer's step runs. Capturing in the
+    # process whose GPU runs that step (an in-process node on the weight node's GPU) was
+    # seen to hang in capture_end while the step's graph waited on its signal, so
+    # Cluster.in_process turns this off on CUDA; such nodes take one graph per batch
+    # shape, copying q in and the reply out.
+    stream_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("layers", "kv_heads", "head_dim", "capacity_tokens", "page_size"):
@@ -327,7 +334,7 @@ class AttentionNode:
         self._check_batch(layers, requests, kv_len, q.shape[2])
         batch = self._batch(requests, kv_len)
         scale = float(c.head_dim**-0.5 if scale is None else scale)
-        if self._graphs is not None:
+        if self._graphs is not None and c.stream_graphs:
             return self._graphs.stream(layers, q, out, batch[0], batch[1], scale)
         return lambda i: self._launch(layers[i], q[i], batch, scale, out=out[i], packed=True)
 
