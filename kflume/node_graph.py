@@ -98,6 +98,7 @@ class AttendGraphs:
         self.num_sms, self.max_graphs, self.max_streams = num_sms, max_graphs, max_streams
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._streams: OrderedDict[tuple, _StreamGraphs] = OrderedDict()
+        self._retired: list[_StreamGraphs] = []  # evicted, kept until the next capture
         self._base = torch.arange(layers, dtype=torch.int32, device=self.device).mul_(
             pages).view(layers, 1, 1)  # page offset of each layer in the flattened pools
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -163,7 +164,9 @@ class AttendGraphs:
         if len(self._streams) >= self.max_streams:
             if self.capture:  # its last replays may still run: let them finish first
                 torch.cuda.current_stream(dev).synchronize()
-            self._streams.popitem(last=False)
+            # Kept until the next capture: the shared pool is released (and may not be
+            # captured into again) once no graph uses it.
+            self._retired.append(self._streams.popitem(last=False)[1])
         self._streams[key] = s
         return s
 
@@ -196,6 +199,7 @@ class AttendGraphs:
                 finally:
                     graph.capture_end()
             main.wait_stream(side)
+        self._retired.clear()
         self.captured += 1
         return graph.replay  # (the bound method keeps the graph alive)
 
