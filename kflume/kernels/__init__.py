@@ -6,13 +6,14 @@ pure-torch references in `kflume.kernels.reference`. The public ops are register
 """
 
 from .append import append_kv
-from .merge import merge_attention_states, merge_state_
+from .merge import merge_attention_states, merge_new_token, merge_state_
 from .split_kv import default_num_splits, split_kv_attention
 
 __all__ = [
     "append_kv",
     "default_num_splits",
     "merge_attention_states",
+    "merge_new_token",
     "merge_state_",
     "split_kv_attention",
 ]

@@ -1,8 +1,10 @@
 """Triton code of the LSE merge kernels (launched by kflume/kernels/merge.py).
 
 `merge_kernel` reduces N partial states of one (request, head) row; `merge_two_kernel`
-folds a second state into the first in place. Rows where every partial is empty
-(lse = -inf) give (0, -inf): the running maximum is replaced by 0 before exponentials.
+folds a second state into the first in place; `merge_new_token_kernel` merges a row's
+partials from S sources (found through an index) with its new token's own. Rows where
+every partial is empty (lse = -inf) give (0, -inf): the running maximum is replaced by 0
+before exponentials (the new-token merge always has one finite partial: the token's own).
 """
 
 from __future__ import annotations
@@ -89,3 +91,54 @@ def merge_two_kernel(
     lse = tl.where(nonempty, m_safe + tl.log2(tl.where(nonempty, total, 1.0)) * LN2, float("-inf"))
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
     tl.store(LSE + b * stride_lb + h + one, lse)
+
+
+@triton.jit(do_not_specialize=["num_sources", "batch", "num_heads", "group", "scale",
+                               "stride_qb", "stride_kb", "stride_vb", "stride_os", "stride_or",
+                               "stride_ls", "stride_lr", "stride_is", "stride_Ob", "stride_Lb"])
+def merge_new_token_kernel(
+    Q, K, V, OUTS, LSES, INDEX, O, LSE,
+    num_sources, batch, num_heads, group, scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh,
+    stride_vb, stride_vh,
+    stride_os, stride_or, stride_oh,
+    stride_ls, stride_lr,
+    stride_is,
+    stride_Ob, stride_Oh,
+    stride_Lb,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // num_heads
+    h = row % num_heads
+    hk = h // group
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    one = tl.arange(0, 1)
+
+    # The new token's own partial: lse = its score, out = its value (finite: m never -inf).
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_d, mask=d_mask, other=0.0)
+    m = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=0) * scale + tl.zeros([1], tl.float32)
+    acc = tl.load(V + b * stride_vb + hk * stride_vh + offs_d, mask=d_mask,
+                  other=0.0).to(tl.float32)
+    total = tl.full([1], 1.0, dtype=tl.float32)
+    for s in range(0, num_sources):
+        j = tl.load(INDEX + s * stride_is + b + one)  # [1]; -1: no partial from s
+        have = j >= 0
+        j = tl.maximum(j, 0)
+        lse_s = tl.load(LSES + s * stride_ls + j * stride_lr + h, mask=have,
+                        other=float("-inf"))
+        o_s = tl.load(OUTS + s * stride_os + j * stride_or + h * stride_oh + offs_d,
+                      mask=d_mask & have, other=0.0)
+        m_new = tl.maximum(m, lse_s)
+        alpha = tl.exp2((m - m_new) * LOG2E)
+        w = tl.exp2((lse_s - m_new) * LOG2E)  # 0 for an empty or absent partial
+        acc = acc * alpha + w * o_s.to(tl.float32)
+        total = total * alpha + w
+        m = m_new
+    tl.store(O + b * stride_Ob + h * stride_Oh + offs_d, (acc / total).to(O.dtype.element_ty),
+             mask=d_mask)
+    tl.store(LSE + b * stride_Lb + h + one, m + tl.log2(total) * LN2)

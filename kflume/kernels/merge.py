@@ -1,7 +1,10 @@
 """Merging partial attention states by their log-sum-exp.
 
 `merge_attention_states` reduces N partials; `merge_state_` folds one partial into
-another in place (the weight node's hot path: remote history + local new token).
+another in place; `merge_new_token` is a decode step's whole merge in one kernel: each
+row's partials from the nodes that hold its history, found through an index into their
+reply buffers, and the new token's own partial, computed from q, k, v on the way (the
+weight node's hot path inside the captured step: no scatter, no separate partial).
 Formula and the empty-row rule: docs/conventions.md.
 """
 
@@ -10,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from ._validate import FLOAT_DTYPES, check_inner_contiguous, check_tensor, on_device
-from .reference import merge_attention_states_ref
+from .reference import merge_attention_states_ref, merge_new_token_ref
 
-__all__ = ["merge_attention_states", "merge_state_"]
+__all__ = ["merge_attention_states", "merge_new_token", "merge_state_"]
 
 
 def _block_d(d: int) -> int:
@@ -81,6 +84,98 @@ def merge_state_(
     else:
         _merge_two_impl(out, lse, other_out, other_lse)
     return out, lse
+
+
+def merge_new_token(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    outs: torch.Tensor,
+    lses: torch.Tensor,
+    index: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each row's new token over its history (partials from S sources) and
+    over itself.
+
+    Args:
+        q: `[B, Hq, D]` the new tokens' queries (bf16/fp16/fp32).
+        k, v: `[B, Hkv, D]` the new tokens' keys and values (Hq a multiple of Hkv).
+        outs: `[S, R, Hq, D]` partial outputs of S sources (q's dtype; strided views of
+            reply buffers are fine: only the last dim must be contiguous).
+        lses: `[S, R, Hq]` float32 LSE of those partials (-inf = empty).
+        index: `[S, B]` int64: where row b's partial sits among source s's R rows, -1
+            where s holds none of row b.
+        scale: softmax scale of the new token's own score.
+        out, lse: optional preallocated results.
+
+    Returns `(out [B, Hq, D], lse [B, Hq] float32)`. Capturable: no host sync; the index
+    values are not checked (they are device data a graph reads).
+    """
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    bsz, hq, d = q.shape
+    dev = q.device
+    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=dev)
+    hkv = k.shape[1]
+    if k.shape[0] != bsz or k.shape[2] != d or hkv == 0 or hq % hkv:
+        raise ValueError(f"k must be [{bsz}, Hkv, {d}] with {hq} a multiple of Hkv; got "
+                         f"{list(k.shape)}")
+    check_tensor("v", v, ndim=3, dtypes=(q.dtype,), device=dev, shape=tuple(k.shape))
+    check_tensor("outs", outs, ndim=4, dtypes=(q.dtype,), device=dev)
+    n_src, rows = outs.shape[:2]
+    if tuple(outs.shape[2:]) != (hq, d):
+        raise ValueError(f"outs must be [S, R, {hq}, {d}]; got {list(outs.shape)}")
+    check_tensor("lses", lses, ndim=3, dtypes=(torch.float32,), device=dev,
+                 shape=(n_src, rows, hq))
+    check_tensor("index", index, ndim=2, dtypes=(torch.int64,), device=dev, shape=(n_src, bsz))
+    for name, t in (("q", q), ("k", k), ("v", v), ("outs", outs)):
+        check_inner_contiguous(name, t)
+    if lses.stride(2) != 1 or index.stride(1) != 1:
+        raise ValueError("lses and index must be contiguous in their last dim")
+    if out is None:
+        out = torch.empty_like(q)
+    check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=dev, shape=(bsz, hq, d))
+    check_inner_contiguous("out", out)
+    if lse is None:
+        lse = torch.empty(bsz, hq, device=dev, dtype=torch.float32)
+    check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,), device=dev, shape=(bsz, hq))
+    if lse.stride(1) != 1:
+        raise ValueError("lse must be contiguous in its last dim")
+    if q.is_cuda:
+        launch_merge_new_token(q, k, v, outs, lses, index, float(scale), out, lse)
+    else:
+        o, s = merge_new_token_ref(q, k, v, outs, lses, index, float(scale))
+        out.copy_(o)
+        lse.copy_(s)
+    return out, lse
+
+
+def launch_merge_new_token(q, k, v, outs, lses, index, scale, out, lse) -> None:
+    """Launch the fused new-token merge (CUDA, or CPU under TRITON_INTERPRET=1). No checks."""
+    from . import _merge_triton as mt
+
+    bsz, hq, d = q.shape
+    if bsz * hq == 0:
+        return
+    with on_device(out):
+        mt.merge_new_token_kernel[(bsz * hq,)](
+            q, k, v, outs, lses, index, out, lse,
+            outs.shape[0], bsz, hq, hq // k.shape[1], scale,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1),
+            outs.stride(0), outs.stride(1), outs.stride(2),
+            lses.stride(0), lses.stride(1),
+            index.stride(0),
+            out.stride(0), out.stride(1),
+            lse.stride(0),
+            HEAD_DIM=d,
+            BLOCK_D=_block_d(d),
+            num_warps=1,
+        )
 
 
 def _merge_impl(outs, lses, out, lse) -> None:

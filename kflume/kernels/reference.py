@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["split_kv_attention_ref", "merge_attention_states_ref", "append_kv_ref", "gather_kv"]
+__all__ = ["split_kv_attention_ref", "merge_attention_states_ref", "merge_new_token_ref",
+           "append_kv_ref", "gather_kv"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,6 +79,26 @@ def merge_attention_states_ref(
     lse = m_safe + torch.log(total)  # log(0) = -inf where every partial is empty
     lse_dtype = torch.float64 if acc == torch.float64 else torch.float32
     return out.to(outs.dtype), lse.to(lse_dtype)
+
+
+def merge_new_token_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, outs: torch.Tensor, lses: torch.Tensor,
+    index: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each row's new token over its history and itself: the partials of
+    `S` sources (`outs [S, R, H, D]`, `lses [S, R, H]`, row `b`'s at `index[s, b]`, -1 for
+    none) merged with the new token's own (`q [B, H, D]` against `k, v [B, Hkv, D]`)."""
+    acc = _acc_dtype(q.dtype)
+    g = q.shape[1] // k.shape[1]
+    own_lse = (q.to(acc) * k.repeat_interleave(g, 1).to(acc)).sum(-1) * scale  # [B, H]
+    own_out = v.repeat_interleave(g, 1)
+    have = index >= 0  # [S, B]
+    pos = index.clamp(min=0).long()
+    src = torch.arange(index.shape[0], device=index.device)[:, None]
+    part_out = torch.where(have[..., None, None], outs[src, pos], 0).to(q.dtype)
+    part_lse = torch.where(have[..., None], lses[src, pos].to(acc), float("-inf"))
+    return merge_attention_states_ref(torch.cat([own_out[None], part_out]),
+                                      torch.cat([own_lse[None], part_lse]))
 
 
 def append_kv_ref(
