@@ -1,8 +1,8 @@
 """CapturedRemoteAttention: remote attention inside one captured CUDA graph per step.
 
 The graph holds everything that runs on the GPU: gathering each node's query rows and
-new k, v into send buffers, `GraphSignal.post`, `GraphSignal.wait`, scattering the
-replies and the LSE merge. The transport runs on the host, outside the graph:
+new k, v into send buffers, `GraphSignal.post`, `GraphSignal.wait` and the LSE merge of
+the replies. The transport runs on the host, outside the graph:
 `serve_step()` (in any thread) waits for each posted slot, sends that slot's queries to
 the nodes, receives out/lse into registered reply buffers and releases the slot; run it
 from a thread of its own (`StepServer`), since launching a large graph can block until
@@ -26,7 +26,9 @@ may overwrite the buffer.
 Every buffer has a fixed address and shape (per micro-batch, sized for its rows, with a
 part per node slot); `load(plan)` rewrites their index buffers in place between steps, so
 a routing change (a node joining, ranges moving) needs no recapture. Rows a node does
-not hold are padding: gathered from row 0, never sent, scattered into a dummy row.
+not hold are padding: gathered from row 0, never sent, and their position is -1, so
+the merge (`merge_new_token`: replies found by position, and the new token's own
+partial, in one kernel) never reads them.
 
 Plan / run: `load(plan)` is the host half (not capturable); `start` / `finish` are the
 device half (capturable, no host sync, no allocation after the first call).
@@ -44,7 +46,7 @@ import torch
 from .client import AttendStream, Pending
 from .comm.wire import state_row_bytes, unpack_states
 from .graph import GraphSignal, SignalTimeout
-from .kernels import merge_attention_states
+from .kernels import merge_new_token
 from .plan import StepPlan
 from .remote import RemoteAttention
 
@@ -138,18 +140,20 @@ class CapturedRemoteAttention:
         self.outgoing = per_slot(self._send_host)
         self.outgoing_kv = per_slot(self._kv_host, lambda t: (t[0], t[1]))
         self.incoming = per_slot(self._recv_host)
-        # Per micro-batch, one index buffer [gather | scatter | append gather], each part
-        # [node slot][row] flattened, so that one kernel serves every node slot and one
-        # copy a step refreshes them: gather -> the row of q (and of k, v) that goes out
-        # as the slot's j-th row; scatter -> where the slot's j-th reply row goes in the
-        # merge's parts [node slot][row + 1 dummy], flattened (so offset by i * (n + 1)).
+        # Per micro-batch, one index buffer [gather | position | append gather], each
+        # part [node slot][row] flattened, so that one kernel serves every node slot and
+        # one copy a step refreshes them: gather -> the row of q (and of k, v) that goes
+        # out as the slot's j-th row; position -> where row b's reply sits among the
+        # slot's rows, -1 for none (the merge kernel's index).
         self.index = [torch.zeros(3, max_nodes * n, dtype=torch.long, device=dev)
                       for n in sizes]
-        # the same replies as one flat [node slot * row] (out, lse), for the scatter
-        self._replies_flat = [unpack_states(t.view(-1, row), hq, d, dtype)
-                              for t in self._recv_dev]
-        self.parts_out = [z(max_nodes + 1, n + 1, hq, d) for n in sizes]  # +1: dummy row
-        self.parts_lse = [z(max_nodes + 1, n + 1, hq, dt=torch.float32) for n in sizes]
+        # the replies as [node slot, row] (out, lse) views: what the merge reads
+        self._reply_views = [unpack_states(t.view(-1, row), hq, d, dtype) for t in self._recv_dev]
+        self._reply_views = [(o.view(max_nodes, n, hq, d), s.view(max_nodes, n, hq))
+                             for (o, s), n in zip(self._reply_views, sizes)]
+        # the step's new k, v, layer by layer ([layer, row, k | v, Hkv, D]): one kernel a
+        # layer; gathered into the nodes' send buffers once, at the last layer
+        self._kv_step = [z(num_layers, n, 2, hkv, d) for n in sizes]
         self.out = [z(n, hq, d) for n in sizes]
         self.out_lse = [z(n, hq, dt=torch.float32) for n in sizes]
         self.plan_slots: list[list[_Slot]] = [[_Slot() for _ in sizes] for _ in range(max_nodes)]
@@ -178,16 +182,16 @@ class CapturedRemoteAttention:
         by_node = {w.node: w for w in plan.nodes}
         for m, r in enumerate(self.ranges):
             size = r.stop - r.start
-            gather, scatter, agather = [], [], []
+            gather, position, agather = [], [], []
             for i, name in enumerate(self.node_slots):
-                slot, base = _Slot(name), i * (size + 1)
-                g, sc, ag = [0] * size, [base + size] * size, [0] * size  # padding
+                slot = _Slot(name)
+                g, pos, ag = [0] * size, [-1] * size, [0] * size  # padding, none
                 w = by_node.get(name)
                 if w is not None:
                     for row, n in zip(w.rows, w.kv_len):
                         if r.start <= row < r.stop:
                             g[len(slot.requests)] = row - r.start
-                            sc[len(slot.requests)] = base + row - r.start
+                            pos[row - r.start] = len(slot.requests)
                             slot.requests.append(plan.requests[row])
                             slot.kv_len.append(n)
                     for row, off in zip(w.append_rows, w.append_offsets):
@@ -198,9 +202,9 @@ class CapturedRemoteAttention:
                             slot.positions.append(plan.positions[row])
                 self.plan_slots[i][m] = slot
                 gather += g
-                scatter += sc
+                position += pos
                 agather += ag
-            self.index[m].copy_(torch.tensor([gather, scatter, agather], dtype=torch.long))
+            self.index[m].copy_(torch.tensor([gather, position, agather], dtype=torch.long))
         self.epoch = plan.epoch
 
     # ---- device half: inside the graph ---------------------------------------------------
@@ -213,7 +217,8 @@ class CapturedRemoteAttention:
         send = self._send_dev[m]  # every node slot's rows, one kernel
         torch.index_select(q, 0, self.index[m][0], out=send.view(-1, *send.shape[2:]))
         if last:  # sent with this slot: gathered before the post
-            self._gather_kv(layer, m, k, v)
+            torch.stack((k, v), 1, out=self._kv_step[m][layer])
+            self._gather_kv(m)
         if self.staged:  # one copy for every node slot; the post below comes after it
             self._send_host[m].copy_(self._send_dev[m], non_blocking=True)
             if last:
@@ -221,32 +226,26 @@ class CapturedRemoteAttention:
         slot = layer * len(self.ranges) + m
         self.signal.post(slot)
         if not last:  # not needed before the last layer: off the slot's critical path
-            self._gather_kv(layer, m, k, v)
+            torch.stack((k, v), 1, out=self._kv_step[m][layer])
         return (slot, m, q, k, v)
 
-    def _gather_kv(self, layer: int, m: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        kv = self._kv_dev[m][:, :, :, layer, 0]  # [node slot, k | v, row, Hkv, D]
-        rows = torch.stack((k, v)).index_select(1, self.index[m][2])
-        kv.copy_(rows.view(2, self.max_nodes, -1, *k.shape[1:]).transpose(0, 1))
+    def _gather_kv(self, m: int) -> None:
+        """Every layer's new k, v of every node slot's rows into the send buffers."""
+        step = self._kv_step[m]  # [layer, row, k | v, Hkv, D]
+        rows = step.index_select(1, self.index[m][2])  # [layer, slot * row, k | v, ...]
+        rows = rows.view(step.shape[0], self.max_nodes, -1, *step.shape[2:])
+        self._kv_dev[m][:, :, :, :, 0].copy_(rows.permute(1, 3, 2, 0, 4, 5))
 
     def finish(self, handle) -> torch.Tensor:
         """Wait for the host's release of the slot, then merge the replies with the new
         token's own partial. Returns `[b, Hq, D]` (a buffer reused by the next step)."""
         slot, m, q, k, v = handle
-        r = self.remote
-        g = r.hq // r.hkv
-        po, pl = self.parts_out[m], self.parts_lse[m]
-        n = q.shape[0]
-        pl.fill_(float("-inf"))
-        pl[0, :n] = (q.float() * k.repeat_interleave(g, 1).float()).sum(-1) * r.scale
-        po[0, :n] = v.repeat_interleave(g, 1)
         self.signal.wait(slot)
         if self.staged:
             self._recv_dev[m].copy_(self._recv_host[m], non_blocking=True)
-        out, lse = self._replies_flat[m]  # every node slot's replies, one kernel each
-        po[1:].view(-1, *po.shape[2:]).index_copy_(0, self.index[m][1], out)
-        pl[1:].view(-1, pl.shape[2]).index_copy_(0, self.index[m][1], lse)
-        merge_attention_states(po[:, :n], pl[:, :n], out=self.out[m], lse=self.out_lse[m])
+        outs, lses = self._reply_views[m]  # one kernel: replies found by position, merged
+        merge_new_token(q, k, v, outs, lses, self.index[m][1].view(self.max_nodes, -1),
+                        self.remote.scale, out=self.out[m], lse=self.out_lse[m])
         return self.out[m]
 
     # ---- host half: during the replay ------------------------------------------------------
