@@ -89,8 +89,40 @@ def load_checkpoint(shape: Shape, path: Path, device: str) -> dict:
 
 
 # ---- the weight node's model: plain functions, static buffers (gpt-fast style) --------------
+def _rope(x, pos, cos, sin):  # x [b, H, D], pos [b]
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    x1, x2 = x[..., ::2].float(), x[..., 1::2].float()
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).to(x.dtype)
+
+
+def _rms(x, w):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+
+def _before(x, pos, n1, wqkv, cos, sin, heads: int, kv_heads: int):
+    """Norm, QKV projection, RoPE of one layer: q [b, H, D], k, v [b, Hkv, D]."""
+    b, hd = x.shape[0], cos.shape[1] * 2
+    q, k, v = F.linear(_rms(x, n1), wqkv).split([heads * hd, kv_heads * hd, kv_heads * hd], -1)
+    return (_rope(q.view(b, heads, hd), pos, cos, sin),
+            _rope(k.view(b, kv_heads, hd), pos, cos, sin), v.reshape(b, kv_heads, hd))
+
+
+def _after(x, attn, wo, n2, w13, w2):
+    """Output projection, residual, norm, SwiGLU FFN, residual."""
+    x = x + F.linear(attn.reshape(x.shape[0], -1), wo)
+    gate, up = F.linear(_rms(x, n2), w13).chunk(2, -1)
+    return x + F.linear(F.silu(gate) * up, w2)
+
+
 class Model:
-    def __init__(self, shape: Shape, W: dict, batch: int, context: int, device: str):
+    """The Llama-shaped model, weights in `W`. `compiled`: its per-layer halves go through
+    torch.compile (Inductor fuses the norms, RoPE and SwiGLU's elementwise work into a few
+    kernels, as serving engines do); one compile per micro-batch size, shared by every
+    layer (the weights are arguments)."""
+
+    def __init__(self, shape: Shape, W: dict, batch: int, context: int, device: str,
+                 compiled: bool = False):
         self.s, self.W, self.device = shape, W, device
         hd = shape.head_dim
         freq = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=device).float() / hd))
@@ -98,36 +130,29 @@ class Model:
         self.cos, self.sin = ang.cos(), ang.sin()
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
         self.pos = torch.full((batch,), context, dtype=torch.long, device=device)
-
-    def rope(self, x, pos):  # x [b, H, D], pos [b]
-        c, s = self.cos[pos][:, None], self.sin[pos][:, None]
-        x1, x2 = x[..., ::2].float(), x[..., 1::2].float()
-        return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).to(x.dtype)
-
-    @staticmethod
-    def rms(x, w):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+        wrap = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
+        self._before, self._after = wrap(_before), wrap(_after)
 
     def before(self, layer, state):
         x, pos = state
-        s, lw = self.s, self.W["layers"][layer]
-        b, hd = x.shape[0], s.head_dim
-        qkv = F.linear(self.rms(x, lw["n1"]), lw["wqkv"])
-        q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], -1)
-        return (self.rope(q.view(b, s.heads, hd), pos), self.rope(k.view(b, s.kv_heads, hd), pos),
-                v.reshape(b, s.kv_heads, hd))
+        lw = self.W["layers"][layer]
+        return self._before(x, pos, lw["n1"], lw["wqkv"], self.cos, self.sin, self.s.heads,
+                            self.s.kv_heads)
 
     def after(self, layer, state, attn):
         x, pos = state
         lw = self.W["layers"][layer]
-        x = x + F.linear(attn.reshape(x.shape[0], -1), lw["wo"])
-        h = F.linear(self.rms(x, lw["n2"]), lw["w13"])
-        gate, up = h.chunk(2, -1)
-        return (x + F.linear(F.silu(gate) * up, lw["w2"]), pos)
+        return (self._after(x, attn, lw["wo"], lw["n2"], lw["w13"], lw["w2"]), pos)
+
+    def warm(self, rows) -> None:
+        """Run both halves once per micro-batch size (compiles before any capture)."""
+        for r in rows:
+            x = self.W["embed"][self.ids[r]]
+            q, _, _ = self.before(0, (x, self.pos[r]))
+            self.after(0, (x, self.pos[r]), torch.zeros_like(q))
 
     def finish_step(self, x):
-        logits = F.linear(self.rms(x, self.W["norm"]), self.W["head"])
+        logits = F.linear(_rms(x, self.W["norm"]), self.W["head"])
         self.ids.copy_(logits.argmax(-1))
         self.pos.add_(1)
 
@@ -258,7 +283,9 @@ def stats(ms: list[float]) -> dict:
 
 # ---- runs -------------------------------------------------------------------------------
 def run_colocated(shape, W, batch, context, device, args) -> dict:
-    model = Model(shape, W, batch, context, device)
+    model = Model(shape, W, batch, context, device, compiled=args.compile)
+    for mb in (1, 2):
+        model.warm(LayerPipeline(shape.layers, None, None, None, mb).split(batch))
     kv = LocalKV(shape, batch, context, device)
     out = {}
     for label, attn in (("colocated", kv), ("local_compute", NoAttention())):
@@ -311,7 +338,9 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
             remote.end_step(wait=True)
         prefill_s = time.perf_counter() - t0
         out = {"prefill_s" + ("" if graphs else "[eager node]"): prefill_s}
-        model = Model(shape, W, batch, context, device)
+        model = Model(shape, W, batch, context, device, compiled=args.compile)
+        for mb in (1, 2):
+            model.warm(LayerPipeline(shape.layers, None, None, None, mb).split(batch))
         stages = args.stages if graphs else args.stages[:1]
         # the headline stage last: its run adds a node, which would change the others'
         for stage, mb in [(st, mb) for st in stages[1:] + stages[:1] for mb in (1, 2)]:
@@ -444,6 +473,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after timing, 3 steps of each headline run under torch.profiler: "
                          "GPU time per step by kernel family (and a trace under $OUT)")
+    ap.add_argument("--compile", action="store_true",
+                    help="the model's per-layer halves through torch.compile (colocated and "
+                         "kflume alike)")
     ap.add_argument("--join-gpu", type=int, default=None,
                     help="GPU of the node that joins mid-run (default: the nodes' GPU)")
     ap.add_argument("--node-gpu", type=int, default=1,
