@@ -271,7 +271,33 @@ def profile_steps(run_one, n: int, name: str) -> dict:
     prof.export_chrome_trace(str(dest / f"{name}.trace.json"))
     (dest / f"{name}.kernels.txt").write_text(prof.key_averages().table(
         sort_by="self_device_time_total", row_limit=40))
+    out["slot_timeline_us"] = slot_timeline(dest / f"{name}.trace.json")
     return out
+
+
+def slot_timeline(trace_path: Path) -> dict:
+    """Per slot, on one clock (the profiler's: kernels and host ranges alike), medians in
+    microseconds: GPU post done -> host starts sending; send; sent -> host releases
+    (node and wire); released -> GPU wait done; and the wait kernel's own time (the GPU
+    stalled on the slot). From the post/wait kernels and the `kflume.send N` /
+    `kflume.release N` ranges that serve_step marks when `annotate` is on."""
+    import json
+
+    ev = json.loads(trace_path.read_text())["traceEvents"]
+    by = lambda key: sorted((e for e in ev if key(e)), key=lambda e: e["ts"])  # noqa: E731
+    posts = by(lambda e: e.get("cat") == "kernel" and "post_kernel" in e.get("name", ""))
+    waits = by(lambda e: e.get("cat") == "kernel" and "wait_kernel" in e.get("name", ""))
+    sends = by(lambda e: str(e.get("name", "")).startswith("kflume.send "))
+    rels = by(lambda e: str(e.get("name", "")).startswith("kflume.release "))
+    n = min(len(posts), len(waits), len(sends), len(rels))
+    if not n:
+        return {}
+    rows = [(s["ts"] - (p["ts"] + p["dur"]), s["dur"], r["ts"] - (s["ts"] + s["dur"]),
+             (w["ts"] + w["dur"]) - (r["ts"] + r["dur"]), w["dur"])
+            for p, w, s, r in zip(posts[:n], waits[:n], sends[:n], rels[:n])]
+    names = ("post_to_send", "send", "sent_to_release", "release_to_wait_done", "wait_kernel")
+    return {k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(names)} | {
+        "n": n}
 
 
 def stats(ms: list[float]) -> dict:
@@ -412,7 +438,9 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                                        for k in ("handle", "reply")}
                 out[key]["one_way"] = one_way(cap.trace, node.get("attend_trace", []))
                 if args.profile and stage == args.stages[0] and graph is not None:
+                    cap.annotate = True  # sends and releases on the kernels' clock
                     out[key]["gpu_per_step"] = profile_steps(one, 3, f"{batch}x{context}-{key}")
+                    cap.annotate = False
                 print(f"  {key}: {out[key]}", flush=True)
                 cap.trace_steps = 0
                 if add_node and mb == 2 and stage == args.stages[0]:
