@@ -43,7 +43,7 @@ for phase in "$@"; do
     e2e-rndv)  # who moves a rendezvous' bytes: the receiver (get, UCX's choice) or the sender
       run e2e-rndv-auto 150 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5
       run e2e-rndv-put 150 env UCX_RNDV_SCHEME=put_zcopy python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 ;;
-    e2e-profile) run e2e-profile 240 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 20 --warmup 5 --profile ;;
+    e2e-profile) run e2e-profile 240 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 20 --warmup 5 --profile ${E2E_ARGS:-} ;;
     e2e-eager) run e2e-eager 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --eager-node 8x32768 ;;
     transport-gpu) run transport-cuda 120 python3 benchmarks/transport.py --device cuda --iters 1000 --modes poll blocking ;;
     transport-stream)
