@@ -243,12 +243,15 @@ def one_way(trace, node_trace) -> dict:
             "reply_us": med(3), "n": len(rows)}
 
 
-def profile_steps(run_one, n: int, name: str) -> dict:
+def profile_steps(run_one, n: int, name: str, cap=None) -> dict:
     """GPU time per step by kernel family over `n` steps (torch.profiler: CUPTI sees the
-    kernels a replayed graph runs); the table and a Chrome trace go to $OUT."""
-    from torch.profiler import ProfilerActivity, profile
+    kernels a replayed graph runs); the table and a Chrome trace go to $OUT. With `cap`
+    (tracing its slots), also each slot's timeline on one clock (`slot_timeline`)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("kflume.clock"):  # ties perf_counter to the trace's clock
+            clock = time.perf_counter()
         for _ in range(n):
             run_one()
     torch.cuda.synchronize()
@@ -271,31 +274,38 @@ def profile_steps(run_one, n: int, name: str) -> dict:
     prof.export_chrome_trace(str(dest / f"{name}.trace.json"))
     (dest / f"{name}.kernels.txt").write_text(prof.key_averages().table(
         sort_by="self_device_time_total", row_limit=40))
-    out["slot_timeline_us"] = slot_timeline(dest / f"{name}.trace.json")
+    if cap is not None and cap.trace:
+        out["slot_timeline_us"] = slot_timeline(dest / f"{name}.trace.json", clock,
+                                                cap.trace[-n * cap.signal.slots:])
     return out
 
 
-def slot_timeline(trace_path: Path) -> dict:
-    """Per slot, on one clock (the profiler's: kernels and host ranges alike), medians in
-    microseconds: GPU post done -> host starts sending; send; sent -> host releases
-    (node and wire); released -> GPU wait done; and the wait kernel's own time (the GPU
-    stalled on the slot). From the post/wait kernels and the `kflume.send N` /
-    `kflume.release N` ranges that serve_step marks when `annotate` is on."""
+def slot_timeline(trace_path: Path, clock: float, slots: list) -> dict:
+    """Per slot, on one clock, medians in microseconds: GPU post done -> the host sees it;
+    host sends; sent -> answered (node and wire); answered -> released; released -> GPU
+    wait done; and the wait kernel's own time (the GPU stalled on the slot). Kernels from
+    the profiler's trace, host times from `CapturedRemoteAttention.trace` (perf_counter,
+    mapped onto the trace's clock by the `kflume.clock` range)."""
     import json
 
     ev = json.loads(trace_path.read_text())["traceEvents"]
     by = lambda key: sorted((e for e in ev if key(e)), key=lambda e: e["ts"])  # noqa: E731
     posts = by(lambda e: e.get("cat") == "kernel" and "post_kernel" in e.get("name", ""))
     waits = by(lambda e: e.get("cat") == "kernel" and "wait_kernel" in e.get("name", ""))
-    sends = by(lambda e: str(e.get("name", "")).startswith("kflume.send "))
-    rels = by(lambda e: str(e.get("name", "")).startswith("kflume.release "))
-    n = min(len(posts), len(waits), len(sends), len(rels))
-    if not n:
+    mark = by(lambda e: e.get("name") == "kflume.clock")
+    n = min(len(posts), len(waits), len(slots))
+    if not n or not mark:
         return {}
-    rows = [(s["ts"] - (p["ts"] + p["dur"]), s["dur"], r["ts"] - (s["ts"] + s["dur"]),
-             (w["ts"] + w["dur"]) - (r["ts"] + r["dur"]), w["dur"])
-            for p, w, s, r in zip(posts[:n], waits[:n], sends[:n], rels[:n])]
-    names = ("post_to_send", "send", "sent_to_release", "release_to_wait_done", "wait_kernel")
+    off = mark[0]["ts"] - clock * 1e6  # trace us = perf_counter us + off
+    rows = []
+    for p, w, t in zip(posts[-n:], waits[-n:], slots[-n:]):
+        _, d_send, d_remote, d_release, sent, answered = t[:6]
+        seen, sent, answered = (x * 1e6 + off for x in (sent - d_send, sent, answered))
+        released = answered + d_release * 1e6
+        rows.append((seen - (p["ts"] + p["dur"]), d_send * 1e6, d_remote * 1e6,
+                     d_release * 1e6, (w["ts"] + w["dur"]) - released, w["dur"]))
+    names = ("post_to_seen", "send", "remote", "release", "released_to_wait_done",
+             "wait_kernel")
     return {k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(names)} | {
         "n": n}
 
@@ -438,9 +448,8 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                                        for k in ("handle", "reply")}
                 out[key]["one_way"] = one_way(cap.trace, node.get("attend_trace", []))
                 if args.profile and stage == args.stages[0] and graph is not None:
-                    cap.annotate = True  # sends and releases on the kernels' clock
-                    out[key]["gpu_per_step"] = profile_steps(one, 3, f"{batch}x{context}-{key}")
-                    cap.annotate = False
+                    out[key]["gpu_per_step"] = profile_steps(one, 3, f"{batch}x{context}-{key}",
+                                                             cap)
                 print(f"  {key}: {out[key]}", flush=True)
                 cap.trace_steps = 0
                 if add_node and mb == 2 and stage == args.stages[0]:

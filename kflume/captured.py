@@ -36,7 +36,6 @@ device half (capturable, no host sync, no allocation after the first call).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -166,9 +165,6 @@ class CapturedRemoteAttention:
         # the last `trace_steps` steps (0: off).
         self.trace: list[tuple] = []
         self.trace_steps = 0
-        # True: serve_step marks each slot's send and release as torch.profiler ranges,
-        # which a profile shows on the GPU kernels' clock (benchmarks/e2e.py --profile).
-        self.annotate = False
 
     # ---- host half: between steps ------------------------------------------------------
     def load(self, plan: StepPlan) -> None:
@@ -253,11 +249,6 @@ class CapturedRemoteAttention:
         return self.out[m]
 
     # ---- host half: during the replay ------------------------------------------------------
-    def _range(self, what: str, slot: int):
-        if not self.annotate:
-            return contextlib.nullcontext()
-        return torch.profiler.record_function(f"{what} {slot}")
-
     def _send(self, slot: int, appends: list[Pending]) -> list[Pending]:
         """Queries to every node holding rows of this slot. After a micro-batch's last
         layer, also its new k, v of every layer to their tail nodes (into `appends`)."""
@@ -323,18 +314,16 @@ class CapturedRemoteAttention:
                 if sent < total and self.signal.posted(sent):
                     t0 = time.perf_counter() if tr else 0.0
                     self.signal.wait_posted(sent, 0.0)
-                    with self._range("kflume.send", sent):
-                        inflight[sent] = self._send(sent, appends)
+                    inflight[sent] = self._send(sent, appends)
                     if tr:
                         times[sent] = [t0, time.perf_counter()]
                     sent += 1
                 elif released < sent and all(p.done for p in inflight[released]):
                     if tr:
                         times[released].append(time.perf_counter())
-                    with self._range("kflume.release", released):
-                        for p in inflight.pop(released):
-                            p.result(0.0)  # raises a node's refusal
-                        self.signal.release(released)
+                    for p in inflight.pop(released):
+                        p.result(0.0)  # raises a node's refusal
+                    self.signal.release(released)
                     if tr:
                         a, b, c = times.pop(released)
                         layer, m = divmod(released, len(self.ranges))
