@@ -61,8 +61,8 @@ for phase in "$@"; do
       done ;;
     e2e-final)  # the headline runs of the current code: default and compiled model, each
       # with a node joining mid-run, then the larger sizes
-      run e2e-final 160 python3 benchmarks/e2e.py --configs 8x32768 --steps 40 --warmup 5
-      run e2e-final-compile 170 python3 benchmarks/e2e.py --configs 8x32768 --steps 40 --warmup 5 --compile
+      run e2e-final 160 python3 benchmarks/e2e.py --configs 8x32768 --steps 40 --warmup 20
+      run e2e-final-compile 170 python3 benchmarks/e2e.py --configs 8x32768 --steps 40 --warmup 20 --compile
       run e2e-final-big 200 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --steps 30 --warmup 5 ;;
     e2e-compile) run e2e-compile 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 --compile ;;
     e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device messages --steps 40 --warmup 5 ;;

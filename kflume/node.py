@@ -338,6 +338,14 @@ class AttentionNode:
             return self._graphs.stream(layers, q, out, batch[0], batch[1], scale)
         return lambda i: self._launch(layers[i], q[i], batch, scale, out=out[i], packed=True)
 
+    def capture_pending(self, limit: int = 2) -> int:
+        """Capture up to `limit` of the graphs that streams' layers were served without
+        (kflume/node_graph.py); a server calls this between a peer's steps. Returns how
+        many were captured (0 without stream graphs)."""
+        if self._graphs is None or not self.config.stream_graphs:
+            return 0
+        return self._graphs.capture_pending(limit)
+
     def _here(self, t: torch.Tensor) -> bool:
         d = self.device
         return t.device.type == d.type and d.index in (None, t.device.index)

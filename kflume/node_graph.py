@@ -21,12 +21,16 @@ heads, page-table width, dtype, scale); the page table's width doubles as reques
 so few shapes ever exist.
 
 An attend stream (kflume/server.py) brings its own buffers, one query and one reply per
-layer, reused from stream to stream: `stream()` captures one graph per layer of them
-that reads the layer's query where it lands and writes the reply where it is sent from,
-with the layer's shifted page-table rows baked into a per-layer table filled once a
-stream. A stream layer then costs one replay and nothing else (the node's host time per
-layer is on the step's critical path). Graphs are captured at a layer's first use and
-kept for the buffers while they stay among the `max_streams` most recently used.
+layer, reused from stream to stream: `stream()` serves each layer with a graph captured
+on them, which reads the layer's query where it lands and writes the reply where it is
+sent from, with the layer's shifted page-table rows in a per-layer table filled once a
+stream: one replay a layer and nothing else (the node's host time per layer is on the
+step's critical path). A layer without its graph yet goes through the per-shape graph
+(copies in and out). Graphs are captured only by `capture_pending()`, a few at a time,
+which a server calls when a stream ends (between the peer's steps): a capture costs a
+node a fraction of a millisecond, and 32 of them in one step would stall that step (seen:
+a 79 ms step right after a node joined). Sets are kept while they stay among the
+`max_streams` most recently used.
 
 Graphs share one memory pool: they replay one after another on one stream. Capture
 uses thread-local mode, so that UCX's threads may call CUDA meanwhile, runs the kernels
@@ -77,7 +81,8 @@ class _StreamGraphs:
     kv_len: torch.Tensor
     scale: float
     splits: int
-    runs: list  # [L] a captured graph's replay (or the eager launch), None until first use
+    runs: list  # [L] a captured graph's replay (or the eager launch on CPU), or None
+    used: list  # [L] served without its graph since the last capture_pending()
     kv_len_src: torch.Tensor | None = None
 
 
@@ -150,7 +155,30 @@ class AttendGraphs:
         if s.kv_len_src is not kv_len:
             s.kv_len.copy_(kv_len)
             s.kv_len_src = kv_len
-        return lambda i: (s.runs[i] or self._stream_layer(s, i))()
+
+        def run(i: int) -> None:
+            r = s.runs[i]
+            if r is not None:
+                r()
+            else:  # not captured yet: the per-shape graph, q copied in, the reply out
+                s.used[i] = True
+                self.attend(layers[i], q[i], page_table, kv_len, scale, out=result[i],
+                            packed=True)
+        return run
+
+    def capture_pending(self, limit: int = 2) -> int:
+        """Capture up to `limit` graphs of stream layers served so far without one (most
+        recently used sets first). Nothing runs: no buffer is written. Returns how many."""
+        done = 0
+        for s in reversed(self._streams.values()):
+            for i, used in enumerate(s.used):
+                if done >= limit:
+                    return done
+                if used and s.runs[i] is None:
+                    s.used[i] = False
+                    if self._stream_layer(s, i):
+                        done += 1
+        return done
 
     def _stream_set(self, key: tuple, q: torch.Tensor, result: torch.Tensor) -> _StreamGraphs:
         n, b, hq, d, dtype, width, scale = key[2:]
@@ -159,8 +187,12 @@ class AttendGraphs:
         s = _StreamGraphs(q=q, result=result, scale=scale,
                           page_table=torch.zeros(n, b, width, dtype=torch.int32, device=dev),
                           start=zeros, kv_len=zeros.clone(), runs=[None] * n,
+                          used=[False] * n,
                           splits=default_num_splits(b, self.kv_heads, width * self.page_size,
                                                     self.num_sms))
+        if not self.capture:  # CPU: every layer runs eagerly on the buffers at once
+            for i in range(n):
+                self._stream_layer(s, i)
         if len(self._streams) >= self.max_streams:
             if self.capture:  # its last replays may still run: let them finish first
                 torch.cuda.current_stream(dev).synchronize()
@@ -170,25 +202,35 @@ class AttendGraphs:
         self._streams[key] = s
         return s
 
-    def _stream_layer(self, s: _StreamGraphs, i: int) -> Callable[[], None]:
-        """Layer i's run of a stream set: captured at its first use (eager on CPU)."""
+    def _stream_layer(self, s: _StreamGraphs, i: int) -> bool:
+        """Layer i's run of a stream set: a graph captured without running it (the
+        per-shape graph loaded the kernels), or eager on CPU. False: not captured (a
+        buffer whose alignment differs from the per-shape graph's could need another
+        compile of the kernels; the per-shape path keeps serving that layer)."""
         hq, d = s.q.shape[2], s.q.shape[3]
         out, lse = unpack_states(s.result[i], hq, d, s.q.dtype)
+        q, pt = s.q[i], s.page_table[i]
 
         def launch() -> None:
-            split_kv_attention(s.q[i], self.k, self.v, s.page_table[i], s.start, s.kv_len,
-                               scale=s.scale, num_splits=s.splits, out=out, lse=lse,
-                               check=False)
+            split_kv_attention(q, self.k, self.v, pt, s.start, s.kv_len, scale=s.scale,
+                               num_splits=s.splits, out=out, lse=lse, check=False)
 
-        s.runs[i] = self._captured(launch) if self.capture else launch
-        return s.runs[i]
+        if not self.capture:
+            s.runs[i] = launch
+            return True
+        if any(t.data_ptr() % 16 for t in (q, out, lse, pt)):
+            return False
+        s.runs[i] = self._captured(launch, warm=False)
+        return True
 
-    def _captured(self, launch: Callable[[], None]) -> Callable[[], None]:
+    def _captured(self, launch: Callable[[], None], warm: bool = True) -> Callable[[], None]:
         """`launch` captured into a graph of the shared pool; returns its replay.
         What torch.cuda.graph does, less its device sync, gc and cache flush (which would
-        stall a serving node for milliseconds at a new shape)."""
+        stall a serving node for milliseconds at a new shape). `warm`: run it once first,
+        so that every kernel is compiled and loaded before the capture."""
         with torch.cuda.device(self.device):
-            launch()  # compile and load every kernel before capture; ordered as a replay
+            if warm:
+                launch()  # ordered as a replay would be
             main, side = torch.cuda.current_stream(), torch.cuda.Stream()
             side.wait_stream(main)
             graph = torch.cuda.CUDAGraph()

@@ -107,9 +107,10 @@ class NodeServer:
     """Serve `node` on `listener` (made by `transport`). Call `serve()` or `poll()`."""
 
     def __init__(self, node: AttentionNode, transport: Transport, listener: Listener,
-                 stream_deadline: float = 60.0) -> None:
+                 stream_deadline: float = 60.0, captures_per_stream: int = 2) -> None:
         self.node, self.transport, self.listener = node, transport, listener
         self.stream_deadline = stream_deadline
+        self.captures_per_stream = captures_per_stream
         self.peers: list[_Peer] = []
         self.stopped = False
         self.handled = 0
@@ -332,6 +333,8 @@ class NodeServer:
             free.append(st.bufs)
         if len(peer.stream_bufs) > 8:
             peer.stream_bufs.pop(next(iter(peer.stream_bufs)))
+        # Between the peer's steps: a few graphs for the layers served without one.
+        self.node.capture_pending(self.captures_per_stream)
 
     def _stream_buffers(self, peer: _Peer, key: tuple) -> tuple:
         free = peer.stream_bufs.get(key)
