@@ -144,13 +144,20 @@ def merge_new_token(
     check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,), device=dev, shape=(bsz, hq))
     if lse.stride(1) != 1:
         raise ValueError("lse must be contiguous in its last dim")
-    if q.is_cuda:
-        launch_merge_new_token(q, k, v, outs, lses, index, float(scale), out, lse)
+    if torch.compiler.is_compiling():
+        torch.ops.kflume.merge_new_token_(q, k, v, outs, lses, index, float(scale), out, lse)
     else:
-        o, s = merge_new_token_ref(q, k, v, outs, lses, index, float(scale))
+        _merge_new_token_impl(q, k, v, outs, lses, index, float(scale), out, lse)
+    return out, lse
+
+
+def _merge_new_token_impl(q, k, v, outs, lses, index, scale, out, lse) -> None:
+    if q.is_cuda:
+        launch_merge_new_token(q, k, v, outs, lses, index, scale, out, lse)
+    else:
+        o, s = merge_new_token_ref(q, k, v, outs, lses, index, scale)
         out.copy_(o)
         lse.copy_(s)
-    return out, lse
 
 
 def launch_merge_new_token(q, k, v, outs, lses, index, scale, out, lse) -> None:
@@ -259,4 +266,16 @@ def _merge_two_op(
 
 @_merge_two_op.register_fake
 def _(out, lse, other_out, other_lse) -> None:
+    return None
+
+
+@torch.library.custom_op("kflume::merge_new_token_", mutates_args=("out", "lse"))
+def _merge_new_token_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, outs: torch.Tensor,
+                        lses: torch.Tensor, index: torch.Tensor, scale: float,
+                        out: torch.Tensor, lse: torch.Tensor) -> None:
+    _merge_new_token_impl(q, k, v, outs, lses, index, scale, out, lse)
+
+
+@_merge_new_token_op.register_fake
+def _(q, k, v, outs, lses, index, scale, out, lse) -> None:
     return None

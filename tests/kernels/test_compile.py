@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kflume.kernels import append_kv, merge_attention_states, merge_state_, split_kv_attention
+from kflume.kernels import (
+    append_kv,
+    merge_attention_states,
+    merge_new_token,
+    merge_state_,
+    split_kv_attention,
+)
 from kflume.testing import random_paged_kv
 
 
@@ -15,11 +21,16 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, page_table, start, lengt
     out2, lse2 = split_kv_attention(q, k_cache, v_cache, page_table, start, length, check=False)
     merged, mlse = merge_attention_states(torch.stack([out, out2]), torch.stack([lse, lse2]))
     merge_state_(merged, mlse, out, lse)
-    return merged, mlse
+    # the new token against the two partials above (as two sources of one row each)
+    index = torch.arange(q.shape[0]).expand(2, -1)
+    new_out, new_lse = merge_new_token(q, k_new, v_new, torch.stack([out, out2]),
+                                       torch.stack([lse, lse2]), index, 0.125)
+    return merged, mlse, new_out, new_lse
 
 
 def test_ops_are_registered():
-    for name in ("split_kv_attention_", "merge_attention_states_", "merge_state_", "append_kv_"):
+    for name in ("split_kv_attention_", "merge_attention_states_", "merge_state_", "append_kv_",
+                 "merge_new_token_"):
         assert hasattr(torch.ops.kflume, name)
 
 
@@ -37,4 +48,5 @@ def test_fullgraph_compile_matches_eager():
     compiled = compiled_fn(q, k_new, v_new, *caches[1], pool.page_table, start, length)
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
+    torch.testing.assert_close(compiled[2:], eager[2:])
     torch.testing.assert_close(caches[1][0], caches[0][0])  # the append happened once
