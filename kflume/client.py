@@ -86,7 +86,6 @@ class AttendStream:
                  into: torch.Tensor | None = None) -> None:
         self.client, self.seq, self.layers, self.ack = client, seq, layers, ack
         self.shape, self.dtype = shape, dtype
-        self.row = state_row_bytes(shape[1], shape[2], dtype)
         self._sent: set[int] = set()
         self._into = into
         self._ahead: dict[int, Recv] = {}  # pre-posted reply receives, by layer
