@@ -275,6 +275,15 @@ class CapturedRemoteAttention:
                         ready=True))
         return pend
 
+    def reset(self) -> None:
+        """After `serve_step` raised and the failed replay has finished (its stream
+        synchronised): release the signal's abort so that the next step can run. The
+        failed step's streams are given up at the nodes after their stream deadline; its
+        new k, v may not have reached every node, so the caller re-plans (and, for
+        requests whose token is missing, re-runs the step) before the next replay."""
+        self.signal.reset()
+        self._open.clear()
+
     def _open_streams(self) -> list[Pending]:
         """One attend stream per (node, micro-batch) with rows; their acknowledgements."""
         self._open.clear()
@@ -298,7 +307,7 @@ class CapturedRemoteAttention:
         next micro-batch while the previous one's reply travels) and released in order.
         It returns once the nodes acknowledged the step's appends and streams. On any
         error every slot is released (the graph finishes, its results invalid) and the
-        error is raised.
+        error is raised; `reset()` then makes the graph usable again.
         """
         total = self.signal.slots
         deadline = time.monotonic() + timeout

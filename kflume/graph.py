@@ -233,6 +233,19 @@ class GraphSignal:
         else:
             self._ack_np[:] = 2**31 - 1
 
+    def reset(self) -> None:
+        """After an abort, once the aborted replay has finished (its stream synchronised),
+        make the signal usable again: the next replay's posts and waits pair up as before.
+        Every post of the aborted replay has run by then, so the flags hold the device's
+        sequence numbers (kernel, host) or a post nobody consumed (memop)."""
+        if self.mechanism == "memop":
+            self._flag_np[:] = 0
+            self._ack_np[:] = 0  # waits that passed before the abort kept the abort's 1
+        else:
+            self._ack_np[:] = self._flag_np
+            self.seen = [int(v) for v in self._flag_np]
+        self.aborted = False
+
 
 def warm_and_capture(step: Callable[[], object], stream: torch.cuda.Stream,
                      serve: Callable[[], object] | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -94,6 +96,15 @@ def test_abort_lets_a_waiting_graph_finish():
     sig.abort()  # e.g. the host side failed: the graph must not hang
     s.synchronize()
     assert y.sum().item() == 8
+    sig.reset()  # the replay finished: the next one waits for its release again
+    with torch.cuda.stream(s):
+        graph.replay()
+    sig.wait_posted(0, timeout=10)
+    time.sleep(0.05)
+    assert y.sum().item() == 8  # held at the wait
+    sig.release(0)
+    s.synchronize()
+    assert y.sum().item() == 12
 
 
 LAYERS, HQ, HKV, D, DIM = 3, 8, 2, 64, 128

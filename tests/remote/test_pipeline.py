@@ -116,4 +116,17 @@ def test_captured_attention_with_host_signals_matches_eager(streams):
     server.begin()
     with pytest.raises(SignalTimeout, match="not served within"):
         server.end()
+    assert cap.signal.aborted
+    # reset() makes the graph usable again: the next step pairs its posts and waits up
+    # (still aborted, its waits would pass at once and the merge read stale replies)
+    cap.reset()
+    server.timeout = 20
+    x = torch.randn(len(PROMPTS), DIM, generator=g)
+    ref_cl.begin_step()
+    cap.load(cl.begin_step())
+    ref = sequential(model, ref_cl.remote, x)
+    server.begin()
+    outs = pipe([x[r] for r in pipe_rows], pipe_rows)
+    server.end()
+    torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
     server.close()
