@@ -4,11 +4,12 @@ For a decode step planned by the router (kflume/router.py):
 
 1. query-first dispatch: q of the rows each node holds KV for goes out to every node of
    the plan, before anything else is computed;
-2. meanwhile the new token's own partial is computed locally (attention of q over the
-   new k, v alone: out = v, lse = scale * q.k), and the new k, v are sent to the node
-   that owns each request's tail range, where the next step will find them;
-3. the nodes' partials `(out, lse)` come back and are merged with the local one by their
-   log-sum-exp (kflume.kernels.merge_attention_states).
+2. the new k, v are sent to the node that owns each request's tail range, where the next
+   step will find them (the new token's own partial, attention of q over the new k, v
+   alone: out = v, lse = scale * q.k, is part of the merge);
+3. the nodes' partials `(out, lse)` come back, each node's into its own rows of one reply
+   buffer, and are merged with the local one by their log-sum-exp, rows found by
+   position (kflume.kernels.merge_new_token: one kernel).
 
 Prefill: a prompt's KV, computed on the weight node, is scattered by range to the nodes.
 Output equals attention over the whole KV (docs/conventions.md); tests check it over the
@@ -25,7 +26,7 @@ import torch
 from .client import NodeClient, wait_all
 from .comm.base import RemoteError
 from .comm.wire import state_row_bytes, transfer_empty, unpack_states
-from .kernels import merge_attention_states
+from .kernels import merge_new_token
 from .plan import StepPlan
 
 __all__ = ["RemoteAttention"]
@@ -58,6 +59,8 @@ class RemoteAttention:
         self.max_batch = max_batch
         self.plan: StepPlan | None = None
         self._shares: dict[tuple[int, int], list[_Share]] = {}
+        # per row range: [node with rows, row] -> the row's place in that node's reply, -1
+        self._positions: dict[tuple[int, int], torch.Tensor] = {}
 
     def _client(self, node: str) -> NodeClient:
         try:
@@ -88,6 +91,7 @@ class RemoteAttention:
                              f"{self.max_batch}")
         self.plan = plan
         self._shares = {}
+        self._positions = {}
 
     def end_step(self, wait: bool = False) -> None:
         """Check the nodes' acknowledgements of appends; raise any refusal.
@@ -177,46 +181,46 @@ class RemoteAttention:
             raise ValueError(f"k_new and v_new must be {list(want)}; got {list(k_new.shape)} "
                              f"and {list(v_new.shape)}")
         shares = self.shares(a, b)
+        attend = [s for s in shares if s.requests]
+        # one reply buffer: node i's reply lands in its first rows of part i
+        buf = self._recv_buffer(len(attend) * (b - a), q.dtype)
+        buf = buf.view(len(attend), b - a, buf.shape[-1])
         sent = []
-        for s in shares:  # query first
-            if s.requests:
-                into = self._recv_buffer(len(s.requests), q.dtype)
-                p = self._client(s.node).attend(layer, plan.epoch, s.requests, s.kv_len,
-                                                q.index_select(0, s.rows), into, self.scale)
-                sent.append((s.rows, p))
+        for i, s in enumerate(attend):  # query first
+            sent.append(self._client(s.node).attend(
+                layer, plan.epoch, s.requests, s.kv_len, q.index_select(0, s.rows),
+                buf[i, : len(s.requests)], self.scale))
         for s in shares:  # then the new tokens, off the critical path
             if s.append_requests:
                 k = k_new.index_select(0, s.append_rows)[:, None]  # [a, 1, Hkv, D]
                 v = v_new.index_select(0, s.append_rows)[:, None]
                 self._client(s.node).append(layer, s.append_requests, s.append_offsets,
                                             s.positions, k, v)
-        return _Handle(sent, q, k_new, v_new)
+        return _Handle(sent, buf, self._position(a, b, attend), q, k_new, v_new)
+
+    def _position(self, a: int, b: int, attend: list[_Share]) -> torch.Tensor:
+        """[node, row] -> where plan row `a + row` sits in that node's reply, or -1."""
+        key = (a, b)
+        if key not in self._positions:
+            pos = torch.full((len(attend), b - a), -1, dtype=torch.long)
+            for i, s in enumerate(attend):
+                pos[i, s.rows.cpu()] = torch.arange(len(s.requests))
+            self._positions[key] = pos.to(self.device)
+        return self._positions[key]
 
     def finish(self, h: _Handle) -> torch.Tensor:
         """Wait for the nodes' partials and merge them with the new token's own partial."""
-        q = h.q
-        bsz = q.shape[0]
-        g = self.hq // self.hkv
-        parts_out = torch.zeros(len(h.sent) + 1, bsz, self.hq, self.d, dtype=q.dtype,
-                                device=q.device)
-        parts_lse = torch.full((len(h.sent) + 1, bsz, self.hq), float("-inf"), device=q.device)
-        # The new token attends to itself: softmax over one score is 1.
-        k_rep = h.k_new.repeat_interleave(g, dim=1)  # [b, Hq, D]
-        parts_lse[0] = (q.float() * k_rep.float()).sum(-1) * self.scale
-        parts_out[0] = h.v_new.repeat_interleave(g, dim=1)
         try:
-            msgs = wait_all([p for _, p in h.sent], self.timeout)
+            wait_all(h.sent, self.timeout)  # the replies are in h.replies
         except RemoteError:
             self.end_step()  # an append a node refused (e.g. full) is the likelier cause
             raise
-        for i, ((rows, _), m) in enumerate(zip(h.sent, msgs)):
-            out, lse = unpack_states(m.tensors[0], self.hq, self.d, q.dtype)
-            if m.tensors[0].is_cuda:  # reused only once the copies below have run
-                m.tensors[0].record_stream(torch.cuda.current_stream(m.tensors[0].device))
-            parts_out[i + 1].index_copy_(0, rows, out)
-            parts_lse[i + 1].index_copy_(0, rows, lse)
-        out, _ = merge_attention_states(parts_out, parts_lse)
-        return out
+        if h.replies.is_cuda:  # reused only once the merge below has run
+            h.replies.record_stream(torch.cuda.current_stream(h.replies.device))
+        nodes, rows, row = h.replies.shape
+        out, lse = unpack_states(h.replies.view(nodes * rows, row), self.hq, self.d, h.q.dtype)
+        return merge_new_token(h.q, h.k_new, h.v_new, out.view(nodes, rows, self.hq, self.d),
+                               lse.view(nodes, rows, self.hq), h.positions, self.scale)[0]
 
     def __call__(self, layer: int, q: torch.Tensor, k_new: torch.Tensor,
                  v_new: torch.Tensor) -> torch.Tensor:
@@ -241,7 +245,9 @@ class _Share:
 
 @dataclass(slots=True)
 class _Handle:
-    sent: list
+    sent: list  # one Pending per node with rows
+    replies: torch.Tensor  # [node, row, reply row bytes]
+    positions: torch.Tensor  # [node, row]: a row's place in the node's reply, -1: none
     q: torch.Tensor
     k_new: torch.Tensor
     v_new: torch.Tensor
