@@ -148,9 +148,10 @@ class CapturedRemoteAttention:
         self.index = [torch.zeros(3, max_nodes * n, dtype=torch.long, device=dev)
                       for n in sizes]
         # the replies as [node slot, row] (out, lse) views: what the merge reads
-        self._reply_views = [unpack_states(t.view(-1, row), hq, d, dtype) for t in self._recv_dev]
-        self._reply_views = [(o.view(max_nodes, n, hq, d), s.view(max_nodes, n, hq))
-                             for (o, s), n in zip(self._reply_views, sizes)]
+        self._reply_views = [
+            (o.view(max_nodes, n, hq, d), s.view(max_nodes, n, hq))
+            for n, (o, s) in ((n, unpack_states(t.view(-1, row), hq, d, dtype))
+                              for n, t in zip(sizes, self._recv_dev))]
         # the step's new k, v, layer by layer ([layer, row, k | v, Hkv, D]): one kernel a
         # layer; gathered into the nodes' send buffers once, at the last layer
         self._kv_step = [z(num_layers, n, 2, hkv, d) for n in sizes]
