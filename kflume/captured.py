@@ -354,6 +354,12 @@ class CapturedRemoteAttention:
                 p.result(0.0)  # a stream refused after its last reply (appends: client.check)
         except BaseException:
             self.signal.abort()
+            # No reply of this step may land later in the reply buffers the next step
+            # (after reset()) uses: cancel every receive still posted.
+            for pend in inflight.values():
+                for p in pend:
+                    if not p.done:
+                        p.recv.cancel()
             for st in self._open.values():
                 st.close()
             raise
