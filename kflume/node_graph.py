@@ -82,7 +82,9 @@ class _StreamGraphs:
     scale: float
     splits: int
     runs: list  # [L] a captured graph's replay (or the eager launch on CPU), or None
-    used: list  # [L] served without its graph since the last capture_pending()
+    used: list  # [L] served without its graph since the last capture_pending() (None:
+    # its capture was tried and failed, or its buffers are not aligned as the kernels'
+    # per-shape graph: it stays on that graph)
     kv_len_src: torch.Tensor | None = None
 
 
@@ -161,7 +163,8 @@ class AttendGraphs:
             if r is not None:
                 r()
             else:  # not captured yet: the per-shape graph, q copied in, the reply out
-                s.used[i] = True
+                if s.used[i] is not None:  # None: not capturable
+                    s.used[i] = True
                 self.attend(layers[i], q[i], page_table, kv_len, scale, out=result[i],
                             packed=True)
         return run
@@ -175,7 +178,7 @@ class AttendGraphs:
                 if done >= limit:
                     return done
                 if used and s.runs[i] is None:
-                    s.used[i] = False
+                    s.used[i] = None  # tried: never again for this set, if it fails
                     if self._stream_layer(s, i):
                         done += 1
         return done
