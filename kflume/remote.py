@@ -7,8 +7,8 @@ For a decode step planned by the router (kflume/router.py):
 2. the new k, v are sent to the node that owns each request's tail range, where the next
    step will find them (the new token's own partial, attention of q over the new k, v
    alone: out = v, lse = scale * q.k, is part of the merge);
-3. the nodes' partials `(out, lse)` come back, each node's into its own rows of one reply
-   buffer, and are merged with the local one by their log-sum-exp, rows found by
+3. the nodes' partials `(out, lse)` come back, one node's after another in one reply
+   buffer, and are merged with the local one by their log-sum-exp, each row's found by
    position (kflume.kernels.merge_new_token: one kernel).
 
 Prefill: a prompt's KV, computed on the weight node, is scattered by range to the nodes.
@@ -59,7 +59,7 @@ class RemoteAttention:
         self.max_batch = max_batch
         self.plan: StepPlan | None = None
         self._shares: dict[tuple[int, int], list[_Share]] = {}
-        # per row range: [node with rows, row] -> the row's place in that node's reply, -1
+        # per row range: [k, row] -> the row's k-th partial's place in the replies, -1
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
 
     def _client(self, node: str) -> NodeClient:
@@ -182,14 +182,14 @@ class RemoteAttention:
                              f"and {list(v_new.shape)}")
         shares = self.shares(a, b)
         attend = [s for s in shares if s.requests]
-        # one reply buffer: node i's reply lands in its first rows of part i
-        buf = self._recv_buffer(len(attend) * (b - a), q.dtype)
-        buf = buf.view(len(attend), b - a, buf.shape[-1])
-        sent = []
-        for i, s in enumerate(attend):  # query first
+        # one reply buffer, the nodes' replies one after another
+        buf = self._recv_buffer(sum(len(s.requests) for s in attend), q.dtype)
+        sent, off = [], 0
+        for s in attend:  # query first
             sent.append(self._client(s.node).attend(
                 layer, plan.epoch, s.requests, s.kv_len, q.index_select(0, s.rows),
-                buf[i, : len(s.requests)], self.scale))
+                buf[off : off + len(s.requests)], self.scale))
+            off += len(s.requests)
         for s in shares:  # then the new tokens, off the critical path
             if s.append_requests:
                 k = k_new.index_select(0, s.append_rows)[:, None]  # [a, 1, Hkv, D]
@@ -199,12 +199,20 @@ class RemoteAttention:
         return _Handle(sent, buf, self._position(a, b, attend), q, k_new, v_new)
 
     def _position(self, a: int, b: int, attend: list[_Share]) -> torch.Tensor:
-        """[node, row] -> where plan row `a + row` sits in that node's reply, or -1."""
+        """`[k, row]`: where in the reply buffer plan row `a + row`'s k-th partial sits
+        (the nodes' replies one after another), -1 past its last; k up to the most nodes
+        any row of the range is spread over."""
         key = (a, b)
         if key not in self._positions:
-            pos = torch.full((len(attend), b - a), -1, dtype=torch.long)
-            for i, s in enumerate(attend):
-                pos[i, s.rows.cpu()] = torch.arange(len(s.requests))
+            places: list[list[int]] = [[] for _ in range(b - a)]
+            off = 0
+            for s in attend:
+                for j, row in enumerate(s.rows.tolist()):
+                    places[row].append(off + j)
+                off += len(s.requests)
+            pos = torch.full((max(map(len, places), default=0), b - a), -1, dtype=torch.long)
+            for row, ps in enumerate(places):
+                pos[: len(ps), row] = torch.tensor(ps, dtype=torch.long)
             self._positions[key] = pos.to(self.device)
         return self._positions[key]
 
@@ -217,10 +225,10 @@ class RemoteAttention:
             raise
         if h.replies.is_cuda:  # reused only once the merge below has run
             h.replies.record_stream(torch.cuda.current_stream(h.replies.device))
-        nodes, rows, row = h.replies.shape
-        out, lse = unpack_states(h.replies.view(nodes * rows, row), self.hq, self.d, h.q.dtype)
-        return merge_new_token(h.q, h.k_new, h.v_new, out.view(nodes, rows, self.hq, self.d),
-                               lse.view(nodes, rows, self.hq), h.positions, self.scale)[0]
+        out, lse = unpack_states(h.replies, self.hq, self.d, h.q.dtype)
+        k = h.positions.shape[0]  # every k-th partial is read from the same buffer
+        return merge_new_token(h.q, h.k_new, h.v_new, out.expand(k, *out.shape),
+                               lse.expand(k, *lse.shape), h.positions, self.scale)[0]
 
     def __call__(self, layer: int, q: torch.Tensor, k_new: torch.Tensor,
                  v_new: torch.Tensor) -> torch.Tensor:
@@ -246,8 +254,8 @@ class _Share:
 @dataclass(slots=True)
 class _Handle:
     sent: list  # one Pending per node with rows
-    replies: torch.Tensor  # [node, row, reply row bytes]
-    positions: torch.Tensor  # [node, row]: a row's place in the node's reply, -1: none
+    replies: torch.Tensor  # [reply rows of every node, bytes], the nodes one after another
+    positions: torch.Tensor  # [k, row]: a row's k-th partial's place in `replies`, -1: none
     q: torch.Tensor
     k_new: torch.Tensor
     v_new: torch.Tensor
