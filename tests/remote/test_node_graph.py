@@ -178,3 +178,34 @@ def test_attend_batch_checks_its_buffers():
     got = unpack_states(out[1], 8, 64, torch.float32)
     want = node.attend(1, ["a"], [5], q[1])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_stream_layers_wait_for_capture_pending_and_skip_misaligned_buffers(monkeypatch):
+    """The bookkeeping a CUDA node runs, on CPU: a "capture" here returns the eager launch
+    (the real one needs a GPU). Layers go through the per-shape path until
+    capture_pending() took them, at most `limit` a call; a layer whose buffers are not
+    16-byte aligned is never captured and keeps being served right."""
+    gen = torch.Generator().manual_seed(3)
+    kp, vp = _pools(3, 30, 16, 2, 128, torch.float32, "cpu", gen)
+    graphs = AttendGraphs(kp, vp)
+    graphs.capture = True
+    captures = []
+    monkeypatch.setattr(graphs, "_captured",
+                        lambda launch, warm=True: captures.append(warm) or launch)
+    b, hq, width = 3, 2, 4  # a reply row of 1032 bytes: layer 1's buffers sit 8 bytes off
+    row = state_row_bytes(hq, 128, torch.float32)
+    q = torch.zeros(3, b, hq, 128)
+    res = torch.zeros(3, b, row, dtype=torch.uint8)
+    pt = torch.randperm(30, generator=gen)[: b * width].view(b, width).int()
+    lens = torch.tensor([64, 0, 37], dtype=torch.int32)
+    counts = []
+    for _ in range(3):
+        run = graphs.stream(range(3), q, res, pt, lens, 0.1)
+        for i in range(3):
+            q[i].normal_(generator=gen)
+            run(i)
+            out, lse = unpack_states(res[i], hq, 128, torch.float32)
+            _close(out, lse, *_ref(q[i], kp, vp, i, pt, lens, 0.1), lens, torch.float32)
+        counts.append(graphs.capture_pending(limit=1))
+    assert counts == [1, 1, 0]  # layers 0 and 2; layer 1 is misaligned
+    assert captures == [True, False, False]  # the per-shape graph (warmed), then 2 layers
