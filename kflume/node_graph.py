@@ -105,7 +105,7 @@ class AttendGraphs:
         self.num_sms, self.max_graphs, self.max_streams = num_sms, max_graphs, max_streams
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._streams: OrderedDict[tuple, _StreamGraphs] = OrderedDict()
-        self._retired: list[_StreamGraphs] = []  # evicted, kept until the next capture
+        self._retired: list[tuple] = []  # (evicted set, its replays' end event)
         self._base = torch.arange(layers, dtype=torch.int32, device=self.device).mul_(
             pages).view(layers, 1, 1)  # page offset of each layer in the flattened pools
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -197,11 +197,14 @@ class AttendGraphs:
             for i in range(n):
                 self._stream_layer(s, i)
         if len(self._streams) >= self.max_streams:
-            if self.capture:  # its last replays may still run: let them finish first
-                torch.cuda.current_stream(dev).synchronize()
-            # Kept until the next capture: the shared pool is released (and may not be
-            # captured into again) once no graph uses it.
-            self._retired.append(self._streams.popitem(last=False)[1])
+            # Kept until its last replays have run (no sync here: this is a stream's
+            # open, on the critical path) and a capture came after it (the shared pool is
+            # released, and may not be captured into again, once no graph uses it).
+            old = self._streams.popitem(last=False)[1]
+            done = torch.cuda.Event() if self.capture else None
+            if done is not None:
+                done.record(torch.cuda.current_stream(dev))
+            self._retired.append((old, done))
         self._streams[key] = s
         return s
 
@@ -244,7 +247,7 @@ class AttendGraphs:
                 finally:
                     graph.capture_end()
             main.wait_stream(side)
-        self._retired.clear()
+        self._retired = [(r, e) for r, e in self._retired if e is not None and not e.query()]
         self.captured += 1
         return graph.replay  # (the bound method keeps the graph alive)
 
