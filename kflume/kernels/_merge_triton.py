@@ -93,12 +93,12 @@ def merge_two_kernel(
     tl.store(LSE + b * stride_lb + h + one, lse)
 
 
-@triton.jit(do_not_specialize=["num_sources", "batch", "num_heads", "group", "scale",
+@triton.jit(do_not_specialize=["num_sources", "num_heads", "group", "scale",
                                "stride_qb", "stride_kb", "stride_vb", "stride_os", "stride_or",
                                "stride_ls", "stride_lr", "stride_is", "stride_Ob", "stride_Lb"])
 def merge_new_token_kernel(
     Q, K, V, OUTS, LSES, INDEX, O, LSE,
-    num_sources, batch, num_heads, group, scale,
+    num_sources, num_heads, group, scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh,
     stride_vb, stride_vh,

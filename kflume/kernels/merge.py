@@ -170,7 +170,7 @@ def launch_merge_new_token(q, k, v, outs, lses, index, scale, out, lse) -> None:
     with on_device(out):
         mt.merge_new_token_kernel[(bsz * hq,)](
             q, k, v, outs, lses, index, out, lse,
-            outs.shape[0], bsz, hq, hq // k.shape[1], scale,
+            outs.shape[0], hq, hq // k.shape[1], scale,
             q.stride(0), q.stride(1),
             k.stride(0), k.stride(1),
             v.stride(0), v.stride(1),
