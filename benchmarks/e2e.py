@@ -479,7 +479,9 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
 
 
 STAGES = {"device": {"stage": "device"}, "messages": {"stage": "device", "streams": False},
-          "host": {"stage": "host"}}
+          "host": {"stage": "host"},
+          # streams whose replies come as messages, not into mailboxes (kflume.comm.mailbox)
+          "replies": {"stage": "device", "mailbox": False}}
 
 
 def main() -> None:

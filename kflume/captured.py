@@ -16,6 +16,12 @@ replies land straight in the reply buffers, one message each way per node and la
 `streams=False` sends each slot as an attend message instead (header and q out, header
 and reply back), as the staged path does.
 
+Nodes of this host put their stream replies straight into the reply buffers: each
+micro-batch's reply buffer is a `Mailbox` (kflume/comm/mailbox.py) registered with such
+a node when it first appears in a plan, and the host releases a slot once the node's
+doorbells for it are up, with no reply message. A node that cannot map it (or one on
+another host) answers with messages, into the same buffers.
+
 The step's new k, v are not on any slot's critical path: the node does not need them
 until the next step (each layer merges its new token locally). The graph gathers them
 into a buffer of every layer, and once a micro-batch's last layer is posted, each tail
@@ -36,6 +42,7 @@ device half (capturable, no host sync, no allocation after the first call).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -44,6 +51,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .client import AttendStream, Pending
+from .comm.base import RemoteError
+from .comm.mailbox import Mailbox, host_id
 from .comm.wire import state_row_bytes, unpack_states
 from .graph import GraphSignal, SignalTimeout
 from .kernels import merge_new_token
@@ -51,6 +60,8 @@ from .plan import StepPlan
 from .remote import RemoteAttention
 
 __all__ = ["CapturedRemoteAttention", "StepServer"]
+
+log = logging.getLogger("kflume.captured")
 
 
 @dataclass(slots=True)
@@ -84,12 +95,15 @@ class CapturedRemoteAttention:
             (docs/benchmarks.md): the node's staging in Python costs more than CUDA IPC.
         streams: attend streams (default, device stage) or one message per slot (the
             staged path's only way: a node receives stream queries into its own memory).
+        mailbox: let nodes of this host deliver stream replies into the reply buffers
+            (default with streams; module docstring). False: replies are messages.
     """
 
     def __init__(self, remote: RemoteAttention, *, batch: int, num_layers: int,
                  row_ranges: list[slice] | None = None, max_nodes: int = 4,
                  mechanism: str | None = None, dtype=torch.bfloat16,
-                 stage: str = "device", streams: bool | None = None) -> None:
+                 stage: str = "device", streams: bool | None = None,
+                 mailbox: bool | None = None) -> None:
         if stage not in ("host", "device"):
             raise ValueError(f"stage must be 'host' or 'device'; got {stage!r}")
         self.remote, self.batch, self.num_layers = remote, batch, num_layers
@@ -121,7 +135,14 @@ class CapturedRemoteAttention:
         # transport's side lives in pinned host memory.
         self._send_dev = [z(max_nodes, n, hq, d) for n in sizes]
         row = state_row_bytes(hq, d, dtype)  # replies: kflume/comm/wire.py's layout
-        self._recv_dev = [z(max_nodes, n, row, dt=torch.uint8) for n in sizes]
+        if mailbox and not self.streams:
+            raise ValueError("mailboxes take attend streams' replies: streams=True")
+        self._boxes = ([Mailbox(max_nodes * n, row, max_nodes * num_layers, dev)
+                        for n in sizes] if self.streams and mailbox is not False else [])
+        self._recv_dev = ([b.buffer.view(max_nodes, n, row) for b, n in zip(self._boxes, sizes)]
+                          or [z(max_nodes, n, row, dt=torch.uint8) for n in sizes])
+        # per node name: (its client, whether it delivers into the mailboxes)
+        self._delivers: dict[str, tuple] = {}
         # [node slot][k | v][row][layer]: the step's new tokens, sent once a step
         self._kv_dev = [z(max_nodes, 2, n, num_layers, 1, hkv, d) for n in sizes]
         host = lambda t: (torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)  # noqa: E731
@@ -181,6 +202,8 @@ class CapturedRemoteAttention:
                     raise ValueError(f"more than max_nodes={self.max_nodes} attention nodes")
                 self.node_slots[self.node_slots.index("")] = n
         by_node = {w.node: w for w in plan.nodes}
+        for n in live:
+            self._register(n)
         for m, r in enumerate(self.ranges):
             size = r.stop - r.start
             gather, position, agather = [], [], []
@@ -207,6 +230,27 @@ class CapturedRemoteAttention:
                 agather += ag
             self.index[m].copy_(torch.tensor([gather, position, agather], dtype=torch.long))
         self.epoch = plan.epoch
+
+    def _register(self, name: str) -> None:
+        """Register the mailboxes with a node of this host it has not seen yet (a new
+        client: a node that joined, or came back)."""
+        client = self.remote.clients[name]
+        if not self._boxes or self._delivers.get(name, (None,))[0] is client:
+            return
+        ok = client.info.get("host") == host_id()
+        if ok:
+            try:
+                client.register_mailbox(self._boxes)
+            except RemoteError as e:
+                log.warning("node %s cannot map this weight node's mailboxes; its replies "
+                            "come as messages: %s", name, e.remote_message)
+                ok = False
+        self._delivers[name] = (client, ok)
+
+    def delivers(self, name: str) -> bool:
+        """Whether node `name` puts its replies into the mailboxes (known once a plan
+        with it was loaded)."""
+        return self._delivers.get(name, (None, False))[1]
 
     # ---- device half: inside the graph ---------------------------------------------------
     def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -295,9 +339,12 @@ class CapturedRemoteAttention:
                 s = self.plan_slots[i][m]
                 if name and s.requests:
                     b = len(s.requests)
+                    n = self.ranges[m].stop - self.ranges[m].start
+                    where = (dict(mailbox=(self._boxes[m], i * n, i * self.num_layers))
+                             if self.delivers(name) else dict(into=self.incoming[i][m][:b]))
                     st = self._open[i, m] = r.clients[name].open_stream(
                         range(self.num_layers), self.epoch, s.requests, s.kv_len, r.hq, r.d,
-                        self.dtype, r.scale, into=self.incoming[i][m][:b])
+                        self.dtype, r.scale, **where)
                     self._stream_q[m].append((st, self.outgoing[i][m][:b]))
         return [st.ack for st in self._open.values()]
 
@@ -358,8 +405,7 @@ class CapturedRemoteAttention:
             # (after reset()) uses: cancel every receive still posted.
             for pend in inflight.values():
                 for p in pend:
-                    if not p.done:
-                        p.recv.cancel()
+                    p.cancel()
             for st in self._open.values():
                 st.close()
             raise

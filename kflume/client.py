@@ -11,7 +11,9 @@ one header says the batch once, then each layer's q goes alone and its reply com
 alone (`Connection.send_part`), with the receives posted ahead on both sides: one
 message each way per layer instead of two, and nothing to decode. The node answers the
 stream's header once it has replied to every layer, or with an error as soon as it
-refuses (the layers not yet answered then raise it).
+refuses (the layers not yet answered then raise it). A stream opened on a mailbox this
+client registered with the node (kflume/comm/mailbox.py, one host) gets its replies
+there instead: no receive is posted, and a layer is answered once its doorbell is up.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .comm.base import (
 )
 from .comm.wire import Header, dtype_name, state_row_bytes
 
-__all__ = ["AttendStream", "NodeClient", "Pending", "StreamReply"]
+__all__ = ["AttendStream", "MailReply", "NodeClient", "Pending", "StreamReply"]
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -47,6 +49,11 @@ class Pending:
     @property
     def done(self) -> bool:
         return self._message is not None or self.recv.done
+
+    def cancel(self) -> None:
+        """Give the reply up: its receive is cancelled (nothing lands after this)."""
+        if not self.done:
+            self.recv.cancel()
 
     def _peek(self) -> Message:
         """The message, error or not (once `done`)."""
@@ -79,15 +86,19 @@ class AttendStream:
     reply receive ahead: the first at once, the next right after a layer's query is
     sent, so that a layer's send is the send alone. `attend` then takes no `into`, and
     the caller must have read a layer's reply before it sends the next layer's query.
+
+    A stream opened on a mailbox (`mailbox=(box, offset, word)`) has its replies put
+    there by the node; `attend` then takes no `into` and returns a `MailReply`.
     """
 
     def __init__(self, client: NodeClient, seq: int, layers: range, ack: Pending,
                  shape: tuple[int, int, int], dtype: torch.dtype,
-                 into: torch.Tensor | None = None) -> None:
+                 into: torch.Tensor | None = None, mailbox: tuple | None = None) -> None:
         self.client, self.seq, self.layers, self.ack = client, seq, layers, ack
         self.shape, self.dtype = shape, dtype
         self._sent: set[int] = set()
         self._into = into
+        self.mailbox = mailbox
         self._ahead: dict[int, Recv] = {}  # pre-posted reply receives, by layer
         if into is not None:
             _check_into(into, shape, dtype)
@@ -99,17 +110,25 @@ class AttendStream:
                 self.seq, layer - self.layers.start + 1, self._into)
 
     def attend(self, layer: int, q: torch.Tensor, into: torch.Tensor | None = None,
-               ready: bool = False) -> StreamReply:
+               ready: bool = False) -> StreamReply | MailReply:
         """Send `layer`'s q `[b, Hq, D]`; its reply (the layout of kflume/comm/wire.py,
-        uint8 `[b, row]`) lands in `into` (the stream's, if it was opened with one).
-        `ready` as in `NodeClient.attend`; q and `into` should be buffers reused from step
-        to step (the transport keeps their registration)."""
+        uint8 `[b, row]`) lands in `into` (the stream's, if it was opened with one, or
+        its mailbox). `ready` as in `NodeClient.attend`; q and `into` should be buffers
+        reused from step to step (the transport keeps their registration)."""
         if layer not in self.layers or layer in self._sent:
             raise ValueError(f"layer {layer} is not an unsent layer of the stream "
                              f"{self.layers}")
         if tuple(q.shape) != self.shape or q.dtype != self.dtype:
             raise ValueError(f"q must be {self.dtype} {list(self.shape)}; got {q.dtype} "
                              f"{list(q.shape)}")
+        if self.mailbox is not None:
+            if into is not None:
+                raise ValueError("a mailbox stream's replies land in its mailbox: no into")
+            self._sent.add(layer)
+            self.client.conn.send_part(self.seq, layer - self.layers.start + 1, q,
+                                       ready=ready, static=True)
+            box, _, word = self.mailbox
+            return MailReply(self, layer, box, word + layer - self.layers.start)
         if (into is None) == (self._into is None):
             raise ValueError("give into for each layer, or once to open_stream")
         if into is not None:
@@ -157,22 +176,54 @@ class StreamReply:
     def done(self) -> bool:
         return self.recv.done or self.stream.failed()
 
-    def result(self, timeout: float | None = None) -> Message:
+    def cancel(self) -> None:
+        if not self.recv.done:
+            self.recv.cancel()
+
+    def _arrived(self) -> bool:
+        return self.recv.done
+
+    def result(self, timeout: float | None = None) -> Message | None:
         client = self.stream.client
         t = client.timeout if timeout is None else timeout
         deadline = time.monotonic() + t
         while not self.done:
             now = time.monotonic()
             if now > deadline:
-                self.recv.cancel()
+                self.cancel()
                 raise DeadlineExceeded(f"node {client.name} ({client.conn.peer}): no reply to "
                                        f"layer {self.layer} of stream {self.stream.seq} within "
                                        f"{t:.3g} s")
             client.transport.progress(min(deadline - now, 0.01))
-        if not self.recv.done:
-            self.recv.cancel()
+        if not self._arrived():
+            self.cancel()
             self.stream.ack.result(0.0)  # raises the node's refusal
+        return self._message()
+
+    def _message(self) -> Message | None:
         return self.recv.message()
+
+
+class MailReply(StreamReply):
+    """A layer's reply delivered into a mailbox: done once the node raised its doorbell
+    word to the stream's value (its sequence number + 1). `result()` returns None (the
+    reply is in the mailbox) or raises the node's refusal."""
+
+    def __init__(self, stream: AttendStream, layer: int, box, word: int) -> None:
+        self.stream, self.layer, self.box, self.word = stream, layer, box, word
+
+    @property
+    def done(self) -> bool:
+        return self._arrived() or self.stream.failed()
+
+    def cancel(self) -> None:  # nothing posted: a late delivery is told apart by its value
+        pass
+
+    def _arrived(self) -> bool:
+        return self.box.ready(self.word, self.stream.seq + 1)
+
+    def _message(self) -> None:
+        return None
 
 
 def _raise_if_error(client: NodeClient, op: str, msg: Message) -> Message:
@@ -203,6 +254,8 @@ class NodeClient:
         self.name, self.transport, self.conn, self.timeout = name, transport, conn, timeout
         self._seq = 0
         self.outstanding: list[Pending] = []
+        self._mailboxes: dict[int, int] = {}  # id(Mailbox) -> the id the node knows it by
+        self._mailbox_refs: list = []
 
     @classmethod
     def connect(cls, name: str, transport: Transport, address: str,
@@ -241,14 +294,19 @@ class NodeClient:
     def open_stream(self, layers: range, epoch: int, requests: Sequence,
                     kv_len: Sequence[int], q_heads: int, head_dim: int,
                     dtype: torch.dtype, scale: float | None = None,
-                    into: torch.Tensor | None = None) -> AttendStream:
+                    into: torch.Tensor | None = None,
+                    mailbox: tuple | None = None) -> AttendStream:
         """Open an attend stream: attention of `requests` over their first `kv_len`
         tokens at every layer of `layers` (at most MAX_PART), q `[b, q_heads, head_dim]`
         in `dtype` (module docstring). `into`: one reply buffer for every layer, whose
-        receives are then posted ahead (`AttendStream`)."""
+        receives are then posted ahead (`AttendStream`). `mailbox=(box, row, word)`: the
+        replies go to rows `row ..` of a mailbox registered with this node, layer i's
+        doorbell is word `word + i` (lowered here, before the node can raise it)."""
         if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
             raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
                              f"{layers}")
+        if mailbox is not None and into is not None:
+            raise ValueError("give into or mailbox, not both")
         info = {"layers": len(layers), "heads": int(q_heads), "head_dim": int(head_dim),
                 "dtype": dtype_name(dtype)}
         if scale is not None:
@@ -256,10 +314,32 @@ class NodeClient:
         shape = (len(requests), int(q_heads), int(head_dim))
         if into is not None:  # before the node opens the stream
             _check_into(into, shape, dtype)
+        mail = None
+        if mailbox is not None:
+            box, row, word = mailbox
+            box_id = self._mailboxes.get(id(box))
+            if box_id is None:
+                raise ValueError(f"node {self.name}: this mailbox was not registered with it")
+            if row + len(requests) > box.rows or word + len(layers) > box.words:
+                raise ValueError("the stream's rows or words do not fit in the mailbox")
+            box.clear(word, word + len(layers))
+            mail = (box, row, word)
+            info["mailbox"] = [box_id, row * box.row_bytes, word]
         h = Header("stream", layer=layers.start, epoch=epoch, requests=list(requests),
                    ints={"kv_len": list(kv_len)}, info=info)
         ack = self.call(h)
-        return AttendStream(self, h.seq, layers, ack, shape, dtype, into)
+        return AttendStream(self, h.seq, layers, ack, shape, dtype, into, mail)
+
+    def register_mailbox(self, boxes: Sequence) -> None:
+        """Let the node deliver stream replies into these mailboxes (`Mailbox`, this
+        host); blocking, with the client's deadline. Raises RemoteError if the node
+        cannot map them (another host, a GPU it cannot reach): keep receiving its
+        replies as messages then."""
+        ids = {id(b): i for i, b in enumerate(boxes, start=len(self._mailboxes))}
+        self.call(Header("mailbox", info={"mailboxes": [
+            [ids[id(b)], b.describe()] for b in boxes]})).result()
+        self._mailboxes.update(ids)
+        self._mailbox_refs.extend(boxes)  # ids stay unique while registered
 
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,

@@ -215,6 +215,7 @@ def main(argv=None) -> int:
                         graphs=args.graphs, stream_graphs=args.stream_graphs)
     import torch
 
+    from .comm.mailbox import host_id
     from .comm.ucx import SERVER_INLINE_BYTES, UcxTransport
     from .node import AttentionNode
     from .server import NodeServer
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
     # out of the collector's way, so a full collection cannot stall a step.
     gc.collect()
     gc.freeze()
-    transport = UcxTransport(token=args.token, info=node.stats(),
+    # the host lets a weight node of this host hand it mailboxes (kflume/comm/mailbox.py)
+    transport = UcxTransport(token=args.token, info={**node.stats(), "host": host_id()},
                              progress=args.progress or default_progress(args.device),
                              inline_bytes=SERVER_INLINE_BYTES)
     server = NodeServer(node, transport, transport.listen(args.listen),

@@ -9,7 +9,10 @@ the requests it opened are freed (and logged), so capacity is never lost silentl
 An attend stream (kflume/client.py) is checked once, when its header comes; the
 receives of all its layers' queries are posted then, into buffers reused from one of
 the peer's streams to its next (a peer opens the next once it has the replies), and
-each layer runs as soon as its query lands. A stream the node refuses, or
+each layer runs as soon as its query lands. A stream opened on a mailbox the peer
+registered (kflume/comm/mailbox.py: a peer of this host) gets each layer's reply as a
+copy into the peer's memory and a doorbell, both enqueued right behind the layer's
+kernels, instead of a message sent once they are done. A stream the node refuses, or
 that fails midway, is answered with an error at once and its remaining queries are
 still received (and dropped), so the peer's sends complete; a stream whose queries stop
 coming is given up after `stream_deadline` seconds.
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from .comm.base import MAX_PART, Connection, Listener, Recv, Transport
+from .comm.mailbox import MailboxView
 from .comm.wire import DTYPES, Header, WireError, state_row_bytes, transfer_empty
 from .node import AttentionNode, NodeCapacityError, UnknownRequestError
 
@@ -53,6 +57,8 @@ class _Stream:
     run: Callable | None = None  # None: refused or failed; the rest is only drained
     recvs: list = field(default_factory=list)  # [layer] the query's receive
     next: int = 0  # layers received so far (handled in order)
+    mail: tuple | None = None  # (MailboxView, byte offset, first word, value): replies
+    # delivered into the peer's mailbox
 
 
 @dataclass(slots=True)
@@ -66,6 +72,7 @@ class _Peer:
     # their way (the peer pulls them) when it ends, and only this peer's next stream,
     # opened once it has them, may write the buffers again.
     stream_bufs: dict[tuple, list] = field(default_factory=dict)
+    mailboxes: dict[int, MailboxView] = field(default_factory=dict)  # registered by id
 
 
 def _to_device(tensors: list[torch.Tensor], device) -> tuple[list, list]:
@@ -190,6 +197,7 @@ class NodeServer:
 
     def close(self) -> None:
         for peer in self.peers:
+            self._close_mailboxes(peer)
             peer.conn.close()
         self.peers.clear()
         self.listener.close()
@@ -204,7 +212,15 @@ class NodeServer:
         level = logging.WARNING if peer.requests else logging.INFO
         log.log(level, "peer %s left (%s); freed its %d requests (%d tokens)", peer.conn.peer,
                 why, len(peer.requests), freed)
+        self._close_mailboxes(peer)
         peer.conn.close()
+
+    def _close_mailboxes(self, peer: _Peer) -> None:
+        if peer.mailboxes and self.node.device.type == "cuda":
+            torch.cuda.synchronize(self.node.device)  # no delivery still on its way there
+        for box in peer.mailboxes.values():
+            box.close()
+        peer.mailboxes.clear()
 
     # ---- messages ----------------------------------------------------------------------
     def _reply_error(self, peer: _Peer, h: Header, e: BaseException) -> None:
@@ -293,6 +309,16 @@ class NodeServer:
                     self._stream_failed(peer, st, e)
                     continue
                 handled += 1
+                if st.mail is not None:  # behind the layer's kernels: nothing to wait for
+                    t1 = time.perf_counter()
+                    box, offset, word, value = st.mail
+                    try:
+                        box.deliver(res, offset, word + i, value)
+                    except Exception as e:  # noqa: BLE001
+                        self._stream_failed(peer, st, e)
+                        continue
+                    self.timings.append((t0, t1, time.perf_counter(), st.seq, st.layers[i]))
+                    continue
                 self._defer(lambda s=st.seq, p=i + 1, r=res: peer.conn.send_part(
                     s, p, r, ready=True, static=True), None,
                     (t0, time.perf_counter(), st.seq, st.layers[i]), peer, st.bufs[4][i])
@@ -394,6 +420,16 @@ class NodeServer:
                      time.monotonic() + self.stream_deadline)
         st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, q) for i, q in enumerate(bufs[2])]
         peer.streams.append(st)  # received from now on, whatever the checks below say
+        mail = h.info.get("mailbox")
+        if mail is not None:  # [mailbox id, byte offset, first word]: checked before use
+            if not (isinstance(mail, list) and len(mail) == 3
+                    and all(type(x) is int for x in mail)):
+                raise ValueError(f"stream: mailbox must be [id, offset, word]; got {mail!r}")
+            box = peer.mailboxes.get(mail[0])
+            if box is None:
+                raise ValueError(f"stream: mailbox {mail[0]} was not registered")
+            box.check(mail[1], b * state_row_bytes(hq, d, dtype), mail[2], layers)
+            st.mail = (box, mail[1], mail[2], h.seq + 1)
         c = self.node.config
         if d != c.head_dim or dtype != self.node.dtype:
             raise ValueError(f"stream: q is {h.info['dtype']} with head_dim {d}; this node "
@@ -414,6 +450,30 @@ class NodeServer:
         else:
             raise ValueError(f"append: info['layers'] must be an int; got {layers!r}")
         self._joined(peer, new)
+        return Header("ok"), []
+
+    def _op_mailbox(self, peer, h: Header, tensors):
+        """Map the peer's mailboxes (info["mailboxes"]: [[id, description], ...]);
+        refused as a whole, naming why, if any cannot be (the peer then takes replies as
+        messages)."""
+        boxes = h.info.get("mailboxes")
+        if not (isinstance(boxes, list) and all(
+                isinstance(e, list) and len(e) == 2 and type(e[0]) is int for e in boxes)):
+            raise ValueError("mailbox: info['mailboxes'] must list [id, description] pairs")
+        opened: dict[int, MailboxView] = {}
+        try:
+            for k, desc in boxes:
+                opened[k] = MailboxView(desc, self.node.device)
+        except BaseException:
+            for box in opened.values():
+                box.close()
+            raise
+        for k, box in opened.items():
+            old = peer.mailboxes.pop(k, None)
+            if old is not None:
+                old.close()
+            peer.mailboxes[k] = box
+        log.info("%s: mailboxes %s registered", peer.conn.peer, sorted(opened))
         return Header("ok"), []
 
     def _op_open(self, peer, h: Header, tensors):

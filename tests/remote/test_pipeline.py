@@ -34,9 +34,10 @@ class TinyModel:
         return x + torch.tanh(x @ w["f"].T)
 
 
-def make_cluster(prompts, seed):
-    cl = Cluster.in_process(2, layers=LAYERS, kv_heads=HKV, head_dim=D, capacity_tokens=2048,
-                            range_tokens=11)
+def make_cluster(prompts, seed, local=False):
+    make = Cluster.local if local else Cluster.in_process
+    cl = make(2, layers=LAYERS, kv_heads=HKV, head_dim=D, capacity_tokens=2048,
+              range_tokens=11)
     remote = cl.attention(num_q_heads=HQ)
     for rid, n in prompts.items():
         cl.router.add_request(rid, n)
@@ -130,3 +131,40 @@ def test_captured_attention_with_host_signals_matches_eager(streams):
     server.end()
     torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
     server.close()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mailbox", [None, False])
+def test_captured_attention_over_node_processes(mailbox):
+    """`kflume node` processes over UCX loopback, CPU: nodes of this host deliver stream
+    replies into the reply buffers' mailboxes (default) or answer with messages
+    (mailbox=False); a node joining mid-run gets the mailboxes when it first appears."""
+    pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
+    model = TinyModel(6)
+    ref_cl = make_cluster(PROMPTS, 7)
+    with make_cluster(PROMPTS, 7, local=True) as cl:
+        rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
+        cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
+                                      row_ranges=rows, max_nodes=3, mechanism="host",
+                                      dtype=torch.float32, mailbox=mailbox)
+        pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+        g = torch.Generator().manual_seed(8)
+        with StepServer(cap, timeout=60) as server:
+            for step in range(5):
+                if step == 2:
+                    cl.add_node()
+                x = torch.randn(len(PROMPTS), DIM, generator=g)
+                ref_cl.begin_step()
+                cap.load(cl.begin_step())
+                ref = sequential(model, ref_cl.remote, x)
+                server.begin()
+                outs = pipe([x[r] for r in rows], rows)
+                server.end()
+                torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
+                for c in (ref_cl, cl):
+                    c.remote.end_step(wait=True)
+                    for rid in PROMPTS:
+                        c.router.advance(rid)
+        names = [n for n in cap.node_slots if n]
+        assert len(names) == 3  # the joined node is in the plan
+        assert all(cap.delivers(n) == (mailbox is None) for n in names)

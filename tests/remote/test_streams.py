@@ -11,6 +11,7 @@ import torch
 
 from kflume.client import NodeClient
 from kflume.comm import InProcHub, InProcTransport, RemoteError
+from kflume.comm.mailbox import Mailbox
 from kflume.comm.wire import state_row_bytes, unpack_states
 from kflume.node import AttentionNode, NodeConfig
 from kflume.server import NodeServer
@@ -127,6 +128,58 @@ def test_replies_posted_ahead_land_in_one_buffer(client):
     client.free(rids)
 
 
+def test_mailbox_stream_replies_land_in_the_mailbox(client):
+    """A stream opened on a registered mailbox: the node copies each layer's reply into
+    the mailbox rows and raises the layer's doorbell (stream seq + 1); the next stream on
+    the same rows lowers the doorbells first, so a stale one never reads as answered."""
+    ref = ReferenceKV(CONFIG.layers)
+    rids = fill(client, ref, {"m": 33, "n": 1, "o": 17}, seed=21)
+    row = state_row_bytes(HQ, 64, torch.float32)
+    box = Mailbox(rows=5, row_bytes=row, words=2 * CONFIG.layers)
+    with pytest.raises(ValueError, match="was not registered"):
+        client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
+                           mailbox=(box, 2, 3))
+    client.register_mailbox([box])
+    box.buffer.fill_(255)
+    g = torch.Generator().manual_seed(22)
+    for step in range(2):
+        st = client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
+                                mailbox=(box, 2, 3))  # rows 2..4, words 3..5
+        assert all(box.bells[3:6] == 0)  # lowered before the node could raise them
+        for layer in range(3):
+            q = torch.randn(3, HQ, 64, generator=g)
+            r = st.attend(layer, q)
+            assert r.result() is None and r.done
+            assert box.bells[3 + layer] == st.seq + 1
+            out, lse = unpack_states(box.buffer[2:5], HQ, 64, torch.float32)
+            want = ref.attend(layer, rids, q, 64**-0.5)  # fresh q: a stale reply fails
+            assert_close_rel(out, want, torch.float32, f"step {step} layer {layer}")
+            assert torch.isfinite(lse).all()
+        st.ack.result()
+        assert (box.buffer[:2] == 255).all() and all(box.bells[:3] == 0)  # others untouched
+    with pytest.raises(ValueError, match="do not fit in the mailbox"):
+        client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
+                           mailbox=(box, 3, 0))
+    # a mailbox the node cannot map (another host's) is refused as a whole, naming why;
+    # the node keeps serving
+    other = Mailbox(rows=1, row_bytes=row, words=1)
+    desc = other.describe()
+    other.describe = lambda: {**desc, "host": "elsewhere/0"}
+    with pytest.raises(RemoteError, match="mailbox of host 'elsewhere/0'"):
+        client.register_mailbox([other])
+    q = torch.randn(3, HQ, 64, generator=g)
+    st = client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
+                            mailbox=(box, 0, 0))
+    for layer in range(3):
+        st.attend(layer, q).result()
+    st.ack.result()
+    out, _ = unpack_states(box.buffer[0:3], HQ, 64, torch.float32)
+    assert_close_rel(out, ref.attend(2, rids, q, 64**-0.5), torch.float32, "after refusal")
+    client.free(rids)
+    box.close()
+    other.close()
+
+
 def test_refused_streams_raise_and_the_node_keeps_serving(client):
     ref = ReferenceKV(CONFIG.layers)
     rids = fill(client, ref, {"r": 20}, seed=3)
@@ -230,6 +283,21 @@ def test_cuda_stream_over_ucx_matches_reference():
                 assert (lse[5] == float("-inf")).all() and (out[5] == 0).all()
             st.ack.result()
         assert c.stats()["attend_streams"] == 3
+        # the same through a mailbox in this process's GPU memory, which the node maps
+        # (CUDA IPC) and its kernel writes, doorbells last
+        box = Mailbox(b + 3, row, 2 * 4, device="cuda")
+        c.register_mailbox([box])
+        for _ in range(3):
+            st = c.open_stream(range(4), 1, rids, list(lengths.values()), hq, 128,
+                               torch.bfloat16, mailbox=(box, 3, 4))
+            for layer in range(4):
+                q.copy_(torch.randn(b, hq, 128, generator=g).to(torch.bfloat16))
+                assert st.attend(layer, q).result() is None
+                out, lse = unpack_states(box.buffer[3:], hq, 128, torch.bfloat16)
+                want = ref.attend(layer, live, q[live].cpu(), 128**-0.5)
+                assert_close_rel(out[live], want, torch.bfloat16, f"mailbox layer {layer}")
+                assert (lse[5] == float("-inf")).all() and (out[5] == 0).all()
+            st.ack.result()
         c.close()
     finally:
         t.close()

@@ -1,0 +1,255 @@
+"""Mailbox: replies written straight into the receiver's memory, on one host.
+
+Between processes of one host, an attention node can put an attend stream's replies
+where the weight node reads them, without a message: the weight node owns a `Mailbox`
+(a reply buffer and a row of doorbell words), registers it with the node once
+(`NodeClient.register_mailbox`), and from then on the node's GPU copies each layer's
+reply into the buffer and raises the layer's doorbell word; the weight node's host sees
+the word and releases its graph. That takes the node's completion polling, its send
+and the reply's rendezvous off every layer's critical path (docs/benchmarks.md).
+
+- The buffer is the weight node's memory: CUDA memory shared by CUDA IPC (the node maps
+  it into its own GPU's address space: NVLink or PCIe peer writes), or on CPU a shared
+  memory file.
+- The doorbells are 64-bit words in a shared memory file, registered with CUDA on the
+  node (mapped host memory its kernels can write). A layer's word is set to a value the
+  weight node chose for that stream (its sequence number + 1) after the reply's bytes:
+  the delivering kernel stores the bytes, synchronises its threads and raises the word
+  with a system-scope release, so a host that sees the value sees the bytes.
+- A node that cannot map the mailbox (another host, a GPU it cannot reach, different
+  device types) refuses the registration, and the weight node keeps receiving that
+  node's replies as messages.
+
+`MailboxView` is the node's side: `deliver(src, offset, word, value)` enqueues the copy
+and the doorbell on the current stream (one Triton kernel on CUDA; a copy and a store on
+CPU). Linux only (shared memory under /dev/shm).
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import secrets
+import socket
+import tempfile
+import weakref
+
+import numpy as np
+import torch
+
+__all__ = ["Mailbox", "MailboxView", "host_id"]
+
+_WORD = 8  # bytes of a doorbell word (int64)
+
+
+@functools.cache
+def host_id() -> str:
+    """Names this host (and its boot): equal for two processes iff they share memory."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class _Shared:
+    """A shared memory file mapped into this process (created, or opened by name)."""
+
+    def __init__(self, nbytes: int, name: str | None = None) -> None:
+        self.owner = name is None
+        self.name = name or f"kflume-{os.getpid()}-{secrets.token_hex(6)}"
+        if "/" in self.name or not self.name.startswith("kflume-"):
+            raise ValueError(f"not a kflume mailbox name: {self.name!r}")
+        self.path = os.path.join(_shm_dir(), self.name)
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if self.owner else 0)
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            if self.owner:
+                os.ftruncate(fd, nbytes)
+            elif os.fstat(fd).st_size < nbytes:
+                raise ValueError(f"shared memory {self.name} holds {os.fstat(fd).st_size} "
+                                 f"bytes; {nbytes} expected")
+            self.map = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        self.nbytes = nbytes
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+        if self.owner:  # the file goes when its creator does, whatever happens
+            self._unlink = weakref.finalize(self, _unlink, self.path)
+
+    def close(self) -> None:
+        self.tensor = None
+        try:
+            self.map.close()
+        except BufferError:  # views still alive: the map goes with them
+            pass
+        if self.owner:
+            self._unlink()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Mailbox:
+    """The weight node's side: a reply buffer `[rows, row_bytes]` (uint8) on `device`
+    and `words` doorbell words, reachable by the processes of this host.
+
+    `describe()` is what a node needs to map it (sent once, by `register_mailbox`);
+    `ready(word, value)` tells whether the node has raised `word` to `value`; `clear`
+    lowers words before they are reused (a stream opened on them).
+    """
+
+    def __init__(self, rows: int, row_bytes: int, words: int,
+                 device: str | torch.device = "cpu") -> None:
+        if rows < 1 or row_bytes < 1 or words < 1:
+            raise ValueError("a mailbox needs rows, row_bytes and words >= 1")
+        self.device = torch.device(device)
+        self.rows, self.row_bytes, self.words = rows, row_bytes, words
+        self._bell = _Shared(words * _WORD)
+        self.bells = self._bell.tensor.view(torch.int64)
+        self.bells.zero_()
+        self._bells_np = np.frombuffer(self._bell.map, dtype=np.int64, count=words)
+        if self.device.type == "cuda":
+            from .wire import transfer_empty  # written outside stream order, like a receive
+
+            self.buffer = transfer_empty((rows, row_bytes), torch.uint8, self.device)
+            self.buffer.zero_()
+            self._buf = None
+        elif self.device.type == "cpu":
+            self._buf = _Shared(rows * row_bytes)
+            self.buffer = self._buf.tensor.view(rows, row_bytes)
+        else:
+            raise ValueError(f"a mailbox lives in CUDA or CPU memory; got {self.device}")
+
+    def describe(self) -> dict:
+        """Everything a node of this host needs to map the mailbox (msgpack-able)."""
+        d = {"host": host_id(), "rows": self.rows, "row_bytes": self.row_bytes,
+             "words": self.words, "bells": self._bell.name}
+        if self.device.type == "cuda":
+            storage = self.buffer.untyped_storage()
+            if self.buffer.storage_offset() != 0 or storage.nbytes() != self.buffer.nbytes:
+                raise RuntimeError("a mailbox buffer must be a storage of its own")
+            (_, handle, size, offset, ref_handle, ref_offset, event_handle,
+             event_sync) = storage._share_cuda_()
+            d["cuda"] = [handle, int(size), int(offset), ref_handle, int(ref_offset),
+                         event_handle, bool(event_sync)]
+            d["uuid"] = str(torch.cuda.get_device_properties(self.device).uuid)
+        else:
+            d["shm"] = self._buf.name
+        return d
+
+    def ready(self, word: int, value: int) -> bool:
+        return int(self._bells_np[word]) == value
+
+    def clear(self, start: int, stop: int) -> None:
+        self._bells_np[start:stop] = 0
+
+    def close(self) -> None:
+        self._bells_np = None
+        self.bells = None
+        self._bell.close()
+        if self._buf is not None:
+            self.buffer = None
+            self._buf.close()
+
+
+class MailboxView:
+    """A node's mapping of a weight node's `Mailbox` (from its `describe()`), on the
+    node's `device`. Raises ValueError naming why it cannot be mapped."""
+
+    def __init__(self, desc: dict, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        try:
+            host, rows, row_bytes, words, bells = (desc[k] for k in (
+                "host", "rows", "row_bytes", "words", "bells"))
+        except (KeyError, TypeError):
+            raise ValueError(f"mailbox: a description needs host, rows, row_bytes, words "
+                             f"and bells; got {desc!r}") from None
+        if host != host_id():
+            raise ValueError(f"mailbox of host {host!r}: this node runs on {host_id()!r}")
+        if not all(type(x) is int and x > 0 for x in (rows, row_bytes, words)):
+            raise ValueError("mailbox: rows, row_bytes and words must be positive ints")
+        self.rows, self.row_bytes, self.words = rows, row_bytes, words
+        self.nbytes = rows * row_bytes
+        self._bell = _Shared(words * _WORD, str(bells))
+        self.bells = self._bell.tensor.view(torch.int64)
+        self._registered = False
+        self._buf = None
+        try:
+            if self.device.type == "cuda":
+                if "cuda" not in desc:
+                    raise ValueError("mailbox: a CUDA node delivers into CUDA memory; this "
+                                     "mailbox is in host memory")
+                self._map_cuda(desc)
+            else:
+                if "shm" not in desc:
+                    raise ValueError("mailbox: a CPU node delivers into host memory; this "
+                                     "mailbox is in CUDA memory")
+                self._buf = _Shared(self.nbytes, str(desc["shm"]))
+                self.buffer = self._buf.tensor
+        except BaseException:
+            self.close()
+            raise
+
+    def _map_cuda(self, desc: dict) -> None:
+        handle, size, offset, ref_handle, ref_offset, event_handle, event_sync = desc["cuda"]
+        if size < self.nbytes:
+            raise ValueError(f"mailbox: the shared CUDA buffer holds {size} bytes, "
+                             f"{self.nbytes} described")
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        try:  # mapped into this node's GPU (peer access enabled as it is used)
+            storage = torch.UntypedStorage._new_shared_cuda(
+                index, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync)
+        except RuntimeError as e:
+            raise ValueError(f"mailbox: cannot map the weight node's CUDA buffer (GPU "
+                             f"{desc.get('uuid')}) from this node's GPU: {e}") from None
+        self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device).set_(
+            storage, 0, (self.nbytes,), (1,))
+        err = torch.cuda.cudart().cudaHostRegister(self.bells.data_ptr(), self.bells.nbytes,
+                                                   3)  # portable | mapped
+        if int(err) != 0:
+            raise ValueError(f"mailbox: cudaHostRegister of the doorbells failed ({err})")
+        self._registered = True
+
+    def check(self, offset: int, nbytes: int, word: int, words: int = 1) -> None:
+        """Raise ValueError unless bytes [offset, offset + nbytes) and words [word,
+        word + words) lie in the mailbox."""
+        if not (0 <= offset and offset + nbytes <= self.nbytes and 0 <= word
+                and word + words <= self.words):
+            raise ValueError(f"mailbox: bytes [{offset}, {offset + nbytes}) or words "
+                             f"[{word}, {word + words}) out of its {self.nbytes} bytes and "
+                             f"{self.words} words")
+
+    def deliver(self, src: torch.Tensor, offset: int, word: int, value: int) -> None:
+        """Copy `src` (contiguous, on the node's device) to the mailbox's bytes from
+        `offset`, then raise doorbell `word` to `value`: enqueued on the current stream
+        (CUDA) or done now (CPU)."""
+        n = src.numel() * src.element_size()
+        self.check(offset, n, word)
+        if self.device.type == "cuda":
+            from ._deliver_triton import deliver
+
+            deliver(src, self.buffer, offset, self.bells, word, value)
+        else:
+            self.buffer[offset:offset + n].copy_(src.reshape(-1).view(torch.uint8))
+            self.bells[word] = value  # x86 keeps stores in order: the bytes are seen first
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.bells.data_ptr())
+            self._registered = False
+        self.bells = None
+        self.buffer = None
+        self._bell.close()
+        if self._buf is not None:
+            self._buf.close()

@@ -1,0 +1,79 @@
+"""Mailbox: a peer's copy and doorbell land where the owner reads them; the Triton
+delivery (run by CUDA nodes) checked on CPU under the interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kflume.comm.mailbox import Mailbox, MailboxView
+
+
+def test_a_view_in_another_process_writes_bytes_then_doorbell():
+    box = Mailbox(rows=3, row_bytes=12, words=4)
+    desc = box.describe()
+    code = (
+        "import sys, torch\n"
+        "from kflume.comm.mailbox import MailboxView\n"
+        f"v = MailboxView({desc!r}, 'cpu')\n"
+        "v.deliver(torch.arange(6, dtype=torch.int32), 12, 2, 77)\n"
+        "v.close()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert box.ready(2, 77) and not box.ready(1, 77)
+    assert torch.equal(box.buffer[1:3].reshape(-1).view(torch.int32), torch.arange(6))
+    assert (box.buffer[0] == 0).all()
+    box.clear(0, 4)
+    assert not box.ready(2, 77)
+    path = os.path.join("/dev/shm", desc["bells"])
+    box.close()
+    assert not os.path.exists(path)  # the owner's files go with it
+
+
+def test_bad_descriptions_and_ranges_are_refused():
+    box = Mailbox(rows=2, row_bytes=8, words=2)
+    with pytest.raises(ValueError, match="mailbox of host 'x'"):
+        MailboxView({**box.describe(), "host": "x"}, "cpu")
+    with pytest.raises(ValueError, match="needs host, rows"):
+        MailboxView({"rows": 1}, "cpu")
+    with pytest.raises(ValueError, match="not a kflume mailbox name"):
+        MailboxView({**box.describe(), "bells": "../etc/passwd"}, "cpu")
+    v = MailboxView(box.describe(), "cpu")
+    with pytest.raises(ValueError, match="out of its 16 bytes and 2 words"):
+        v.deliver(torch.zeros(3, dtype=torch.int32), 8, 0, 1)  # 12 bytes from 8
+    with pytest.raises(ValueError, match="out of its"):
+        v.deliver(torch.zeros(1, dtype=torch.int32), 0, 2, 1)
+    assert not box.ready(0, 1)  # nothing written by a refused delivery
+    v.close()
+    box.close()
+
+
+@pytest.mark.timeout(300)
+def test_triton_delivery_under_the_interpreter():
+    """The kernel CUDA nodes run: bytes at an offset, odd sizes over several iterations,
+    the word last; run on CPU tensors with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    code = (
+        "import torch\n"
+        "from kflume.comm import _deliver_triton as d\n"
+        "d.BLOCK = 64\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for n, off in ((4, 0), (260, 12), (1000, 4)):\n"
+        "    src = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=g)\n"
+        "    buf = torch.zeros(1100, dtype=torch.uint8)\n"
+        "    bells = torch.zeros(3, dtype=torch.int64)\n"
+        "    d.deliver(src, buf, off, bells, 1, 2**33 + n)\n"
+        "    assert torch.equal(buf[off:off + n], src), n\n"
+        "    assert buf[:off].eq(0).all() and buf[off + n:].eq(0).all(), n\n"
+        "    assert bells.tolist() == [0, 2**33 + n, 0], bells\n"
+        "try:\n"
+        "    d.deliver(torch.zeros(6, dtype=torch.uint8), buf, 0, bells, 0, 1)\n"
+        "except ValueError as e:\n"
+        "    assert 'multiples of 4' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('6 bytes accepted')\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=280, env=env)
