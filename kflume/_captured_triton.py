@@ -24,20 +24,20 @@ def dispatch_kernel(Q, K, V, GATHER, SEND, KV, COUNT, SEQ, FLAG, slot,
                     q_stride, k_stride, v_stride, R, n,
                     QW: tl.constexpr, KW: tl.constexpr, QB: tl.constexpr, KB: tl.constexpr):
     j = tl.program_id(0)
-    if j < R:  # a q row for the nodes (names differ per branch: shapes differ)
+    if j < R:  # a q row for the nodes
         src = tl.load(GATHER + j)
-        qo = tl.arange(0, QB)
-        qm = qo < QW
-        row = tl.load(Q + src * q_stride + qo, mask=qm)
-        tl.store(SEND + j.to(tl.int64) * QW + qo, row, mask=qm)
+        offs = tl.arange(0, QB)
+        m = offs < QW
+        row = tl.load(Q + src * q_stride + offs, mask=m)
+        tl.store(SEND + j.to(tl.int64) * QW + offs, row, mask=m)
     else:  # row j - R of the step's k, v: [row, k | v, Hkv * D]
         r = j - R
-        ko = tl.arange(0, KB)
-        km = ko < KW
-        kk = tl.load(K + r * k_stride + ko, mask=km)
-        vv = tl.load(V + r * v_stride + ko, mask=km)
-        tl.store(KV + r.to(tl.int64) * 2 * KW + ko, kk, mask=km)
-        tl.store(KV + r.to(tl.int64) * 2 * KW + KW + ko, vv, mask=km)
+        offs = tl.arange(0, KB)
+        m = offs < KW
+        kk = tl.load(K + r * k_stride + offs, mask=m)
+        vv = tl.load(V + r * v_stride + offs, mask=m)
+        tl.store(KV + r.to(tl.int64) * 2 * KW + offs, kk, mask=m)
+        tl.store(KV + r.to(tl.int64) * 2 * KW + KW + offs, vv, mask=m)
     tl.debug_barrier()  # the program's stores, then its count
     done = tl.atomic_add(COUNT, 1, sem="acq_rel", scope="gpu")
     if done == R + n - 1:
