@@ -4,7 +4,6 @@ One program, one warp each. `post_kernel` bumps the slot's device-resident seque
 number and writes it to the host-visible flag with a system-scope release (everything
 the stream wrote before is visible first). `wait_kernel` spins on the host-visible
 release word with volatile loads until it reaches the sequence number, then acquires.
-`post` is the post itself, for kernels that end by posting (`GraphSignal.post_args`).
 """
 
 from __future__ import annotations
@@ -14,15 +13,10 @@ import triton.language as tl
 
 
 @triton.jit
-def post(SEQ, FLAG, slot):
+def post_kernel(SEQ, FLAG, slot):
     s = tl.load(SEQ + slot) + 1
     tl.store(SEQ + slot, s)
     tl.atomic_xchg(FLAG + slot, s, sem="release", scope="sys")
-
-
-@triton.jit
-def post_kernel(SEQ, FLAG, slot):
-    post(SEQ, FLAG, slot)
 
 
 @triton.jit

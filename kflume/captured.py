@@ -177,7 +177,6 @@ class CapturedRemoteAttention:
         # layer; gathered into the nodes' send buffers once, at the last layer
         self._kv_step = [z(num_layers, n, 2, hkv, d) for n in sizes]
         self.out = [z(n, hq, d) for n in sizes]
-        self._count = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in sizes]
         self.out_lse = [z(n, hq, dt=torch.float32) for n in sizes]
         self.plan_slots: list[list[_Slot]] = [[_Slot() for _ in sizes] for _ in range(max_nodes)]
         self.epoch = -1
@@ -260,16 +259,7 @@ class CapturedRemoteAttention:
         k, v `[b, Hkv, D]` of micro-batch `rows`."""
         m = self.ranges.index(rows) if rows is not None else 0
         last = layer == self.num_layers - 1
-        slot = layer * len(self.ranges) + m
         send = self._send_dev[m]  # every node slot's rows, one kernel
-        post = None if last or self.staged else self.signal.post_args(slot)
-        if post is not None and all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
-                                    for t in (q, k, v)):
-            from ._captured_triton import dispatch  # the gather, the stack and the post
-
-            dispatch(q, k, v, self.index[m][0], send.view(-1, *send.shape[2:]),
-                     self._kv_step[m][layer], self._count[m], post)
-            return (slot, m, q, k, v)
         torch.index_select(q, 0, self.index[m][0], out=send.view(-1, *send.shape[2:]))
         if last:  # sent with this slot: gathered before the post
             torch.stack((k, v), 1, out=self._kv_step[m][layer])
@@ -278,6 +268,7 @@ class CapturedRemoteAttention:
             self._send_host[m].copy_(self._send_dev[m], non_blocking=True)
             if last:
                 self._kv_host[m].copy_(self._kv_dev[m], non_blocking=True)
+        slot = layer * len(self.ranges) + m
         self.signal.post(slot)
         if not last:  # not needed before the last layer: off the slot's critical path
             torch.stack((k, v), 1, out=self._kv_step[m][layer])

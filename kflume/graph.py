@@ -154,15 +154,6 @@ class GraphSignal:
 
             post_kernel[(1,)](self.seq, self.flag, slot, num_warps=1)
 
-    def post_args(self, slot: int) -> tuple | None:
-        """For a kernel that posts `slot` itself once its work is done (saving the post's
-        launch): the arguments of `kflume._graph_triton.post` (device sequence numbers,
-        flag, slot), or None where posts are not a kernel's to make (memop, host: call
-        `post`)."""
-        if self.mechanism != "kernel":
-            return None
-        return self.seq, self.flag, slot
-
     def wait(self, slot: int) -> None:
         """Hold the work enqueued after this until the host releases `slot`.
 
