@@ -56,8 +56,8 @@ for phase in "$@"; do
       run transport-busy-gemm 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy gemm ;;
     e2e-ab)  # this tree against ./old (a worktree of an older commit), alternated, one call
       for i in $(seq "${AB_RUNS:-2}"); do
-        run e2e-new-$i 200 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5
-        run e2e-old-$i 200 env PYTHONPATH=$PWD/old:$PWD/.site bash -c "cd old && python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5"
+        run e2e-new-$i 200 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 ${E2E_ARGS:-}
+        run e2e-old-$i 200 env PYTHONPATH=$PWD/old:$PWD/.site bash -c "cd old && python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 ${E2E_ARGS:-}"
       done ;;
     e2e-final)  # the headline runs of the current code: default and compiled model, each
       # with a node joining mid-run, then the larger sizes
