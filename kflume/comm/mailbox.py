@@ -14,8 +14,9 @@ and the reply's rendezvous off every layer's critical path (docs/benchmarks.md).
 - The doorbells are 64-bit words in a shared memory file, registered with CUDA on the
   node (mapped host memory its kernels can write). A layer's word is set to a value the
   weight node chose for that stream (its sequence number + 1) after the reply's bytes:
-  the delivering kernel stores the bytes, synchronises its threads and raises the word
-  with a system-scope release, so a host that sees the value sees the bytes.
+  each program of the delivering kernel stores its part and counts itself done with a
+  system-scope release, and the last one raises the word with a system-scope release,
+  so a host that sees the value sees the bytes.
 - A node that cannot map the mailbox (another host, a GPU it cannot reach, different
   device types) refuses the registration, and the weight node keeps receiving that
   node's replies as messages.
@@ -215,6 +216,7 @@ class MailboxView:
                              f"{desc.get('uuid')}) from this node's GPU: {e}") from None
         self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device).set_(
             storage, 0, (self.nbytes,), (1,))
+        self._count = torch.zeros(1, dtype=torch.int32, device=self.device)  # deliver's
         err = torch.cuda.cudart().cudaHostRegister(self.bells.data_ptr(), self.bells.nbytes,
                                                    3)  # portable | mapped
         if int(err) != 0:
@@ -239,7 +241,7 @@ class MailboxView:
         if self.device.type == "cuda":
             from ._deliver_triton import deliver
 
-            deliver(src, self.buffer, offset, self.bells, word, value)
+            deliver(src, self.buffer, offset, self.bells, word, value, self._count)
         else:
             self.buffer[offset:offset + n].copy_(src.reshape(-1).view(torch.uint8))
             self.bells[word] = value  # x86 keeps stores in order: the bytes are seen first

@@ -53,24 +53,26 @@ def test_bad_descriptions_and_ranges_are_refused():
 
 @pytest.mark.timeout(300)
 def test_triton_delivery_under_the_interpreter():
-    """The kernel CUDA nodes run: bytes at an offset, odd sizes over several iterations,
-    the word last; run on CPU tensors with TRITON_INTERPRET=1."""
+    """The kernel CUDA nodes run: bytes at an offset, sizes over one to many programs
+    (the last to finish raises the word); run on CPU tensors with TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
     code = (
         "import torch\n"
         "from kflume.comm import _deliver_triton as d\n"
-        "d.BLOCK = 64\n"
+        "d.BLOCK = 16\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "for n, off in ((4, 0), (260, 12), (1000, 4)):\n"
+        "count = torch.zeros(1, dtype=torch.int32)\n"
+        "for n, off in ((4, 0), (260, 12), (1000, 4), (64, 8)):\n"
         "    src = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=g)\n"
         "    buf = torch.zeros(1100, dtype=torch.uint8)\n"
         "    bells = torch.zeros(3, dtype=torch.int64)\n"
-        "    d.deliver(src, buf, off, bells, 1, 2**33 + n)\n"
+        "    d.deliver(src, buf, off, bells, 1, 2**33 + n, count)\n"
         "    assert torch.equal(buf[off:off + n], src), n\n"
         "    assert buf[:off].eq(0).all() and buf[off + n:].eq(0).all(), n\n"
         "    assert bells.tolist() == [0, 2**33 + n, 0], bells\n"
+        "    assert count.item() == 0  # back at 0 for the next delivery\n"
         "try:\n"
-        "    d.deliver(torch.zeros(6, dtype=torch.uint8), buf, 0, bells, 0, 1)\n"
+        "    d.deliver(torch.zeros(6, dtype=torch.uint8), buf, 0, bells, 0, 1, count)\n"
         "except ValueError as e:\n"
         "    assert 'multiples of 4' in str(e)\n"
         "else:\n"
