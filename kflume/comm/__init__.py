@@ -3,6 +3,8 @@
 `InProcTransport` keeps everything in one process (tests, one-process runs);
 `UcxTransport` (kflume.comm.ucx, needs the `ucx` extra) moves host and CUDA tensors over
 UCX. Both implement `kflume.comm.base.Transport`; the wire format is kflume.comm.wire.
+`Mailbox` / `MailboxView` (kflume.comm.mailbox): on one host, a node's GPU puts stream
+replies straight into the weight node's memory and raises a doorbell word.
 """
 
 from .base import (
@@ -16,6 +18,7 @@ from .base import (
     TransportError,
 )
 from .inproc import InProcHub, InProcTransport
+from .mailbox import Mailbox, MailboxView
 from .wire import Header, WireError
 
 
@@ -33,6 +36,8 @@ __all__ = [
     "InProcHub",
     "InProcTransport",
     "Listener",
+    "Mailbox",
+    "MailboxView",
     "Message",
     "Recv",
     "RemoteError",
