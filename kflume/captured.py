@@ -143,6 +143,7 @@ class CapturedRemoteAttention:
                           or [z(max_nodes, n, row, dt=torch.uint8) for n in sizes])
         # per node name: (its client, whether it delivers into the mailboxes)
         self._delivers: dict[str, tuple] = {}
+        self._settling: list[AttendStream] = []  # given-up mailbox streams (reset waits)
         # [node slot][k | v][row][layer]: the step's new tokens, sent once a step
         self._kv_dev = [z(max_nodes, 2, n, num_layers, 1, hkv, d) for n in sizes]
         host = lambda t: (torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)  # noqa: E731
@@ -195,6 +196,8 @@ class CapturedRemoteAttention:
             raise ValueError(f"the graph was captured for {self.batch} rows; the plan has "
                              f"{len(plan.requests)}")
         live = [w.node for w in plan.nodes]
+        for n in live:  # first: nothing below changes if a node fails to answer
+            self._register(n)
         self.node_slots = [n if n in live else "" for n in self.node_slots]
         for n in live:
             if n not in self.node_slots:
@@ -202,8 +205,6 @@ class CapturedRemoteAttention:
                     raise ValueError(f"more than max_nodes={self.max_nodes} attention nodes")
                 self.node_slots[self.node_slots.index("")] = n
         by_node = {w.node: w for w in plan.nodes}
-        for n in live:
-            self._register(n)
         for m, r in enumerate(self.ranges):
             size = r.stop - r.start
             gather, position, agather = [], [], []
@@ -241,9 +242,10 @@ class CapturedRemoteAttention:
         if ok:
             try:
                 client.register_mailbox(self._boxes)
-            except RemoteError as e:
-                log.warning("node %s cannot map this weight node's mailboxes; its replies "
-                            "come as messages: %s", name, e.remote_message)
+            except Exception as e:  # noqa: BLE001 - refused, or no answer in time
+                why = e.remote_message if isinstance(e, RemoteError) else str(e)
+                log.warning("node %s did not take this weight node's mailboxes; its replies "
+                            "come as messages: %s", name, why)
                 ok = False
         self._delivers[name] = (client, ok)
 
@@ -322,12 +324,32 @@ class CapturedRemoteAttention:
 
     def reset(self) -> None:
         """After `serve_step` raised and the failed replay has finished (its stream
-        synchronised): release the signal's abort so that the next step can run. The
-        failed step's streams are given up at the nodes after their stream deadline; its
-        new k, v may not have reached every node, so the caller re-plans (and, for
-        requests whose token is missing, re-runs the step) before the next replay."""
+        synchronised): release the signal's abort so that the next step can run. Streams
+        on mailboxes were sent their remaining queries when the step failed: this waits
+        (each with the client's deadline) for the nodes to acknowledge them, after which
+        nothing of the failed step lands in the reply buffers, and raises RuntimeError if
+        a node does not answer. The failed step's other streams are given up at the
+        nodes after their stream deadline; its new k, v may not have reached every node,
+        so the caller re-plans (and, for requests whose token is missing, re-runs the
+        step) before the next replay."""
         self.signal.reset()
+        settling, self._settling = self._settling, []
+        for st in settling:  # until acknowledged, a node may still deliver into the rows
+            try:
+                st.ack.result()
+            except Exception as e:  # noqa: BLE001 - answered (with an error): settled
+                if not st.ack.done:  # no answer: the rows cannot be trusted
+                    raise RuntimeError(
+                        f"node {st.client.name} did not acknowledge a given-up stream; its "
+                        "deliveries may still land in this graph's reply buffers: build a "
+                        "new CapturedRemoteAttention") from e
         self._open.clear()
+
+    def close(self) -> None:
+        """Give the mailboxes' shared memory back (the graph must not run again)."""
+        for b in self._boxes:
+            b.close()
+        self._boxes = []
 
     def _open_streams(self) -> list[Pending]:
         """One attend stream per (node, micro-batch) with rows; their acknowledgements."""
@@ -406,8 +428,12 @@ class CapturedRemoteAttention:
             for pend in inflight.values():
                 for p in pend:
                     p.cancel()
-            for st in self._open.values():
+            for (i, m), st in self._open.items():
                 st.close()
+                if st.mailbox is not None:  # the node answers every layer, then acks;
+                    # reset() waits for that (nothing of this step lands after it)
+                    st.send_unsent(self.outgoing[i][m][: st.shape[0]])
+                    self._settling.append(st)
             raise
         self.steps += 1
         if tr:

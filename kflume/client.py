@@ -87,7 +87,7 @@ class AttendStream:
     sent, so that a layer's send is the send alone. `attend` then takes no `into`, and
     the caller must have read a layer's reply before it sends the next layer's query.
 
-    A stream opened on a mailbox (`mailbox=(box, offset, word)`) has its replies put
+    A stream opened on a mailbox (`NodeClient.open_stream(mailbox=...)`) has its replies put
     there by the node; `attend` then takes no `into` and returns a `MailReply`.
     """
 
@@ -127,8 +127,8 @@ class AttendStream:
             self._sent.add(layer)
             self.client.conn.send_part(self.seq, layer - self.layers.start + 1, q,
                                        ready=ready, static=True)
-            box, _, word = self.mailbox
-            return MailReply(self, layer, box, word + layer - self.layers.start)
+            box, _, word, value = self.mailbox
+            return MailReply(self, layer, box, word + layer - self.layers.start, value)
         if (into is None) == (self._into is None):
             raise ValueError("give into for each layer, or once to open_stream")
         if into is not None:
@@ -143,6 +143,19 @@ class AttendStream:
         if self._into is not None:
             self._post_ahead(layer + 1)
         return StreamReply(self, layer, recv)
+
+    def send_unsent(self, q: torch.Tensor) -> None:
+        """Send `q` for every layer not sent yet (a step given up on a mailbox stream:
+        the node then answers every layer and acknowledges the stream, after which
+        nothing of it lands in the mailbox any more). Errors are the ack's to report."""
+        for layer in self.layers:
+            if layer not in self._sent:
+                self._sent.add(layer)
+                try:
+                    self.client.conn.send_part(self.seq, layer - self.layers.start + 1, q,
+                                               ready=True, static=True)
+                except Exception:  # noqa: BLE001 - the link is gone: the ack raises it
+                    return
 
     def close(self) -> None:
         """Cancel the receives posted ahead for layers never sent (a step given up)."""
@@ -206,11 +219,11 @@ class StreamReply:
 
 class MailReply(StreamReply):
     """A layer's reply delivered into a mailbox: done once the node raised its doorbell
-    word to the stream's value (its sequence number + 1). `result()` returns None (the
+    word to the stream's value (`Mailbox.next_value`). `result()` returns None (the
     reply is in the mailbox) or raises the node's refusal."""
 
-    def __init__(self, stream: AttendStream, layer: int, box, word: int) -> None:
-        self.stream, self.layer, self.box, self.word = stream, layer, box, word
+    def __init__(self, stream: AttendStream, layer: int, box, word: int, value: int) -> None:
+        self.stream, self.layer, self.box, self.word, self.value = stream, layer, box, word, value
 
     @property
     def done(self) -> bool:
@@ -220,9 +233,24 @@ class MailReply(StreamReply):
         pass
 
     def _arrived(self) -> bool:
-        return self.box.ready(self.word, self.stream.seq + 1)
+        return self.box.ready(self.word, self.value)
 
     def _message(self) -> None:
+        return None
+
+    def result(self, timeout: float | None = None) -> None:
+        client = self.stream.client
+        t = client.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        while not self.done:  # a doorbell wakes no poll: look again and again
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"node {client.name} ({client.conn.peer}): no reply to "
+                                       f"layer {self.layer} of stream {self.stream.seq} within "
+                                       f"{t:.3g} s")
+            client.transport.progress(0.0)
+            time.sleep(0)
+        if not self._arrived():
+            self.stream.ack.result(0.0)  # raises the node's refusal
         return None
 
 
@@ -301,7 +329,8 @@ class NodeClient:
         in `dtype` (module docstring). `into`: one reply buffer for every layer, whose
         receives are then posted ahead (`AttendStream`). `mailbox=(box, row, word)`: the
         replies go to rows `row ..` of a mailbox registered with this node, layer i's
-        doorbell is word `word + i` (lowered here, before the node can raise it)."""
+        doorbell is word `word + i` (lowered here, before the node can raise it, to a
+        value of this stream's own)."""
         if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
             raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
                              f"{layers}")
@@ -320,11 +349,14 @@ class NodeClient:
             box_id = self._mailboxes.get(id(box))
             if box_id is None:
                 raise ValueError(f"node {self.name}: this mailbox was not registered with it")
+            if box.row_bytes != state_row_bytes(q_heads, head_dim, dtype):
+                raise ValueError(f"the mailbox's rows hold {box.row_bytes} bytes; this "
+                                 f"stream's replies {state_row_bytes(q_heads, head_dim, dtype)}")
             if row + len(requests) > box.rows or word + len(layers) > box.words:
                 raise ValueError("the stream's rows or words do not fit in the mailbox")
             box.clear(word, word + len(layers))
-            mail = (box, row, word)
-            info["mailbox"] = [box_id, row * box.row_bytes, word]
+            mail = (box, row, word, box.next_value())
+            info["mailbox"] = [box_id, row * box.row_bytes, word, mail[3]]
         h = Header("stream", layer=layers.start, epoch=epoch, requests=list(requests),
                    ints={"kv_len": list(kv_len)}, info=info)
         ack = self.call(h)

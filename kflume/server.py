@@ -346,6 +346,11 @@ class NodeServer:
             log.error("%s: stream %d failed", peer.conn.peer, st.seq, exc_info=e)
         else:
             log.info("%s: refused stream %d: %s", peer.conn.peer, st.seq, e)
+        if st.mail is not None:  # answered once the deliveries enqueued are done: after
+            # the answer, nothing of the stream lands in the peer's mailbox
+            self._defer(lambda: self._reply_error(peer, Header("stream", seq=st.seq), e),
+                        None, None, peer)
+            return
         self._reply_error(peer, Header("stream", seq=st.seq), e)
 
     def _stream_done(self, peer: _Peer, st: _Stream) -> None:
@@ -421,15 +426,16 @@ class NodeServer:
         st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, q) for i, q in enumerate(bufs[2])]
         peer.streams.append(st)  # received from now on, whatever the checks below say
         mail = h.info.get("mailbox")
-        if mail is not None:  # [mailbox id, byte offset, first word]: checked before use
-            if not (isinstance(mail, list) and len(mail) == 3
-                    and all(type(x) is int for x in mail)):
-                raise ValueError(f"stream: mailbox must be [id, offset, word]; got {mail!r}")
+        if mail is not None:  # [mailbox id, byte offset, first word, doorbell value]
+            if not (isinstance(mail, list) and len(mail) == 4
+                    and all(type(x) is int for x in mail) and 0 < mail[3] < 2**63):
+                raise ValueError(f"stream: mailbox must be [id, offset, word, value > 0]; got "
+                                 f"{mail!r}")
             box = peer.mailboxes.get(mail[0])
             if box is None:
                 raise ValueError(f"stream: mailbox {mail[0]} was not registered")
             box.check(mail[1], b * state_row_bytes(hq, d, dtype), mail[2], layers)
-            st.mail = (box, mail[1], mail[2], h.seq + 1)
+            st.mail = (box, mail[1], mail[2], mail[3])
         c = self.node.config
         if d != c.head_dim or dtype != self.node.dtype:
             raise ValueError(f"stream: q is {h.info['dtype']} with head_dim {d}; this node "
@@ -468,6 +474,8 @@ class NodeServer:
             for box in opened.values():
                 box.close()
             raise
+        if any(k in peer.mailboxes for k in opened) and self.node.device.type == "cuda":
+            torch.cuda.synchronize(self.node.device)  # no delivery still on its way there
         for k, box in opened.items():
             old = peer.mailboxes.pop(k, None)
             if old is not None:

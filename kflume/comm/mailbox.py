@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import platform
 import secrets
 import socket
 import tempfile
@@ -39,7 +40,7 @@ import weakref
 import numpy as np
 import torch
 
-__all__ = ["Mailbox", "MailboxView", "host_id"]
+__all__ = ["Mailbox", "MailboxView", "host_id", "supported"]
 
 _WORD = 8  # bytes of a doorbell word (int64)
 
@@ -68,15 +69,21 @@ class _Shared:
         if "/" in self.name or not self.name.startswith("kflume-"):
             raise ValueError(f"not a kflume mailbox name: {self.name!r}")
         self.path = os.path.join(_shm_dir(), self.name)
+        if self.owner:
+            _sweep()
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if self.owner else 0)
         fd = os.open(self.path, flags, 0o600)
         try:
-            if self.owner:
-                os.ftruncate(fd, nbytes)
+            if self.owner:  # allocated now: a full /dev/shm fails here, not on a write
+                os.posix_fallocate(fd, 0, nbytes)
             elif os.fstat(fd).st_size < nbytes:
                 raise ValueError(f"shared memory {self.name} holds {os.fstat(fd).st_size} "
                                  f"bytes; {nbytes} expected")
             self.map = mmap.mmap(fd, nbytes)
+        except BaseException:
+            if self.owner:
+                _unlink(self.path)
+            raise
         finally:
             os.close(fd)
         self.nbytes = nbytes
@@ -101,20 +108,52 @@ def _unlink(path: str) -> None:
         pass
 
 
+def _sweep() -> None:
+    """Remove the files of mailboxes whose creator is dead (killed before its exit
+    handlers ran): their names carry the creator's pid."""
+    d = _shm_dir()
+    for name in os.listdir(d):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "kflume" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            _unlink(os.path.join(d, name))
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def supported(device: str | torch.device) -> bool:
+    """Whether mailboxes work for `device` here: CUDA memory, or host memory on x86,
+    whose stores other cores see in order (the CPU delivery has no fences)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64",
+                                                                      "i386", "i686")
+
+
 class Mailbox:
     """The weight node's side: a reply buffer `[rows, row_bytes]` (uint8) on `device`
     and `words` doorbell words, reachable by the processes of this host.
 
     `describe()` is what a node needs to map it (sent once, by `register_mailbox`);
     `ready(word, value)` tells whether the node has raised `word` to `value`; `clear`
-    lowers words before they are reused (a stream opened on them).
+    lowers words before they are reused (a stream opened on them); `next_value()` is
+    the value for the next stream's doorbells, never one used before (a delivery that
+    comes late, from a failed step or a node that left, never reads as an answer).
     """
 
     def __init__(self, rows: int, row_bytes: int, words: int,
                  device: str | torch.device = "cpu") -> None:
         if rows < 1 or row_bytes < 1 or words < 1:
             raise ValueError("a mailbox needs rows, row_bytes and words >= 1")
+        if not supported(device):
+            raise ValueError(f"mailboxes in {device} memory need an x86 host (its cores see "
+                             f"each other's stores in order); this is {platform.machine()}")
         self.device = torch.device(device)
+        self._value = secrets.randbits(40) << 16  # unlike any other mailbox's values
         self.rows, self.row_bytes, self.words = rows, row_bytes, words
         self._bell = _Shared(words * _WORD)
         self.bells = self._bell.tensor.view(torch.int64)
@@ -148,6 +187,10 @@ class Mailbox:
         else:
             d["shm"] = self._buf.name
         return d
+
+    def next_value(self) -> int:
+        self._value += 1
+        return self._value
 
     def ready(self, word: int, value: int) -> bool:
         return int(self._bells_np[word]) == value
@@ -222,6 +265,13 @@ class MailboxView:
         if int(err) != 0:
             raise ValueError(f"mailbox: cudaHostRegister of the doorbells failed ({err})")
         self._registered = True
+        from ._deliver_triton import deliver  # compiled now, not in the serving loop
+
+        with torch.cuda.device(self.device):
+            scratch = torch.zeros(4, dtype=torch.int64, device=self.device)
+            deliver(scratch[:2], scratch.view(torch.uint8), 16, scratch[2:], 1, 1 << 40,
+                    self._count)  # a 64-bit value, as every stream's (the same variant)
+            torch.cuda.synchronize(self.device)
 
     def check(self, offset: int, nbytes: int, word: int, words: int = 1) -> None:
         """Raise ValueError unless bytes [offset, offset + nbytes) and words [word,

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from kflume.comm import mailbox as mb
 from kflume.comm.mailbox import Mailbox, MailboxView
 
 
@@ -48,6 +49,21 @@ def test_bad_descriptions_and_ranges_are_refused():
         v.deliver(torch.zeros(1, dtype=torch.int32), 0, 2, 1)
     assert not box.ready(0, 1)  # nothing written by a refused delivery
     v.close()
+    box.close()
+
+
+def test_stale_files_go_host_memory_needs_x86_and_values_never_repeat(monkeypatch):
+    dead = os.path.join("/dev/shm", "kflume-999999999-deadbeef0000")  # no such pid
+    with open(dead, "wb") as f:
+        f.write(b"x")
+    box = Mailbox(rows=1, row_bytes=4, words=1)
+    assert not os.path.exists(dead)  # a killed owner's file is swept at the next creation
+    a, b = box.next_value(), box.next_value()
+    assert b == a + 1 and a != Mailbox(rows=1, row_bytes=4, words=1).next_value() - 1
+    monkeypatch.setattr(mb.platform, "machine", lambda: "aarch64")
+    assert not mb.supported("cpu") and mb.supported("cuda")
+    with pytest.raises(ValueError, match="need an x86 host"):
+        Mailbox(rows=1, row_bytes=4, words=1)
     box.close()
 
 

@@ -165,6 +165,69 @@ def test_captured_attention_over_node_processes(mailbox):
                     c.remote.end_step(wait=True)
                     for rid in PROMPTS:
                         c.router.advance(rid)
-        names = [n for n in cap.node_slots if n]
-        assert len(names) == 3  # the joined node is in the plan
-        assert all(cap.delivers(n) == (mailbox is None) for n in names)
+            names = [n for n in cap.node_slots if n]
+            assert len(names) == 3  # the joined node is in the plan and holds rows
+            assert any(s.requests for s in cap.plan_slots[cap.node_slots.index("node2")])
+            assert all(cap.delivers(n) == (mailbox is None) for n in names)
+            # A step nobody runs: serving gives up; reset() then waits until the nodes
+            # have answered every query of the given-up streams (sent to them at the
+            # failure), so nothing of it lands later; the next step is right.
+            server.timeout = 0.5
+            server.begin()
+            with pytest.raises(SignalTimeout):
+                server.end()
+            given_up = list(cap._settling)  # mailbox streams sent their other queries
+            assert cap._open and len(given_up) == (len(cap._open) if mailbox is None else 0)
+            cap.reset()
+            assert all(st.ack.done for st in given_up) and not cap._settling
+            server.timeout = 60
+            x = torch.randn(len(PROMPTS), DIM, generator=g)
+            ref_cl.begin_step()
+            cap.load(cl.begin_step())
+            ref = sequential(model, ref_cl.remote, x)
+            server.begin()
+            outs = pipe([x[r] for r in rows], rows)
+            server.end()
+            torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
+        cap.close()
+
+
+def test_a_node_that_does_not_take_the_mailboxes_answers_with_messages(monkeypatch):
+    """In one process the nodes can map the mailboxes too (shared memory); one whose
+    registration fails (here: no answer in time) is served with messages, and load()
+    goes on as if it had never asked."""
+    from kflume.comm import TransportError
+    from kflume.comm.mailbox import host_id
+
+    model = TinyModel(9)
+    ref_cl, cl = make_cluster(PROMPTS, 10), make_cluster(PROMPTS, 10)
+    for c in cl.remote.clients.values():
+        monkeypatch.setattr(c.conn, "info", {"host": host_id()}, raising=False)
+    refuse = cl.remote.clients["node1"]
+
+    def no_answer(boxes):
+        raise TransportError("node1: no answer")
+
+    monkeypatch.setattr(refuse, "register_mailbox", no_answer)
+    rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
+    cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
+                                  row_ranges=rows, max_nodes=2, mechanism="host",
+                                  dtype=torch.float32)
+    pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+    g = torch.Generator().manual_seed(11)
+    with StepServer(cap, timeout=20) as server:
+        for _ in range(2):
+            x = torch.randn(len(PROMPTS), DIM, generator=g)
+            ref_cl.begin_step()
+            cap.load(cl.begin_step())
+            ref = sequential(model, ref_cl.remote, x)
+            server.begin()
+            outs = pipe([x[r] for r in rows], rows)
+            server.end()
+            torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
+            for c in (ref_cl, cl):
+                c.remote.end_step(wait=True)
+                for rid in PROMPTS:
+                    c.router.advance(rid)
+    assert cap.delivers("node0") and not cap.delivers("node1")
+    cap.close()

@@ -142,21 +142,29 @@ def test_mailbox_stream_replies_land_in_the_mailbox(client):
     client.register_mailbox([box])
     box.buffer.fill_(255)
     g = torch.Generator().manual_seed(22)
+    with pytest.raises(ValueError, match="rows hold .* bytes; this stream's replies"):
+        client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 32, torch.float32,
+                           mailbox=(box, 2, 3))
+    values = []
     for step in range(2):
         st = client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
                                 mailbox=(box, 2, 3))  # rows 2..4, words 3..5
         assert all(box.bells[3:6] == 0)  # lowered before the node could raise them
+        values.append(st.mailbox[3])
+        if step:  # a late delivery of the stream before raises its own value: not an answer
+            box.bells[3] = values[0]
         for layer in range(3):
             q = torch.randn(3, HQ, 64, generator=g)
             r = st.attend(layer, q)
             assert r.result() is None and r.done
-            assert box.bells[3 + layer] == st.seq + 1
+            assert box.bells[3 + layer] == values[-1]
             out, lse = unpack_states(box.buffer[2:5], HQ, 64, torch.float32)
             want = ref.attend(layer, rids, q, 64**-0.5)  # fresh q: a stale reply fails
             assert_close_rel(out, want, torch.float32, f"step {step} layer {layer}")
             assert torch.isfinite(lse).all()
         st.ack.result()
         assert (box.buffer[:2] == 255).all() and all(box.bells[:3] == 0)  # others untouched
+    assert values[1] != values[0]
     with pytest.raises(ValueError, match="do not fit in the mailbox"):
         client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
                            mailbox=(box, 3, 0))
