@@ -407,7 +407,8 @@ class NodeClient:
     def stats(self, reset_timings: bool = False, trace: int = 0) -> dict:
         """The node's state; with its serving times (medians over the attend messages
         and stream layers since the last reset: `attend_handle_us`, arrival to kernels
-        launched, and `attend_reply_us`, launch to reply sent). `trace=n` (<= 512): also
+        launched, and `attend_reply_us`, launch to reply sent, or for a mailbox stream
+        to its delivery enqueued behind the kernels). `trace=n` (<= 512): also
         the last n of them, `attend_trace`: `[seq, layer, seen, launched, sent]` in the
         node's `time.perf_counter()` seconds (one clock for all processes of a Linux
         host: comparable with the caller's)."""
