@@ -53,6 +53,7 @@ import torch
 from .client import AttendStream, Pending
 from .comm.base import RemoteError
 from .comm.mailbox import Mailbox, host_id
+from .comm.mailbox import supported as mailbox_supported
 from .comm.wire import state_row_bytes, unpack_states
 from .graph import GraphSignal, SignalTimeout
 from .kernels import merge_new_token
@@ -96,7 +97,8 @@ class CapturedRemoteAttention:
         streams: attend streams (default, device stage) or one message per slot (the
             staged path's only way: a node receives stream queries into its own memory).
         mailbox: let nodes of this host deliver stream replies into the reply buffers
-            (default with streams; module docstring). False: replies are messages.
+            (default with streams where mailboxes work: Linux, CUDA or x86 host memory;
+            module docstring). False: replies are messages.
     """
 
     def __init__(self, remote: RemoteAttention, *, batch: int, num_layers: int,
@@ -137,8 +139,9 @@ class CapturedRemoteAttention:
         row = state_row_bytes(hq, d, dtype)  # replies: kflume/comm/wire.py's layout
         if mailbox and not self.streams:
             raise ValueError("mailboxes take attend streams' replies: streams=True")
+        boxes = self.streams and (mailbox_supported(dev) if mailbox is None else mailbox)
         self._boxes = ([Mailbox(max_nodes * n, row, max_nodes * num_layers, dev)
-                        for n in sizes] if self.streams and mailbox is not False else [])
+                        for n in sizes] if boxes else [])
         self._recv_dev = ([b.buffer.view(max_nodes, n, row) for b, n in zip(self._boxes, sizes)]
                           or [z(max_nodes, n, row, dt=torch.uint8) for n in sizes])
         # per node name: (its client, whether it delivers into the mailboxes)

@@ -34,6 +34,7 @@ import os
 import platform
 import secrets
 import socket
+import sys
 import tempfile
 import weakref
 
@@ -125,9 +126,12 @@ def _sweep() -> None:
 
 
 def supported(device: str | torch.device) -> bool:
-    """Whether mailboxes work for `device` here: CUDA memory, or host memory on x86,
-    whose stores other cores see in order (the CPU delivery has no fences)."""
+    """Whether mailboxes work for `device` here: on Linux (shared memory under /dev/shm),
+    CUDA memory, or host memory on x86, whose cores see each other's stores in order
+    (the CPU delivery has no fences)."""
     device = torch.device(device)
+    if not sys.platform.startswith("linux"):
+        return False
     if device.type == "cuda":
         return True
     return device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64",
@@ -150,8 +154,9 @@ class Mailbox:
         if rows < 1 or row_bytes < 1 or words < 1:
             raise ValueError("a mailbox needs rows, row_bytes and words >= 1")
         if not supported(device):
-            raise ValueError(f"mailboxes in {device} memory need an x86 host (its cores see "
-                             f"each other's stores in order); this is {platform.machine()}")
+            raise ValueError(f"mailboxes in {device} memory need Linux, and for host memory "
+                             f"an x86 host (its cores see each other's stores in order); this "
+                             f"is {sys.platform} on {platform.machine()}")
         self.device = torch.device(device)
         self._value = secrets.randbits(40) << 16  # unlike any other mailbox's values
         self.rows, self.row_bytes, self.words = rows, row_bytes, words
