@@ -13,7 +13,8 @@ and the reply's rendezvous off every layer's critical path (docs/benchmarks.md).
   memory file.
 - The doorbells are 64-bit words in a shared memory file, registered with CUDA on the
   node (mapped host memory its kernels can write). A layer's word is set to a value the
-  weight node chose for that stream (its sequence number + 1) after the reply's bytes:
+  weight node chose for that stream (`Mailbox.next_value`: never one used before, so a
+  late delivery never reads as an answer) after the reply's bytes:
   each program of the delivering kernel stores its part and counts itself done with a
   system-scope release, and the last one raises the word with a system-scope release,
   so a host that sees the value sees the bytes.
