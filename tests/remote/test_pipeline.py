@@ -60,6 +60,24 @@ def sequential(model, remote, x):
 PROMPTS = {"a": 30, "b": 7, "c": 45, "d": 12, "e": 1}
 
 
+def served_step(model, ref_cl, cl, cap, pipe, rows, server, g, advance=True):
+    """One captured step on the CPU, served by `server`'s thread, against the plain
+    per-layer loop on `ref_cl` (same inputs); then both clusters move a token on."""
+    x = torch.randn(len(PROMPTS), DIM, generator=g)
+    ref_cl.begin_step()
+    cap.load(cl.begin_step())
+    ref = sequential(model, ref_cl.remote, x)
+    server.begin()  # the host thread serves this step's slots
+    outs = pipe([x[r] for r in rows], rows)
+    server.end()
+    torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
+    if advance:
+        for c in (ref_cl, cl):
+            c.remote.end_step(wait=True)
+            for rid in PROMPTS:
+                c.router.advance(rid)
+
+
 @pytest.mark.parametrize("microbatches", [1, 2, 3])
 def test_pipeline_matches_sequential(microbatches):
     model = TinyModel()
@@ -96,18 +114,7 @@ def test_captured_attention_with_host_signals_matches_eager(streams):
     for step in range(6):
         if step == 3:  # a routing change between steps: a node joins, no new buffers
             cl.add_node()
-        x = torch.randn(len(PROMPTS), DIM, generator=g)
-        ref_cl.begin_step()
-        cap.load(cl.begin_step())
-        ref = sequential(model, ref_cl.remote, x)
-        server.begin()  # the host thread serves this step's slots
-        outs = pipe([x[r] for r in pipe_rows], pipe_rows)
-        server.end()
-        torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
-        for c in (ref_cl, cl):
-            c.remote.end_step(wait=True)
-            for rid in PROMPTS:
-                c.router.advance(rid)
+        served_step(model, ref_cl, cl, cap, pipe, pipe_rows, server, g)
     assert cap.steps == 6 and "node2" in cap.node_slots
     served = sum(c.stats()["attend_streams"] for c in cl.remote.clients.values())
     # one stream per (node, micro-batch) with rows, each step; none without streams
@@ -122,14 +129,7 @@ def test_captured_attention_with_host_signals_matches_eager(streams):
     # (still aborted, its waits would pass at once and the merge read stale replies)
     cap.reset()
     server.timeout = 20
-    x = torch.randn(len(PROMPTS), DIM, generator=g)
-    ref_cl.begin_step()
-    cap.load(cl.begin_step())
-    ref = sequential(model, ref_cl.remote, x)
-    server.begin()
-    outs = pipe([x[r] for r in pipe_rows], pipe_rows)
-    server.end()
-    torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
+    served_step(model, ref_cl, cl, cap, pipe, pipe_rows, server, g, advance=False)
     server.close()
 
 
@@ -153,18 +153,7 @@ def test_captured_attention_over_node_processes(mailbox):
             for step in range(5):
                 if step == 2:
                     cl.add_node()
-                x = torch.randn(len(PROMPTS), DIM, generator=g)
-                ref_cl.begin_step()
-                cap.load(cl.begin_step())
-                ref = sequential(model, ref_cl.remote, x)
-                server.begin()
-                outs = pipe([x[r] for r in rows], rows)
-                server.end()
-                torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
-                for c in (ref_cl, cl):
-                    c.remote.end_step(wait=True)
-                    for rid in PROMPTS:
-                        c.router.advance(rid)
+                served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
             names = [n for n in cap.node_slots if n]
             assert len(names) == 3  # the joined node is in the plan and holds rows
             assert any(s.requests for s in cap.plan_slots[cap.node_slots.index("node2")])
@@ -181,14 +170,7 @@ def test_captured_attention_over_node_processes(mailbox):
             cap.reset()
             assert all(st.ack.done for st in given_up) and not cap._settling
             server.timeout = 60
-            x = torch.randn(len(PROMPTS), DIM, generator=g)
-            ref_cl.begin_step()
-            cap.load(cl.begin_step())
-            ref = sequential(model, ref_cl.remote, x)
-            server.begin()
-            outs = pipe([x[r] for r in rows], rows)
-            server.end()
-            torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
+            served_step(model, ref_cl, cl, cap, pipe, rows, server, g, advance=False)
         cap.close()
 
 
@@ -217,17 +199,6 @@ def test_a_node_that_does_not_take_the_mailboxes_answers_with_messages(monkeypat
     g = torch.Generator().manual_seed(11)
     with StepServer(cap, timeout=20) as server:
         for _ in range(2):
-            x = torch.randn(len(PROMPTS), DIM, generator=g)
-            ref_cl.begin_step()
-            cap.load(cl.begin_step())
-            ref = sequential(model, ref_cl.remote, x)
-            server.begin()
-            outs = pipe([x[r] for r in rows], rows)
-            server.end()
-            torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
-            for c in (ref_cl, cl):
-                c.remote.end_step(wait=True)
-                for rid in PROMPTS:
-                    c.router.advance(rid)
+            served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
     assert cap.delivers("node0") and not cap.delivers("node1")
     cap.close()
