@@ -481,7 +481,9 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
 STAGES = {"device": {"stage": "device"}, "messages": {"stage": "device", "streams": False},
           "host": {"stage": "host"},
           # streams whose replies come as messages, not into mailboxes (kflume.comm.mailbox)
-          "replies": {"stage": "device", "mailbox": False}}
+          "replies": {"stage": "device", "mailbox": False},
+          # mailboxes for replies, queries sent as messages (the node does not pull them)
+          "push": {"stage": "device", "pull": False}}
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ import torch
 
 from .client import AttendStream, Pending
 from .comm.base import RemoteError
-from .comm.mailbox import Mailbox, host_id
+from .comm.mailbox import Mailbox, SharedWords, host_id
 from .comm.mailbox import supported as mailbox_supported
 from .comm.wire import state_row_bytes, unpack_states
 from .graph import GraphSignal, SignalTimeout
@@ -99,13 +99,16 @@ class CapturedRemoteAttention:
         mailbox: let nodes of this host deliver stream replies into the reply buffers
             (default with streams where mailboxes work: Linux, CUDA or x86 host memory;
             module docstring). False: replies are messages.
+        pull: with mailboxes, nodes of this host also read the queries themselves from
+            the send buffers once the post flags (in shared memory) say they are there,
+            so the host sends no query (default, except with memop signals).
     """
 
     def __init__(self, remote: RemoteAttention, *, batch: int, num_layers: int,
                  row_ranges: list[slice] | None = None, max_nodes: int = 4,
                  mechanism: str | None = None, dtype=torch.bfloat16,
                  stage: str = "device", streams: bool | None = None,
-                 mailbox: bool | None = None) -> None:
+                 mailbox: bool | None = None, pull: bool | None = None) -> None:
         if stage not in ("host", "device"):
             raise ValueError(f"stage must be 'host' or 'device'; got {stage!r}")
         self.remote, self.batch, self.num_layers = remote, batch, num_layers
@@ -126,7 +129,20 @@ class CapturedRemoteAttention:
         self._stream_q: list[list] = []  # [micro-batch] (stream, its q buffer) per node
         hq, hkv, d = remote.hq, remote.hkv, remote.d
         m = len(self.ranges)
-        self.signal = GraphSignal(num_layers * m, dev, mechanism)
+        if mailbox and not self.streams:
+            raise ValueError("mailboxes take attend streams' replies: streams=True")
+        boxes = self.streams and (mailbox_supported(dev) if mailbox is None else mailbox)
+        mech = mechanism or ("host" if dev.type != "cuda" else None)
+        # Nodes read the queries themselves where posts write sequence numbers (not memop)
+        self.pull = bool(boxes) and (pull if pull is not None else mech != "memop")
+        if self.pull and mech == "memop":
+            raise ValueError("pull needs a signal whose posts count (mechanism kernel or host)")
+        if pull and not boxes:
+            raise ValueError("pull needs mailboxes")
+        # the post flags, in shared memory when nodes read them
+        self._flags = SharedWords(num_layers * m, cuda=dev.type == "cuda") if self.pull else None
+        self.signal = GraphSignal(num_layers * m, dev, mechanism,
+                                  flag=None if self._flags is None else self._flags.tensor)
         self.node_slots: list[str] = [""] * max_nodes
         sizes = [r.stop - r.start for r in self.ranges]
         z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
@@ -135,15 +151,16 @@ class CapturedRemoteAttention:
         # bytes) and one for the step's new k, v; fixed for the graph's lifetime. The
         # views below are what the kernels and the transport touch. Staged: the
         # transport's side lives in pinned host memory.
-        self._send_dev = [z(max_nodes, n, hq, d) for n in sizes]
         row = state_row_bytes(hq, d, dtype)  # replies: kflume/comm/wire.py's layout
-        if mailbox and not self.streams:
-            raise ValueError("mailboxes take attend streams' replies: streams=True")
-        boxes = self.streams and (mailbox_supported(dev) if mailbox is None else mailbox)
-        self._boxes = ([Mailbox(max_nodes * n, row, max_nodes * num_layers, dev)
+        qrow = hq * d * torch.empty(0, dtype=dtype).element_size()
+        self._boxes = ([Mailbox(max_nodes * n, row, max_nodes * num_layers, dev,
+                                query_row_bytes=qrow if self.pull else 0, flags=self._flags)
                         for n in sizes] if boxes else [])
         self._recv_dev = ([b.buffer.view(max_nodes, n, row) for b, n in zip(self._boxes, sizes)]
                           or [z(max_nodes, n, row, dt=torch.uint8) for n in sizes])
+        self._send_dev = ([b.queries.view(dtype).view(max_nodes, n, hq, d)
+                           for b, n in zip(self._boxes, sizes)] if self.pull
+                          else [z(max_nodes, n, hq, d) for n in sizes])
         # per node name: (its client, whether it delivers into the mailboxes)
         self._delivers: dict[str, tuple] = {}
         self._settling: list[AttendStream] = []  # given-up mailbox streams (reset waits)
@@ -304,7 +321,8 @@ class CapturedRemoteAttention:
         layer, also its new k, v of every layer to their tail nodes (into `appends`)."""
         layer, m = divmod(slot, len(self.ranges))
         if self.streams:  # the replies' receives were posted ahead
-            pend = [st.attend(layer, q, ready=True) for st, q in self._stream_q[m]]
+            pend = [st.expect(layer) if st.pull else st.attend(layer, q, ready=True)
+                    for st, q in self._stream_q[m]]
         else:
             pend = []
             for i, name in enumerate(self.node_slots):
@@ -353,6 +371,9 @@ class CapturedRemoteAttention:
         for b in self._boxes:
             b.close()
         self._boxes = []
+        if self._flags is not None:
+            self._flags.close()
+            self._flags = None
 
     def _open_streams(self) -> list[Pending]:
         """One attend stream per (node, micro-batch) with rows; their acknowledgements."""
@@ -367,6 +388,8 @@ class CapturedRemoteAttention:
                     n = self.ranges[m].stop - self.ranges[m].start
                     where = (dict(mailbox=(self._boxes[m], i * n, i * self.num_layers))
                              if self.delivers(name) else dict(into=self.incoming[i][m][:b]))
+                    if self.pull and self.delivers(name):  # layer l's post: flag l * M + m
+                        where["pull"] = (m, len(self.ranges), self.signal.next_value(m))
                     st = self._open[i, m] = r.clients[name].open_stream(
                         range(self.num_layers), self.epoch, s.requests, s.kv_len, r.hq, r.d,
                         self.dtype, r.scale, **where)
@@ -433,10 +456,18 @@ class CapturedRemoteAttention:
                     p.cancel()
             for (i, m), st in self._open.items():
                 st.close()
-                if st.mailbox is not None:  # the node answers every layer, then acks;
-                    # reset() waits for that (nothing of this step lands after it)
-                    st.send_unsent(self.outgoing[i][m][: st.shape[0]])
-                    self._settling.append(st)
+                if st.mailbox is None:
+                    continue
+                # the node answers every layer (or gives the stream up) and then acks;
+                # reset() waits for that: nothing of this step lands after it
+                try:
+                    if st.pull:
+                        st.cancel()
+                    else:
+                        st.send_unsent(self.outgoing[i][m][: st.shape[0]])
+                except Exception:  # noqa: BLE001 - the link is gone: the ack says so
+                    pass
+                self._settling.append(st)
             raise
         self.steps += 1
         if tr:

@@ -93,12 +93,13 @@ class AttendStream:
 
     def __init__(self, client: NodeClient, seq: int, layers: range, ack: Pending,
                  shape: tuple[int, int, int], dtype: torch.dtype,
-                 into: torch.Tensor | None = None, mailbox: tuple | None = None) -> None:
+                 into: torch.Tensor | None = None, mailbox: tuple | None = None,
+                 pull: bool = False) -> None:
         self.client, self.seq, self.layers, self.ack = client, seq, layers, ack
         self.shape, self.dtype = shape, dtype
         self._sent: set[int] = set()
         self._into = into
-        self.mailbox = mailbox
+        self.mailbox, self.pull = mailbox, pull
         self._ahead: dict[int, Recv] = {}  # pre-posted reply receives, by layer
         if into is not None:
             _check_into(into, shape, dtype)
@@ -121,6 +122,8 @@ class AttendStream:
         if tuple(q.shape) != self.shape or q.dtype != self.dtype:
             raise ValueError(f"q must be {self.dtype} {list(self.shape)}; got {q.dtype} "
                              f"{list(q.shape)}")
+        if self.pull:
+            raise ValueError("the node reads this stream's queries itself: expect(layer)")
         if self.mailbox is not None:
             if into is not None:
                 raise ValueError("a mailbox stream's replies land in its mailbox: no into")
@@ -143,6 +146,20 @@ class AttendStream:
         if self._into is not None:
             self._post_ahead(layer + 1)
         return StreamReply(self, layer, recv)
+
+    def expect(self, layer: int) -> MailReply:
+        """A pulling stream's layer: the node reads its query once it is posted; this
+        is its reply, in the mailbox."""
+        if not self.pull or layer not in self.layers or layer in self._sent:
+            raise ValueError(f"layer {layer} is not an unanswered layer of a pulling stream")
+        self._sent.add(layer)
+        box, _, word, value = self.mailbox
+        return MailReply(self, layer, box, word + layer - self.layers.start, value)
+
+    def cancel(self) -> Pending:
+        """Give the stream up: the node stops serving it and answers it (with an error)
+        once what it has enqueued for it is done; nothing of it lands after that."""
+        return self.client.call(Header("cancel", info={"stream": self.seq}))
 
     def send_unsent(self, q: torch.Tensor) -> None:
         """Send `q` for every layer not sent yet (a step given up on a mailbox stream:
@@ -323,14 +340,17 @@ class NodeClient:
                     kv_len: Sequence[int], q_heads: int, head_dim: int,
                     dtype: torch.dtype, scale: float | None = None,
                     into: torch.Tensor | None = None,
-                    mailbox: tuple | None = None) -> AttendStream:
+                    mailbox: tuple | None = None, pull: tuple | None = None) -> AttendStream:
         """Open an attend stream: attention of `requests` over their first `kv_len`
         tokens at every layer of `layers` (at most MAX_PART), q `[b, q_heads, head_dim]`
         in `dtype` (module docstring). `into`: one reply buffer for every layer, whose
         receives are then posted ahead (`AttendStream`). `mailbox=(box, row, word)`: the
         replies go to rows `row ..` of a mailbox registered with this node, layer i's
         doorbell is word `word + i` (lowered here, before the node can raise it, to a
-        value of this stream's own)."""
+        value of this stream's own). `pull=(flag, stride, value)` (with a mailbox that
+        has queries and flags): no query is sent; the node reads layer i's from the
+        mailbox's query rows `row ..` once post flag `flag + i * stride` reaches
+        `value` (`AttendStream.expect`)."""
         if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
             raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
                              f"{layers}")
@@ -357,10 +377,22 @@ class NodeClient:
             box.clear(word, word + len(layers))
             mail = (box, row, word, box.next_value())
             info["mailbox"] = [box_id, row * box.row_bytes, word, mail[3]]
+            if pull is not None:
+                flag, stride, value = pull
+                qrow = int(q_heads) * int(head_dim) * torch.empty(0, dtype=dtype).element_size()
+                if box.queries is None or box.flags is None or box.query_row_bytes != qrow:
+                    raise ValueError(f"pull needs a mailbox with query rows of {qrow} bytes "
+                                     "and post flags")
+                if flag + stride * (len(layers) - 1) >= box.flags.count:
+                    raise ValueError("the stream's post flags do not fit in the mailbox's")
+                info["pull"] = [row * qrow, flag, stride, value]
+        elif pull is not None:
+            raise ValueError("pull needs a mailbox")
         h = Header("stream", layer=layers.start, epoch=epoch, requests=list(requests),
                    ints={"kv_len": list(kv_len)}, info=info)
         ack = self.call(h)
-        return AttendStream(self, h.seq, layers, ack, shape, dtype, into, mail)
+        return AttendStream(self, h.seq, layers, ack, shape, dtype, into, mail,
+                            pull is not None)
 
     def register_mailbox(self, boxes: Sequence) -> None:
         """Let the node deliver stream replies into these mailboxes (`Mailbox`, this

@@ -84,10 +84,13 @@ class GraphSignal:
         device: the CUDA device whose streams post and wait (None: host only).
         mechanism: "memop", "kernel" or "host" (default: memop on a CUDA device that runs
             stream memory operations natively, else kernel; host on CPU).
+        flag: the flag words to post to (int32 `[slots]` host memory, pinned or
+            registered for a GPU mechanism), e.g. `SharedWords` that another process
+            reads; default: pinned memory of this process.
     """
 
     def __init__(self, slots: int, device: str | torch.device | None = None,
-                 mechanism: str | None = None) -> None:
+                 mechanism: str | None = None, flag: torch.Tensor | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.slots = slots
@@ -105,7 +108,12 @@ class GraphSignal:
                 "host-driven signal); use mechanism='kernel'")
         # Host-visible words: flag (device -> host) and ack (host -> device), per slot.
         pin = self.mechanism != "host"
-        self.flag = torch.zeros(slots, dtype=torch.int32, pin_memory=pin)
+        if flag is not None and (flag.shape != (slots,) or flag.dtype != torch.int32
+                                 or flag.device.type != "cpu"):
+            raise ValueError(f"flag must be int32 host memory of {slots} words (pinned or "
+                             "registered for a GPU mechanism)")
+        self.flag = torch.zeros(slots, dtype=torch.int32, pin_memory=pin) if flag is None \
+            else flag.zero_()
         self.ack = torch.zeros(slots, dtype=torch.int32, pin_memory=pin)
         self._flag_np, self._ack_np = self.flag.numpy(), self.ack.numpy()
         self.seen = [0] * slots  # host: the last sequence number seen per slot
@@ -212,6 +220,11 @@ class GraphSignal:
             if time.monotonic() > deadline:
                 raise SignalTimeout(f"slot {slot} was not posted within {timeout} s (seen "
                                     f"{self.seen[slot]})")
+
+    def next_value(self, slot: int) -> int:
+        """The value the next post of `slot` writes to its flag (kernel and host
+        mechanisms: a sequence number; memop posts write 1)."""
+        return 1 if self.mechanism == "memop" else self.seen[slot] + 1
 
     def posted(self, slot: int) -> bool:
         """Non-blocking: has the device posted `slot` since it was last consumed?"""

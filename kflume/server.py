@@ -59,6 +59,8 @@ class _Stream:
     next: int = 0  # layers received so far (handled in order)
     mail: tuple | None = None  # (MailboxView, byte offset, first word, value): replies
     # delivered into the peer's mailbox
+    pull: tuple | None = None  # (query byte offset, first flag, flag stride, value): the
+    # queries read from the peer's mailbox once its post flags say so
 
 
 @dataclass(slots=True)
@@ -291,6 +293,9 @@ class NodeServer:
         """Run each layer whose query has landed; finish streams that are done."""
         handled = 0
         for st in list(peer.streams):
+            if st.pull is not None:
+                handled += self._serve_pull(peer, st)
+                continue
             while st.next < len(st.recvs) and st.recvs[st.next].done:
                 i = st.next
                 recv, st.recvs[i] = st.recvs[i], None
@@ -336,6 +341,42 @@ class NodeServer:
                 if st.run is not None:
                     self._stream_failed(peer, st, TimeoutError(
                         f"stream {st.seq}: {len(st.recvs) - st.next} queries never came"))
+        return handled
+
+    def _serve_pull(self, peer: _Peer, st: _Stream) -> int:
+        """A stream whose queries this node reads from the peer's mailbox: each layer
+        once its post flag is up, in order; the reply delivered into the mailbox."""
+        box, offset, word, value = st.mail
+        qoff, flag, stride, fvalue = st.pull
+        handled = 0
+        while st.run is not None and st.next < len(st.layers) and box.posted(
+                flag + st.next * stride, fvalue):
+            i = st.next
+            st.next += 1
+            t0 = time.perf_counter()
+            try:
+                box.pull(st.bufs[2][i], qoff)
+                st.run(i)
+                t1 = time.perf_counter()
+                box.deliver(st.bufs[3][i], offset, word + i, value)
+            except Exception as e:  # noqa: BLE001 - refuse the stream, keep serving
+                self._stream_failed(peer, st, e)
+                break
+            self.timings.append((t0, t1, time.perf_counter(), st.seq, st.layers[i]))
+            handled += 1
+        if st.run is None or st.next == len(st.layers):
+            peer.streams.remove(st)
+            if st.run is not None:
+                self._defer(lambda: self._stream_done(peer, st), None, None, peer)
+            else:  # its buffers stay referenced until the kernels enqueued are done
+                self._defer(lambda: None, st.bufs, None, peer)
+        elif time.monotonic() > st.deadline:
+            log.warning("%s: stream %d saw %d of %d queries posted in %.0f s; given up",
+                        peer.conn.peer, st.seq, st.next, len(st.layers), self.stream_deadline)
+            self._stream_failed(peer, st, TimeoutError(
+                f"stream {st.seq}: {len(st.layers) - st.next} queries never posted"))
+            peer.streams.remove(st)
+            self._defer(lambda: None, st.bufs, None, peer)
         return handled
 
     def _stream_failed(self, peer: _Peer, st: _Stream, e: BaseException) -> None:
@@ -420,10 +461,18 @@ class NodeServer:
             raise UnknownRequestError(f"stream names {b} requests; this node holds "
                                       f"{len(self.node.requests)}")
         key = (layers, b, hq, d, dtype)
+        pull = h.info.get("pull")
+        if pull is not None and not (isinstance(pull, list) and len(pull) == 4 and all(
+                type(x) is int and x >= 0 for x in pull) and pull[2] > 0
+                and "mailbox" in h.info):
+            raise ValueError(f"stream: pull must be [query offset, flag, stride > 0, value] "
+                             f"with a mailbox; got {pull!r}")
         bufs = self._stream_buffers(peer, key)
         st = _Stream(h.seq, range(h.layer, h.layer + layers), bufs, key,
                      time.monotonic() + self.stream_deadline)
-        st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, q) for i, q in enumerate(bufs[2])]
+        if pull is None:
+            st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, q)
+                        for i, q in enumerate(bufs[2])]
         peer.streams.append(st)  # received from now on, whatever the checks below say
         mail = h.info.get("mailbox")
         if mail is not None:  # [mailbox id, byte offset, first word, doorbell value]
@@ -435,6 +484,9 @@ class NodeServer:
             if box is None:
                 raise ValueError(f"stream: mailbox {mail[0]} was not registered")
             box.check(mail[1], b * state_row_bytes(hq, d, dtype), mail[2], layers)
+            if pull is not None:
+                box.check_pull(pull[0], bufs[2][0].nbytes, pull[1] + pull[2] * (layers - 1))
+                st.pull = tuple(pull)
             st.mail = (box, mail[1], mail[2], mail[3])
         c = self.node.config
         if d != c.head_dim or dtype != self.node.dtype:
@@ -482,6 +534,18 @@ class NodeServer:
                 old.close()
             peer.mailboxes[k] = box
         log.info("%s: mailboxes %s registered", peer.conn.peer, sorted(opened))
+        return Header("ok"), []
+
+    def _op_cancel(self, peer, h: Header, tensors):
+        """The peer gives a stream up: it is answered with an error once what was
+        enqueued for it is done (mailbox streams), and not served further."""
+        seq = h.info.get("stream")
+        if type(seq) is not int:
+            raise ValueError("cancel: info['stream'] must be a stream's sequence number")
+        for st in peer.streams:
+            if st.seq == seq:
+                self._stream_failed(peer, st, TimeoutError(f"stream {seq}: given up by the "
+                                                           "peer"))
         return Header("ok"), []
 
     def _op_open(self, peer, h: Header, tensors):

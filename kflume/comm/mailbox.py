@@ -42,7 +42,7 @@ import weakref
 import numpy as np
 import torch
 
-__all__ = ["Mailbox", "MailboxView", "host_id", "supported"]
+__all__ = ["Mailbox", "MailboxView", "SharedWords", "host_id", "supported"]
 
 _WORD = 8  # bytes of a doorbell word (int64)
 
@@ -139,9 +139,56 @@ def supported(device: str | torch.device) -> bool:
                                                                       "i386", "i686")
 
 
+class SharedWords:
+    """`count` int32 words in shared memory that any process of this host can map by
+    `name`; with `cuda`, also registered as mapped host memory, so that this process's
+    kernels write them (a `GraphSignal`'s post flags, which a node then reads)."""
+
+    def __init__(self, count: int, cuda: bool = False) -> None:
+        if not supported("cuda" if cuda else "cpu"):
+            raise ValueError(f"shared words need Linux (and x86 without CUDA); this is "
+                             f"{sys.platform} on {platform.machine()}")
+        self.count = count
+        self._shm = _Shared(count * 4)
+        self.name = self._shm.name
+        self.tensor = self._shm.tensor.view(torch.int32)
+        self.tensor.zero_()
+        self._registered = False
+        if cuda:
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), count * 4, 3)
+            if int(err) != 0:
+                self.close()
+                raise RuntimeError(f"cudaHostRegister of shared words failed ({err})")
+            self._registered = True
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self._registered = False
+        self.tensor = None
+        self._shm.close()
+
+
+def _share(t: torch.Tensor, shm: _Shared | None) -> dict:
+    """How another process of this host maps `t` (a storage of its own on CUDA, or the
+    shared memory file `shm` holding it)."""
+    if t.is_cuda:
+        storage = t.untyped_storage()
+        if t.storage_offset() != 0 or storage.nbytes() != t.nbytes:
+            raise RuntimeError("a shared mailbox buffer must be a storage of its own")
+        (_, handle, size, offset, ref_handle, ref_offset, event_handle,
+         event_sync) = storage._share_cuda_()
+        return {"cuda": [handle, int(size), int(offset), ref_handle, int(ref_offset),
+                         event_handle, bool(event_sync)],
+                "uuid": str(torch.cuda.get_device_properties(t.device).uuid)}
+    return {"shm": shm.name}
+
+
 class Mailbox:
     """The weight node's side: a reply buffer `[rows, row_bytes]` (uint8) on `device`
-    and `words` doorbell words, reachable by the processes of this host.
+    and `words` doorbell words, reachable by the processes of this host; optionally a
+    query buffer `[rows, query_row_bytes]` the node reads queries from, and the post
+    flags (`SharedWords`) that say when a query is there.
 
     `describe()` is what a node needs to map it (sent once, by `register_mailbox`);
     `ready(word, value)` tells whether the node has raised `word` to `value`; `clear`
@@ -151,8 +198,9 @@ class Mailbox:
     """
 
     def __init__(self, rows: int, row_bytes: int, words: int,
-                 device: str | torch.device = "cpu") -> None:
-        if rows < 1 or row_bytes < 1 or words < 1:
+                 device: str | torch.device = "cpu", query_row_bytes: int = 0,
+                 flags: SharedWords | None = None) -> None:
+        if rows < 1 or row_bytes < 1 or words < 1 or query_row_bytes < 0:
             raise ValueError("a mailbox needs rows, row_bytes and words >= 1")
         if not supported(device):
             raise ValueError(f"mailboxes in {device} memory need Linux, and for host memory "
@@ -161,37 +209,36 @@ class Mailbox:
         self.device = torch.device(device)
         self._value = secrets.randbits(40) << 16  # unlike any other mailbox's values
         self.rows, self.row_bytes, self.words = rows, row_bytes, words
+        self.query_row_bytes, self.flags = query_row_bytes, flags
         self._bell = _Shared(words * _WORD)
         self.bells = self._bell.tensor.view(torch.int64)
         self.bells.zero_()
         self._bells_np = np.frombuffer(self._bell.map, dtype=np.int64, count=words)
+        self._shm: list[_Shared | None] = []
+        self.buffer = self._alloc(rows * row_bytes).view(rows, row_bytes)
+        self.queries = (self._alloc(rows * query_row_bytes).view(rows, query_row_bytes)
+                        if query_row_bytes else None)
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
         if self.device.type == "cuda":
             from .wire import transfer_empty  # written outside stream order, like a receive
 
-            self.buffer = transfer_empty((rows, row_bytes), torch.uint8, self.device)
-            self.buffer.zero_()
-            self._buf = None
-        elif self.device.type == "cpu":
-            self._buf = _Shared(rows * row_bytes)
-            self.buffer = self._buf.tensor.view(rows, row_bytes)
-        else:
-            raise ValueError(f"a mailbox lives in CUDA or CPU memory; got {self.device}")
+            self._shm.append(None)
+            return transfer_empty((nbytes,), torch.uint8, self.device).zero_()
+        shm = _Shared(nbytes)
+        self._shm.append(shm)
+        return shm.tensor
 
     def describe(self) -> dict:
         """Everything a node of this host needs to map the mailbox (msgpack-able)."""
         d = {"host": host_id(), "rows": self.rows, "row_bytes": self.row_bytes,
              "words": self.words, "bells": self._bell.name}
-        if self.device.type == "cuda":
-            storage = self.buffer.untyped_storage()
-            if self.buffer.storage_offset() != 0 or storage.nbytes() != self.buffer.nbytes:
-                raise RuntimeError("a mailbox buffer must be a storage of its own")
-            (_, handle, size, offset, ref_handle, ref_offset, event_handle,
-             event_sync) = storage._share_cuda_()
-            d["cuda"] = [handle, int(size), int(offset), ref_handle, int(ref_offset),
-                         event_handle, bool(event_sync)]
-            d["uuid"] = str(torch.cuda.get_device_properties(self.device).uuid)
-        else:
-            d["shm"] = self._buf.name
+        d.update(_share(self.buffer, self._shm[0]))
+        if self.queries is not None:
+            d["queries"] = {"row_bytes": self.query_row_bytes,
+                            **_share(self.queries, self._shm[1])}
+        if self.flags is not None:
+            d["flags"] = [self.flags.name, self.flags.count]
         return d
 
     def next_value(self) -> int:
@@ -208,9 +255,37 @@ class Mailbox:
         self._bells_np = None
         self.bells = None
         self._bell.close()
-        if self._buf is not None:
-            self.buffer = None
-            self._buf.close()
+        self.buffer = self.queries = None
+        for shm in self._shm:
+            if shm is not None:
+                shm.close()
+        self._shm = []
+
+
+def _map(part: dict, nbytes: int, device: torch.device, what: str) -> tuple:
+    """Map a buffer another process shared with `_share`: (tensor of `nbytes` uint8,
+    its shared memory or None)."""
+    if device.type == "cuda":
+        if "cuda" not in part:
+            raise ValueError(f"mailbox: a CUDA node maps CUDA memory; the {what} is in host "
+                             "memory")
+        handle, size, offset, ref_handle, ref_offset, event_handle, event_sync = part["cuda"]
+        if size < nbytes:
+            raise ValueError(f"mailbox: the shared CUDA {what} holds {size} bytes, {nbytes} "
+                             "described")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        try:  # mapped into this node's GPU (peer access enabled as it is used)
+            storage = torch.UntypedStorage._new_shared_cuda(
+                index, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync)
+        except RuntimeError as e:
+            raise ValueError(f"mailbox: cannot map the weight node's CUDA {what} (GPU "
+                             f"{part.get('uuid')}) from this node's GPU: {e}") from None
+        t = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (nbytes,), (1,))
+        return t, None
+    if "shm" not in part:
+        raise ValueError(f"mailbox: a CPU node maps host memory; the {what} is in CUDA memory")
+    shm = _Shared(nbytes, str(part["shm"]))
+    return shm.tensor, shm
 
 
 class MailboxView:
@@ -234,37 +309,37 @@ class MailboxView:
         self._bell = _Shared(words * _WORD, str(bells))
         self.bells = self._bell.tensor.view(torch.int64)
         self._registered = False
-        self._buf = None
+        self._shm: list[_Shared] = []
+        self.queries = self._flags = self._flags_np = None
         try:
+            self.buffer = self._map(desc, self.nbytes, "reply buffer")
+            q = desc.get("queries")
+            if q is not None:
+                qrow = q.get("row_bytes") if isinstance(q, dict) else None
+                if type(qrow) is not int or qrow <= 0:
+                    raise ValueError("mailbox: queries need a positive row_bytes")
+                self.query_row_bytes = qrow
+                self.queries = self._map(q, rows * qrow, "query buffer")
+            f = desc.get("flags")
+            if f is not None:
+                if not (isinstance(f, list) and len(f) == 2 and type(f[1]) is int
+                        and f[1] > 0):
+                    raise ValueError("mailbox: flags must be [name, count]")
+                self._flags = _Shared(f[1] * 4, str(f[0]))
+                self._flags_np = np.frombuffer(self._flags.map, dtype=np.int32, count=f[1])
             if self.device.type == "cuda":
-                if "cuda" not in desc:
-                    raise ValueError("mailbox: a CUDA node delivers into CUDA memory; this "
-                                     "mailbox is in host memory")
-                self._map_cuda(desc)
-            else:
-                if "shm" not in desc:
-                    raise ValueError("mailbox: a CPU node delivers into host memory; this "
-                                     "mailbox is in CUDA memory")
-                self._buf = _Shared(self.nbytes, str(desc["shm"]))
-                self.buffer = self._buf.tensor
+                self._register_bells()
         except BaseException:
             self.close()
             raise
 
-    def _map_cuda(self, desc: dict) -> None:
-        handle, size, offset, ref_handle, ref_offset, event_handle, event_sync = desc["cuda"]
-        if size < self.nbytes:
-            raise ValueError(f"mailbox: the shared CUDA buffer holds {size} bytes, "
-                             f"{self.nbytes} described")
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        try:  # mapped into this node's GPU (peer access enabled as it is used)
-            storage = torch.UntypedStorage._new_shared_cuda(
-                index, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync)
-        except RuntimeError as e:
-            raise ValueError(f"mailbox: cannot map the weight node's CUDA buffer (GPU "
-                             f"{desc.get('uuid')}) from this node's GPU: {e}") from None
-        self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device).set_(
-            storage, 0, (self.nbytes,), (1,))
+    def _map(self, part: dict, nbytes: int, what: str) -> torch.Tensor:
+        t, shm = _map(part, nbytes, self.device, what)
+        if shm is not None:
+            self._shm.append(shm)
+        return t
+
+    def _register_bells(self) -> None:
         self._count = torch.zeros(1, dtype=torch.int32, device=self.device)  # deliver's
         err = torch.cuda.cudart().cudaHostRegister(self.bells.data_ptr(), self.bells.nbytes,
                                                    3)  # portable | mapped
@@ -278,6 +353,32 @@ class MailboxView:
             deliver(scratch[:2], scratch.view(torch.uint8), 16, scratch[2:], 1, 1 << 40,
                     self._count)  # a 64-bit value, as every stream's (the same variant)
             torch.cuda.synchronize(self.device)
+
+    def check_pull(self, offset: int, nbytes: int, last_flag: int) -> None:
+        """Raise ValueError unless query bytes [offset, offset + nbytes) and post flags
+        up to `last_flag` exist."""
+        if self.queries is None or self._flags_np is None:
+            raise ValueError("mailbox: this mailbox has no queries and post flags to pull")
+        if not (0 <= offset and offset + nbytes <= self.queries.numel()
+                and 0 <= last_flag < len(self._flags_np)):
+            raise ValueError(f"mailbox: query bytes [{offset}, {offset + nbytes}) or flag "
+                             f"{last_flag} out of its {self.queries.numel()} bytes and "
+                             f"{len(self._flags_np)} flags")
+
+    def posted(self, index: int, value: int) -> bool:
+        """Whether the weight node's post flag `index` has reached `value` (its query is
+        in the query buffer)."""
+        return int(self._flags_np[index]) >= value
+
+    def pull(self, dst: torch.Tensor, offset: int) -> None:
+        """Copy the query bytes from `offset` into `dst` (on the node's device), on the
+        current stream (CUDA: a copy from the weight node's GPU) or now (CPU)."""
+        n = dst.numel() * dst.element_size()
+        if not (0 <= offset and offset + n <= self.queries.numel()):
+            raise ValueError(f"mailbox: query bytes [{offset}, {offset + n}) out of its "
+                             f"{self.queries.numel()}")
+        dst.view(-1).view(torch.uint8).copy_(self.queries[offset:offset + n],
+                                             non_blocking=True)
 
     def check(self, offset: int, nbytes: int, word: int, words: int = 1) -> None:
         """Raise ValueError unless bytes [offset, offset + nbytes) and words [word,
@@ -306,8 +407,8 @@ class MailboxView:
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self.bells.data_ptr())
             self._registered = False
-        self.bells = None
-        self.buffer = None
+        self.bells = self.buffer = self.queries = self._flags_np = None
         self._bell.close()
-        if self._buf is not None:
-            self._buf.close()
+        for shm in self._shm + ([self._flags] if self._flags is not None else []):
+            shm.close()
+        self._shm, self._flags = [], None

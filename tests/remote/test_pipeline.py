@@ -134,11 +134,13 @@ def test_captured_attention_with_host_signals_matches_eager(streams):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mailbox", [None, False])
-def test_captured_attention_over_node_processes(mailbox):
-    """`kflume node` processes over UCX loopback, CPU: nodes of this host deliver stream
-    replies into the reply buffers' mailboxes (default) or answer with messages
-    (mailbox=False); a node joining mid-run gets the mailboxes when it first appears."""
+@pytest.mark.parametrize("mailbox,pull", [(None, None), (None, False), (False, None)])
+def test_captured_attention_over_node_processes(mailbox, pull):
+    """`kflume node` processes over UCX loopback, CPU: nodes of this host read the
+    queries from the send buffers once posted and deliver replies into the reply
+    buffers (default), or get queries as messages (pull=False), or answer with messages
+    too (mailbox=False); a node joining mid-run gets the mailboxes when it first
+    appears."""
     pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
     model = TinyModel(6)
     ref_cl = make_cluster(PROMPTS, 7)
@@ -146,7 +148,8 @@ def test_captured_attention_over_node_processes(mailbox):
         rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
         cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
                                       row_ranges=rows, max_nodes=3, mechanism="host",
-                                      dtype=torch.float32, mailbox=mailbox)
+                                      dtype=torch.float32, mailbox=mailbox, pull=pull)
+        assert cap.pull == (mailbox is None and pull is None)
         pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
         g = torch.Generator().manual_seed(8)
         with StepServer(cap, timeout=60) as server:
@@ -158,6 +161,7 @@ def test_captured_attention_over_node_processes(mailbox):
             assert len(names) == 3  # the joined node is in the plan and holds rows
             assert any(s.requests for s in cap.plan_slots[cap.node_slots.index("node2")])
             assert all(cap.delivers(n) == (mailbox is None) for n in names)
+            assert all(st.pull == cap.pull for st in cap._open.values())
             # A step nobody runs: serving gives up; reset() then waits until the nodes
             # have answered every query of the given-up streams (sent to them at the
             # failure), so nothing of it lands later; the next step is right.

@@ -11,7 +11,7 @@ import torch
 
 from kflume.client import NodeClient
 from kflume.comm import InProcHub, InProcTransport, RemoteError
-from kflume.comm.mailbox import Mailbox
+from kflume.comm.mailbox import Mailbox, SharedWords
 from kflume.comm.wire import state_row_bytes, unpack_states
 from kflume.node import AttentionNode, NodeConfig
 from kflume.server import NodeServer
@@ -188,6 +188,53 @@ def test_mailbox_stream_replies_land_in_the_mailbox(client):
     other.close()
 
 
+def test_pull_stream_reads_posted_queries_and_can_be_given_up(client):
+    """A pulling stream: no query is sent; the node reads layer i's from the mailbox's
+    query rows once post flag `flag + i * stride` reaches the stream's value, and
+    delivers the reply. A stream given up (`cancel`) is answered with an error, and the
+    node keeps serving."""
+    ref = ReferenceKV(CONFIG.layers)
+    rids = fill(client, ref, {"u": 21, "w": 2}, seed=31)
+    row = state_row_bytes(HQ, 64, torch.float32)
+    flags = SharedWords(2 * CONFIG.layers)
+    box = Mailbox(rows=4, row_bytes=row, words=2 * CONFIG.layers, query_row_bytes=HQ * 64 * 4,
+                  flags=flags)
+    client.register_mailbox([box])
+    queries = box.queries.view(torch.float32).view(4, HQ, 64)
+    g = torch.Generator().manual_seed(32)
+    st = client.open_stream(range(3), 1, rids, [21, 2], HQ, 64, torch.float32,
+                            mailbox=(box, 2, 3), pull=(1, 2, 5))  # flags 1, 3, 5 reach 5
+    with pytest.raises(ValueError, match="reads this stream's queries itself"):
+        st.attend(0, torch.zeros(2, HQ, 64))
+    for layer in range(3):
+        q = torch.randn(2, HQ, 64, generator=g)
+        queries[2:4] = q
+        r = st.expect(layer)
+        time.sleep(0.05)
+        assert not r.done  # not posted yet: the node waits
+        flags.tensor[1 + 2 * layer] = 5  # "posted" (a GPU's post kernel, in a graph)
+        assert r.result() is None
+        out, _ = unpack_states(box.buffer[2:4], HQ, 64, torch.float32)
+        assert_close_rel(out, ref.attend(layer, rids, q, 64**-0.5), torch.float32,
+                         f"pulled layer {layer}")
+    st.ack.result()
+    with pytest.raises(ValueError, match="post flags do not fit"):
+        client.open_stream(range(3), 1, rids, [21, 2], HQ, 64, torch.float32,
+                           mailbox=(box, 2, 3), pull=(2, 2, 6))
+    flags.tensor.zero_()
+    st = client.open_stream(range(3), 1, rids, [21, 2], HQ, 64, torch.float32,
+                            mailbox=(box, 0, 0), pull=(0, 2, 6))
+    st.cancel().result()
+    with pytest.raises(RemoteError, match="given up by the peer"):
+        st.ack.result()
+    with pytest.raises(RemoteError, match="given up by the peer"):
+        st.expect(0).result()
+    run_stream(client, rids, [21, 2], [torch.randn(2, HQ, 64, generator=g)] * 3, [0, 1, 2])
+    client.free(rids)
+    box.close()
+    flags.close()
+
+
 def test_refused_streams_raise_and_the_node_keeps_serving(client):
     ref = ReferenceKV(CONFIG.layers)
     rids = fill(client, ref, {"r": 20}, seed=3)
@@ -305,6 +352,25 @@ def test_cuda_stream_over_ucx_matches_reference():
                 want = ref.attend(layer, live, q[live].cpu(), 128**-0.5)
                 assert_close_rel(out[live], want, torch.bfloat16, f"mailbox layer {layer}")
                 assert (lse[5] == float("-inf")).all() and (out[5] == 0).all()
+            st.ack.result()
+        # and pulled: the node reads each layer's q from this process's GPU memory once
+        # its post flag (shared memory) is up
+        flags = SharedWords(4, cuda=True)
+        pbox = Mailbox(b, row, 4, device="cuda", query_row_bytes=hq * 128 * 2, flags=flags)
+        c.register_mailbox([pbox])
+        queries = pbox.queries.view(torch.bfloat16).view(b, hq, 128)
+        for step in range(2):
+            st = c.open_stream(range(4), 1, rids, list(lengths.values()), hq, 128,
+                               torch.bfloat16, mailbox=(pbox, 0, 0), pull=(0, 1, step + 1))
+            for layer in range(4):
+                queries.copy_(torch.randn(b, hq, 128, generator=g).to(torch.bfloat16))
+                torch.cuda.synchronize()
+                r = st.expect(layer)
+                flags.tensor[layer] = step + 1
+                assert r.result() is None
+                out, _ = unpack_states(pbox.buffer, hq, 128, torch.bfloat16)
+                want = ref.attend(layer, live, queries[live].cpu(), 128**-0.5)
+                assert_close_rel(out[live], want, torch.bfloat16, f"pulled layer {layer}")
             st.ack.result()
         c.close()
     finally:
