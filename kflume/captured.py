@@ -55,7 +55,7 @@ from .comm.base import RemoteError
 from .comm.mailbox import Mailbox, SharedWords, host_id
 from .comm.mailbox import supported as mailbox_supported
 from .comm.wire import state_row_bytes, unpack_states
-from .graph import GraphSignal, SignalTimeout
+from .graph import GraphSignal, SignalTimeout, default_mechanism
 from .kernels import merge_new_token
 from .plan import StepPlan
 from .remote import RemoteAttention
@@ -132,7 +132,7 @@ class CapturedRemoteAttention:
         if mailbox and not self.streams:
             raise ValueError("mailboxes take attend streams' replies: streams=True")
         boxes = self.streams and (mailbox_supported(dev) if mailbox is None else mailbox)
-        mech = mechanism or ("host" if dev.type != "cuda" else None)
+        mech = mechanism or default_mechanism(dev)
         # Nodes read the queries themselves where posts write sequence numbers (not memop)
         self.pull = bool(boxes) and (pull if pull is not None else mech != "memop")
         if self.pull and mech == "memop":
@@ -141,7 +141,7 @@ class CapturedRemoteAttention:
             raise ValueError("pull needs mailboxes")
         # the post flags, in shared memory when nodes read them
         self._flags = SharedWords(num_layers * m, cuda=dev.type == "cuda") if self.pull else None
-        self.signal = GraphSignal(num_layers * m, dev, mechanism,
+        self.signal = GraphSignal(num_layers * m, dev, mech,
                                   flag=None if self._flags is None else self._flags.tensor)
         self.node_slots: list[str] = [""] * max_nodes
         sizes = [r.stop - r.start for r in self.ranges]
@@ -346,7 +346,8 @@ class CapturedRemoteAttention:
     def reset(self) -> None:
         """After `serve_step` raised and the failed replay has finished (its stream
         synchronised): release the signal's abort so that the next step can run. Streams
-        on mailboxes were sent their remaining queries when the step failed: this waits
+        on mailboxes were sent their remaining queries (or, pulling ones, cancelled) when
+        the step failed: this waits
         (each with the client's deadline) for the nodes to acknowledge them, after which
         nothing of the failed step lands in the reply buffers, and raises RuntimeError if
         a node does not answer. The failed step's other streams are given up at the
@@ -389,7 +390,9 @@ class CapturedRemoteAttention:
                     where = (dict(mailbox=(self._boxes[m], i * n, i * self.num_layers))
                              if self.delivers(name) else dict(into=self.incoming[i][m][:b]))
                     if self.pull and self.delivers(name):  # layer l's post: flag l * M + m
-                        where["pull"] = (m, len(self.ranges), self.signal.next_value(m))
+                        mm = len(self.ranges)
+                        where["pull"] = (m, mm, [self.signal.next_value(layer * mm + m)
+                                                 for layer in range(self.num_layers)])
                     st = self._open[i, m] = r.clients[name].open_stream(
                         range(self.num_layers), self.epoch, s.requests, s.kv_len, r.hq, r.d,
                         self.dtype, r.scale, **where)

@@ -347,10 +347,10 @@ class NodeClient:
         receives are then posted ahead (`AttendStream`). `mailbox=(box, row, word)`: the
         replies go to rows `row ..` of a mailbox registered with this node, layer i's
         doorbell is word `word + i` (lowered here, before the node can raise it, to a
-        value of this stream's own). `pull=(flag, stride, value)` (with a mailbox that
+        value of this stream's own). `pull=(flag, stride, values)` (with a mailbox that
         has queries and flags): no query is sent; the node reads layer i's from the
         mailbox's query rows `row ..` once post flag `flag + i * stride` reaches
-        `value` (`AttendStream.expect`)."""
+        `values[i]` (> 0; `AttendStream.expect`)."""
         if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
             raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
                              f"{layers}")
@@ -378,14 +378,17 @@ class NodeClient:
             mail = (box, row, word, box.next_value())
             info["mailbox"] = [box_id, row * box.row_bytes, word, mail[3]]
             if pull is not None:
-                flag, stride, value = pull
+                flag, stride, values = pull
+                values = [int(v) for v in values]
+                if len(values) != len(layers) or min(values) <= 0:
+                    raise ValueError("pull needs one value > 0 per layer")
                 qrow = int(q_heads) * int(head_dim) * torch.empty(0, dtype=dtype).element_size()
                 if box.queries is None or box.flags is None or box.query_row_bytes != qrow:
                     raise ValueError(f"pull needs a mailbox with query rows of {qrow} bytes "
                                      "and post flags")
                 if flag + stride * (len(layers) - 1) >= box.flags.count:
                     raise ValueError("the stream's post flags do not fit in the mailbox's")
-                info["pull"] = [row * qrow, flag, stride, value]
+                info["pull"] = [row * qrow, flag, stride, values]
         elif pull is not None:
             raise ValueError("pull needs a mailbox")
         h = Header("stream", layer=layers.start, epoch=epoch, requests=list(requests),

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["GraphSignal", "SignalTimeout", "warm_and_capture"]
+__all__ = ["GraphSignal", "SignalTimeout", "default_mechanism", "warm_and_capture"]
 
 
 class SignalTimeout(TimeoutError):
@@ -67,6 +67,13 @@ def stream_mem_ops_supported(device: torch.device) -> bool:
     attr = d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1
     err, value = d.cuDeviceGetAttribute(attr, dev)
     return int(err) == 0 and value == 1
+
+
+def default_mechanism(device: str | torch.device | None) -> str:
+    """The mechanism `GraphSignal(mechanism=None)` takes on `device`: memop on a CUDA
+    device that runs stream memory operations natively, else kernel; host on CPU."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _best_mechanism(device) if device.type == "cuda" else "host"
 
 
 def _best_mechanism(device: torch.device) -> str:

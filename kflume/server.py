@@ -190,8 +190,11 @@ class NodeServer:
         """Serve until a "shutdown" message or `should_stop()` returns True."""
         while not self.stopped and not should_stop():
             handled = self.poll()
-            # Never sleep while a reply waits on its kernel: poll again at once.
-            self.transport.progress(0.0 if handled or self._deferred else idle_sleep)
+            # Never sleep while a reply waits on its kernel, or a pulling stream on a
+            # post flag (which wakes nothing): poll again at once.
+            busy = handled or self._deferred or any(
+                st.pull is not None for p in self.peers for st in p.streams)
+            self.transport.progress(0.0 if busy else idle_sleep)
         while self._deferred:  # replies already computed still go out
             self._send_deferred()
             self.transport.progress(0.0)
@@ -347,14 +350,15 @@ class NodeServer:
         """A stream whose queries this node reads from the peer's mailbox: each layer
         once its post flag is up, in order; the reply delivered into the mailbox."""
         box, offset, word, value = st.mail
-        qoff, flag, stride, fvalue = st.pull
+        qoff, flag, stride, fvalues = st.pull
         handled = 0
-        while st.run is not None and st.next < len(st.layers) and box.posted(
-                flag + st.next * stride, fvalue):
+        while st.run is not None and st.next < len(st.layers):
             i = st.next
-            st.next += 1
-            t0 = time.perf_counter()
             try:
+                if not box.posted(flag + i * stride, fvalues[i]):
+                    break
+                st.next += 1
+                t0 = time.perf_counter()
                 box.pull(st.bufs[2][i], qoff)
                 st.run(i)
                 t1 = time.perf_counter()
@@ -364,19 +368,14 @@ class NodeServer:
                 break
             self.timings.append((t0, t1, time.perf_counter(), st.seq, st.layers[i]))
             handled += 1
-        if st.run is None or st.next == len(st.layers):
-            peer.streams.remove(st)
-            if st.run is not None:
-                self._defer(lambda: self._stream_done(peer, st), None, None, peer)
-            else:  # its buffers stay referenced until the kernels enqueued are done
-                self._defer(lambda: None, st.bufs, None, peer)
-        elif time.monotonic() > st.deadline:
+        if st.run is not None and st.next < len(st.layers) and time.monotonic() > st.deadline:
             log.warning("%s: stream %d saw %d of %d queries posted in %.0f s; given up",
                         peer.conn.peer, st.seq, st.next, len(st.layers), self.stream_deadline)
             self._stream_failed(peer, st, TimeoutError(
                 f"stream {st.seq}: {len(st.layers) - st.next} queries never posted"))
-            peer.streams.remove(st)
-            self._defer(lambda: None, st.bufs, None, peer)
+        if st.run is None or st.next == len(st.layers):  # pooled (acknowledged if not
+            peer.streams.remove(st)  # failed) once the kernels enqueued are done
+            self._defer(lambda: self._stream_done(peer, st), None, None, peer)
         return handled
 
     def _stream_failed(self, peer: _Peer, st: _Stream, e: BaseException) -> None:
@@ -462,11 +461,13 @@ class NodeServer:
                                       f"{len(self.node.requests)}")
         key = (layers, b, hq, d, dtype)
         pull = h.info.get("pull")
-        if pull is not None and not (isinstance(pull, list) and len(pull) == 4 and all(
-                type(x) is int and x >= 0 for x in pull) and pull[2] > 0
-                and "mailbox" in h.info):
-            raise ValueError(f"stream: pull must be [query offset, flag, stride > 0, value] "
-                             f"with a mailbox; got {pull!r}")
+        if pull is not None and not (
+                isinstance(pull, list) and len(pull) == 4
+                and all(type(x) is int and x >= 0 for x in pull[:3]) and pull[2] > 0
+                and isinstance(pull[3], list) and len(pull[3]) == layers
+                and all(type(v) is int and v > 0 for v in pull[3]) and "mailbox" in h.info):
+            raise ValueError(f"stream: pull must be [query offset, flag, stride > 0, [a value "
+                             f"> 0 per layer]] with a mailbox; got {pull!r}")
         bufs = self._stream_buffers(peer, key)
         st = _Stream(h.seq, range(h.layer, h.layer + layers), bufs, key,
                      time.monotonic() + self.stream_deadline)

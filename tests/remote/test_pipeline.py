@@ -163,16 +163,32 @@ def test_captured_attention_over_node_processes(mailbox, pull):
             assert all(cap.delivers(n) == (mailbox is None) for n in names)
             assert all(st.pull == cap.pull for st in cap._open.values())
             # A step nobody runs: serving gives up; reset() then waits until the nodes
-            # have answered every query of the given-up streams (sent to them at the
-            # failure), so nothing of it lands later; the next step is right.
+            # have answered the given-up streams (sent their other queries at the
+            # failure, or, pulling, cancelled), so nothing of them lands later; the next
+            # step is right.
             server.timeout = 0.5
             server.begin()
             with pytest.raises(SignalTimeout):
                 server.end()
-            given_up = list(cap._settling)  # mailbox streams sent their other queries
+            given_up = list(cap._settling)  # the mailbox streams
             assert cap._open and len(given_up) == (len(cap._open) if mailbox is None else 0)
             cap.reset()
             assert all(st.ack.done for st in given_up) and not cap._settling
+            # A step that fails partway (the model raises at layer 1): the first slots
+            # were posted, the others not; the next steps still pair posts and waits
+            server.begin()
+
+            def broken(layer, state):
+                if layer == 1:
+                    raise RuntimeError("model failed")
+                return model.before(layer, state)
+
+            with pytest.raises(RuntimeError, match="model failed"):
+                LayerPipeline(LAYERS, broken, model.after, cap, 2)(
+                    [x[r] for r in rows], rows)
+            with pytest.raises(SignalTimeout):
+                server.end()
+            cap.reset()
             server.timeout = 60
             served_step(model, ref_cl, cl, cap, pipe, rows, server, g, advance=False)
         cap.close()

@@ -203,16 +203,18 @@ def test_pull_stream_reads_posted_queries_and_can_be_given_up(client):
     queries = box.queries.view(torch.float32).view(4, HQ, 64)
     g = torch.Generator().manual_seed(32)
     st = client.open_stream(range(3), 1, rids, [21, 2], HQ, 64, torch.float32,
-                            mailbox=(box, 2, 3), pull=(1, 2, 5))  # flags 1, 3, 5 reach 5
+                            mailbox=(box, 2, 3), pull=(1, 2, [5, 6, 5]))  # flags 1, 3, 5
     with pytest.raises(ValueError, match="reads this stream's queries itself"):
         st.attend(0, torch.zeros(2, HQ, 64))
     for layer in range(3):
         q = torch.randn(2, HQ, 64, generator=g)
         queries[2:4] = q
         r = st.expect(layer)
+        want_flag = [5, 6, 5][layer]
+        flags.tensor[1 + 2 * layer] = want_flag - 1  # the previous step's post
         time.sleep(0.05)
         assert not r.done  # not posted yet: the node waits
-        flags.tensor[1 + 2 * layer] = 5  # "posted" (a GPU's post kernel, in a graph)
+        flags.tensor[1 + 2 * layer] = want_flag  # "posted" (a GPU's post kernel, in a graph)
         assert r.result() is None
         out, _ = unpack_states(box.buffer[2:4], HQ, 64, torch.float32)
         assert_close_rel(out, ref.attend(layer, rids, q, 64**-0.5), torch.float32,
@@ -220,10 +222,13 @@ def test_pull_stream_reads_posted_queries_and_can_be_given_up(client):
     st.ack.result()
     with pytest.raises(ValueError, match="post flags do not fit"):
         client.open_stream(range(3), 1, rids, [21, 2], HQ, 64, torch.float32,
-                           mailbox=(box, 2, 3), pull=(2, 2, 6))
+                           mailbox=(box, 2, 3), pull=(2, 2, [6, 6, 6]))
+    with pytest.raises(ValueError, match="one value > 0 per layer"):
+        client.open_stream(range(3), 1, rids, [21, 2], HQ, 64, torch.float32,
+                           mailbox=(box, 2, 3), pull=(1, 2, [6, 6]))
     flags.tensor.zero_()
     st = client.open_stream(range(3), 1, rids, [21, 2], HQ, 64, torch.float32,
-                            mailbox=(box, 0, 0), pull=(0, 2, 6))
+                            mailbox=(box, 0, 0), pull=(0, 2, [6, 6, 6]))
     st.cancel().result()
     with pytest.raises(RemoteError, match="given up by the peer"):
         st.ack.result()
@@ -361,7 +366,8 @@ def test_cuda_stream_over_ucx_matches_reference():
         queries = pbox.queries.view(torch.bfloat16).view(b, hq, 128)
         for step in range(2):
             st = c.open_stream(range(4), 1, rids, list(lengths.values()), hq, 128,
-                               torch.bfloat16, mailbox=(pbox, 0, 0), pull=(0, 1, step + 1))
+                               torch.bfloat16, mailbox=(pbox, 0, 0),
+                               pull=(0, 1, [step + 1] * 4))
             for layer in range(4):
                 queries.copy_(torch.randn(b, hq, 128, generator=g).to(torch.bfloat16))
                 torch.cuda.synchronize()
