@@ -202,3 +202,76 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism, stage):
             if i % 200 == 0:
                 print(f"replay {i}: ok", flush=True)
     assert cap.steps >= 1000 and checked == 21 and "node2" in cap.node_slots
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("pull", [True, False])
+def test_captured_step_over_a_node_process_with_mailboxes(pull):
+    """A `kflume node` process on the other GPU (or this one): replies delivered into
+    the mailboxes by the node's GPU, and the queries read by it once posted (pull) or
+    sent (push). 60 replays with tokens appended every step; every 10th checked against
+    the eager RemoteAttention run just before it on the same inputs."""
+    pytest.importorskip("ucxx", reason="node processes talk UCX")
+    from kflume.cluster import Cluster
+
+    two = torch.cuda.device_count() > 1
+    prompts = {"a": 300, "b": 17, "c": 1000, "d": 64}
+    with Cluster.local(1, layers=LAYERS, kv_heads=HKV, head_dim=D, dtype="float32",
+                       capacity_tokens=8192, device="cuda", range_tokens=250,
+                       env={"CUDA_VISIBLE_DEVICES": "1,0" if two else "0"},
+                       stream_graphs=two) as cl:
+        cl.attention(num_q_heads=HQ, device="cuda")
+        for rid, n in prompts.items():
+            cl.router.add_request(rid, n)
+        cl.begin_step()
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for layer in range(LAYERS):
+            for rid, n in prompts.items():
+                cl.remote.prefill(layer, rid, torch.randn(n, HKV, D, device="cuda", generator=g),
+                                  torch.randn(n, HKV, D, device="cuda", generator=g))
+        cl.remote.end_step(wait=True)
+        before, after = _model(4)
+        b = len(prompts)
+        x_in = torch.zeros(b, DIM, device="cuda")
+        rows = LayerPipeline(LAYERS, before, after, None, 2).split(b)
+        cap = CapturedRemoteAttention(cl.remote, batch=b, num_layers=LAYERS, row_ranges=rows,
+                                      max_nodes=2, mechanism="kernel", dtype=torch.float32,
+                                      pull=pull)
+        pipe = LayerPipeline(LAYERS, before, after, cap, 2)
+        out_buf = torch.zeros(b, DIM, device="cuda")
+
+        def step():
+            out_buf.copy_(torch.cat(pipe([x_in[r] for r in rows], rows)))
+
+        s = torch.cuda.Stream()
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        graph = None
+        checked = 0
+        for i in range(60):
+            if i > 0:
+                cl.remote.end_step(wait=True)
+                for rid in prompts:
+                    cl.router.advance(rid)
+            cap.load(cl.begin_step())
+            x_in.copy_(torch.randn(b, DIM, device="cuda", generator=gen))
+            s.wait_stream(torch.cuda.current_stream())
+            if graph is None:
+                graph = warm_and_capture(step, s, cap.serve_step, timeout=60)
+            ref = None
+            if i % 10 == 0:
+                x = x_in.clone()
+                for layer in range(LAYERS):
+                    q, k, v = before(layer, x)
+                    x = after(layer, x, cl.remote(layer, q, k, v))
+                cl.remote.end_step(wait=True)
+                torch.cuda.synchronize()
+                ref = x
+            with torch.cuda.stream(s):
+                graph.replay()
+            cap.serve_step(timeout=30)
+            s.synchronize()
+            if ref is not None:
+                torch.testing.assert_close(out_buf, ref, rtol=2e-4, atol=2e-4)
+                checked += 1
+        assert checked == 6 and cap.delivers("node0") and cap.pull == pull
+        cap.close()
