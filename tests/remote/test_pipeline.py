@@ -183,6 +183,7 @@ def test_captured_attention_over_node_processes(mailbox, pull):
                     raise RuntimeError("model failed")
                 return model.before(layer, state)
 
+            x = torch.randn(len(PROMPTS), DIM, generator=g)
             with pytest.raises(RuntimeError, match="model failed"):
                 LayerPipeline(LAYERS, broken, model.after, cap, 2)(
                     [x[r] for r in rows], rows)
