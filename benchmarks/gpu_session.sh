@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
 # Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
 #         e2e-big e2e-stress transport-gpu transport-stream e2e-join4 (4 GPUs) e2e-rndv transport-busy e2e-profile
-#         e2e-final e2e-compile e2e-mailbox e2e-ab (against ./old: git worktree add old COMMIT, carried, its .git removed)
+#         e2e-final e2e-compile e2e-mailbox e2e-pull e2e-join-mps e2e-ab (against ./old: git worktree add old COMMIT, carried, its .git removed)
 # (stops at the first phase that fails)
 set -u
 export PYTHONPATH=$PWD:$PWD/.site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
@@ -66,6 +66,14 @@ for phase in "$@"; do
       run e2e-final-big 200 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --steps 30 --warmup 5 ;;
     e2e-mailbox)  # stream replies into mailboxes (default) against replies as messages, one run
       run e2e-mailbox 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 --stages device replies ${E2E_ARGS:-} ;;
+    e2e-pull)  # queries pulled by the node (default) against queries as messages and replies as messages
+      run e2e-pull 420 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 --stages device push replies ${E2E_ARGS:-} ;;
+    e2e-join-mps)  # the join with both nodes of GPU1 as clients of one MPS server (no context switches)
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/kflume-mps CUDA_MPS_LOG_DIRECTORY=/tmp/kflume-mps-log
+      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+      nvidia-cuda-mps-control -d || { echo "no MPS here"; exit 1; }
+      trap 'echo quit | nvidia-cuda-mps-control; cp -r $CUDA_MPS_LOG_DIRECTORY/control.log $OUT/mps-control.log 2>/dev/null' EXIT
+      run e2e-join-mps 300 python3 benchmarks/e2e.py --configs 8x32768 --steps 40 --warmup 20 --stages device ${E2E_ARGS:-} ;;
     e2e-compile) run e2e-compile 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 --compile ;;
     e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device messages --steps 40 --warmup 5 ;;
     e2e-stress) run e2e-stress 500 python3 benchmarks/e2e.py --configs 8x32768 8x32768 8x32768 8x32768 --steps 30 --warmup 3 ;;

@@ -149,16 +149,16 @@ class SharedWords:
             raise ValueError(f"shared words need Linux (and x86 without CUDA); this is "
                              f"{sys.platform} on {platform.machine()}")
         self.count = count
-        self._shm = _Shared(count * 4)
+        self._shm = _Shared(-(-count * 4 // mmap.PAGESIZE) * mmap.PAGESIZE)  # whole pages
         self.name = self._shm.name
-        self.tensor = self._shm.tensor.view(torch.int32)
+        self.tensor = self._shm.tensor[:count * 4].view(torch.int32)
         self.tensor.zero_()
         self._registered = False
         if cuda:
-            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), count * 4, 3)
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self._shm.nbytes, 3)
             if int(err) != 0:
                 self.close()
-                raise RuntimeError(f"cudaHostRegister of shared words failed ({err})")
+                raise RuntimeError(f"cudaHostRegister of shared words failed (error {int(err)})")
             self._registered = True
 
     def close(self) -> None:
@@ -344,7 +344,8 @@ class MailboxView:
         err = torch.cuda.cudart().cudaHostRegister(self.bells.data_ptr(), self.bells.nbytes,
                                                    3)  # portable | mapped
         if int(err) != 0:
-            raise ValueError(f"mailbox: cudaHostRegister of the doorbells failed ({err})")
+            raise ValueError(f"mailbox: cudaHostRegister of the doorbells failed (error "
+                             f"{int(err)})")
         self._registered = True
         from ._deliver_triton import deliver  # compiled now, not in the serving loop
 
