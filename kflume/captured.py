@@ -20,7 +20,10 @@ Nodes of this host put their stream replies straight into the reply buffers: eac
 micro-batch's reply buffer is a `Mailbox` (kflume/comm/mailbox.py) registered with such
 a node when it first appears in a plan, and the host releases a slot once the node's
 doorbells for it are up, with no reply message. A node that cannot map it (or one on
-another host) answers with messages, into the same buffers.
+another host) answers with messages, into the same buffers. With `pull` (the default
+there, unless posts are memops, which write no sequence number), such a node also reads
+each layer's queries from the mailbox's query buffer once the layer's post flag (shared
+memory, `SharedWords`) reaches the value the stream named, so no query is sent either.
 
 The step's new k, v are not on any slot's critical path: the node does not need them
 until the next step (each layer merges its new token locally). The graph gathers them
