@@ -90,17 +90,36 @@ class _Shared:
             os.close(fd)
         self.nbytes = nbytes
         self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
-        if self.owner:  # the file goes when its creator does, whatever happens
-            self._unlink = weakref.finalize(self, _unlink, self.path)
+        self._pinned: list[int] = []  # the address registered with CUDA, if it is
+        # Whatever happens (close, or collected unclosed): unregistered before unmapped
+        # (a registration outliving its mapping refuses the next mapping at that address
+        # with error 712, and points the GPU at the old pages), the file unlinked if ours.
+        self._release = weakref.finalize(self, _release, self.map, self._pinned,
+                                         self.path if self.owner else None)
+
+    def pin(self, what: str) -> None:
+        """Register the whole mapping with CUDA as mapped host memory (portable), so that
+        kernels of any device read and write it. Raises ValueError naming `what`."""
+        ptr = self.tensor.data_ptr()
+        err = torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 3)  # portable | mapped
+        if int(err) != 0:
+            raise ValueError(f"cudaHostRegister of {what} failed (error {int(err)})")
+        self._pinned.append(ptr)
 
     def close(self) -> None:
         self.tensor = None
-        try:
-            self.map.close()
-        except BufferError:  # views still alive: the map goes with them
-            pass
-        if self.owner:
-            self._unlink()
+        self._release()
+
+
+def _release(mapping: mmap.mmap, pinned: list[int], path: str | None) -> None:
+    while pinned:
+        torch.cuda.cudart().cudaHostUnregister(pinned.pop())
+    try:
+        mapping.close()
+    except BufferError:  # views still alive: the map goes with them
+        pass
+    if path is not None:
+        _unlink(path)
 
 
 def _unlink(path: str) -> None:
@@ -153,18 +172,14 @@ class SharedWords:
         self.name = self._shm.name
         self.tensor = self._shm.tensor[:count * 4].view(torch.int32)
         self.tensor.zero_()
-        self._registered = False
         if cuda:
-            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self._shm.nbytes, 3)
-            if int(err) != 0:
+            try:
+                self._shm.pin("shared words")
+            except ValueError as e:
                 self.close()
-                raise RuntimeError(f"cudaHostRegister of shared words failed (error {int(err)})")
-            self._registered = True
+                raise RuntimeError(str(e)) from None
 
     def close(self) -> None:
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            self._registered = False
         self.tensor = None
         self._shm.close()
 
@@ -308,7 +323,6 @@ class MailboxView:
         self.nbytes = rows * row_bytes
         self._bell = _Shared(words * _WORD, str(bells))
         self.bells = self._bell.tensor.view(torch.int64)
-        self._registered = False
         self._shm: list[_Shared] = []
         self.queries = self._flags = self._flags_np = None
         try:
@@ -341,12 +355,7 @@ class MailboxView:
 
     def _register_bells(self) -> None:
         self._count = torch.zeros(1, dtype=torch.int32, device=self.device)  # deliver's
-        err = torch.cuda.cudart().cudaHostRegister(self.bells.data_ptr(), self.bells.nbytes,
-                                                   3)  # portable | mapped
-        if int(err) != 0:
-            raise ValueError(f"mailbox: cudaHostRegister of the doorbells failed (error "
-                             f"{int(err)})")
-        self._registered = True
+        self._bell.pin("the mailbox's doorbells")
         from ._deliver_triton import deliver  # compiled now, not in the serving loop
 
         with torch.cuda.device(self.device):
@@ -405,9 +414,6 @@ class MailboxView:
             self.bells[word] = value  # x86 keeps stores in order: the bytes are seen first
 
     def close(self) -> None:
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.bells.data_ptr())
-            self._registered = False
         self.bells = self.buffer = self.queries = self._flags_np = None
         self._bell.close()
         for shm in self._shm + ([self._flags] if self._flags is not None else []):

@@ -97,3 +97,21 @@ def test_triton_delivery_under_the_interpreter():
         "    raise AssertionError('6 bytes accepted')\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=280, env=env)
+
+
+def test_shared_words_left_unclosed_are_released():
+    """Shared words (and their file) dropped without close() go when collected; on a GPU
+    each was registered with CUDA and is unregistered before it is unmapped, so the next
+    mapping at the same address registers (a stale registration refused it, error 712)."""
+    import gc
+
+    cuda = torch.cuda.is_available()
+    paths = []
+    for _ in range(20):  # same size, one after another: addresses come back
+        w = mb.SharedWords(6, cuda=cuda)
+        w.tensor[5] = 7
+        paths.append(os.path.join(mb._shm_dir(), w.name))
+        assert os.path.exists(paths[-1])
+        del w
+        gc.collect()
+    assert not any(os.path.exists(p) for p in paths)
