@@ -314,7 +314,7 @@ def stats(ms: list[float]) -> dict:
     s = sorted(ms)
     p99 = s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
     return {"p50_ms": statistics.median(s), "p99_ms": p99, "mean_ms": statistics.fmean(s),
-            "n": len(s)}
+            "n": len(s), "steps_ms": [round(x, 2) for x in ms]}
 
 
 # ---- runs -------------------------------------------------------------------------------
