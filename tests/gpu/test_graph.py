@@ -127,6 +127,34 @@ def _model(seed):
     return before, after
 
 
+def _fill(cl, prompts: dict) -> None:
+    """The cluster's weight-node side on this GPU, with `prompts` (id -> tokens) routed
+    and their random KV prefilled into every layer."""
+    cl.attention(num_q_heads=HQ, device="cuda")
+    for rid, n in prompts.items():
+        cl.router.add_request(rid, n)
+    cl.begin_step()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for layer in range(LAYERS):
+        for rid, n in prompts.items():
+            k = torch.randn(n, HKV, D, device="cuda", generator=g)
+            v = torch.randn(n, HKV, D, device="cuda", generator=g)
+            cl.remote.prefill(layer, rid, k, v)
+    cl.remote.end_step(wait=True)
+
+
+def _eager(remote, before, after, x_in):
+    """The step run eagerly through `remote` (one message per layer): the reference a
+    captured replay on the same input is checked against."""
+    x = x_in.clone()
+    for layer in range(LAYERS):
+        q, k, v = before(layer, x)
+        x = after(layer, x, remote(layer, q, k, v))
+    remote.end_step(wait=True)
+    torch.cuda.synchronize()
+    return x
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 @pytest.mark.parametrize("stage", ["host", "device"])
@@ -142,17 +170,7 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism, stage):
     prompts = {"a": 300, "b": 17, "c": 1000, "d": 64}
     cl = Cluster.in_process(2, layers=LAYERS, kv_heads=HKV, head_dim=D, dtype="float32",
                             capacity_tokens=8192, device="cuda", range_tokens=250)
-    cl.attention(num_q_heads=HQ, device="cuda")
-    for rid, n in prompts.items():
-        cl.router.add_request(rid, n)
-    cl.begin_step()
-    g = torch.Generator(device="cuda").manual_seed(1)
-    for layer in range(LAYERS):
-        for rid, n in prompts.items():
-            k = torch.randn(n, HKV, D, device="cuda", generator=g)
-            v = torch.randn(n, HKV, D, device="cuda", generator=g)
-            cl.remote.prefill(layer, rid, k, v)
-    cl.remote.end_step(wait=True)
+    _fill(cl, prompts)
     before, after = _model(2)
     b = len(prompts)
     x_in = torch.zeros(b, DIM, device="cuda")
@@ -182,15 +200,7 @@ def test_captured_step_1000_replays_with_plan_changes(mechanism, stage):
         s.wait_stream(torch.cuda.current_stream())  # x_in was written on this stream
         if graph is None:
             graph = warm_and_capture(step, s, cap.serve_step, timeout=60)
-        ref = None
-        if i % 50 == 0 or i == 999:
-            x = x_in.clone()
-            for layer in range(LAYERS):
-                q, k, v = before(layer, x)
-                x = after(layer, x, cl.remote(layer, q, k, v))
-            cl.remote.end_step(wait=True)
-            torch.cuda.synchronize()
-            ref = x
+        ref = _eager(cl.remote, before, after, x_in) if i % 50 == 0 or i == 999 else None
         with torch.cuda.stream(s):
             graph.replay()
         with torch.cuda.stream(host):  # the in-process nodes' kernels run here
@@ -220,16 +230,7 @@ def test_captured_step_over_a_node_process_with_mailboxes(pull):
                        capacity_tokens=8192, device="cuda", range_tokens=250,
                        env={"CUDA_VISIBLE_DEVICES": "1,0" if two else "0"},
                        stream_graphs=two) as cl:
-        cl.attention(num_q_heads=HQ, device="cuda")
-        for rid, n in prompts.items():
-            cl.router.add_request(rid, n)
-        cl.begin_step()
-        g = torch.Generator(device="cuda").manual_seed(1)
-        for layer in range(LAYERS):
-            for rid, n in prompts.items():
-                cl.remote.prefill(layer, rid, torch.randn(n, HKV, D, device="cuda", generator=g),
-                                  torch.randn(n, HKV, D, device="cuda", generator=g))
-        cl.remote.end_step(wait=True)
+        _fill(cl, prompts)
         before, after = _model(4)
         b = len(prompts)
         x_in = torch.zeros(b, DIM, device="cuda")
@@ -257,15 +258,7 @@ def test_captured_step_over_a_node_process_with_mailboxes(pull):
             s.wait_stream(torch.cuda.current_stream())
             if graph is None:
                 graph = warm_and_capture(step, s, cap.serve_step, timeout=60)
-            ref = None
-            if i % 10 == 0:
-                x = x_in.clone()
-                for layer in range(LAYERS):
-                    q, k, v = before(layer, x)
-                    x = after(layer, x, cl.remote(layer, q, k, v))
-                cl.remote.end_step(wait=True)
-                torch.cuda.synchronize()
-                ref = x
+            ref = _eager(cl.remote, before, after, x_in) if i % 10 == 0 else None
             with torch.cuda.stream(s):
                 graph.replay()
             cap.serve_step(timeout=30)
