@@ -389,11 +389,19 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 pipe = LayerPipeline(shape.layers, model.before, model.after, cap, mb)
                 step, _ = step_fn(model, pipe, batch)
 
-                def boundary(cap=cap):
+                def boundary(cap=cap, split: dict | None = None):
+                    t = [time.perf_counter()]
                     remote.end_step()
+                    t.append(time.perf_counter())
                     for r in range(batch):
                         cl.router.advance(r)
-                    cap.load(cl.begin_step())
+                    plan = cl.begin_step()
+                    t.append(time.perf_counter())
+                    cap.load(plan)
+                    if split is not None:  # where the boundary's host time goes, ms
+                        t.append(time.perf_counter())
+                        for k, a, b in zip(("acks", "plan", "load"), t, t[1:]):
+                            split.setdefault(k, []).append((b - a) * 1e3)
 
                 cap.load(cl.router.last_plan)
                 s = torch.cuda.Stream() if device == "cuda" else None
@@ -402,13 +410,15 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                     graph = warm_and_capture(step, s, serve=cap.serve_step)
                     boundary()
                 parts: dict[str, list[float]] = {"serve": [], "sync": [], "boundary": []}
+                split: dict[str, list[float]] = {}
                 server = StepServer(cap, timeout=60.0)
                 gc.collect()  # what a serving loop does once warm: the long-lived objects
                 gc.freeze()  # leave the collector's reach (no full collection mid-step)
                 print(f"  {batch}x{context} stage={stage} micro-batches={mb}: captured",
                       flush=True)
 
-                def one(cap=cap, graph=graph, s=s, step=step, parts=parts, server=server):
+                def one(cap=cap, graph=graph, s=s, step=step, parts=parts, server=server,
+                        split=split):
                     t0 = time.perf_counter()
                     if graph is not None:
                         if args.serve == "thread":
@@ -428,7 +438,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                         t.join(60)
                         t1 = time.perf_counter()
                     t2 = time.perf_counter()
-                    boundary()
+                    boundary(split=split)
                     t3 = time.perf_counter()
                     for k, v in (("serve", t1 - t0), ("sync", t2 - t1), ("boundary", t3 - t2)):
                         parts[k].append(v * 1e3)
@@ -443,6 +453,8 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 out[key]["slots"] = slot_breakdown(cap.trace)
                 out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:])
                                         for k, v in parts.items()}
+                out[key]["boundary_ms"] = {k: round(statistics.median(v[-args.steps:]), 3)
+                                           for k, v in split.items()}
                 node = cl.clients["node0"].stats(reset_timings=True, trace=512)
                 out[key]["node_us"] = {k: node.get(f"attend_{k}_us", 0.0)
                                        for k in ("handle", "reply")}
