@@ -309,8 +309,8 @@ class AttentionNode:
                             out=out, lse=lse, packed=packed)
 
     def attend_batch(self, layers: range, requests: Sequence, kv_len: Sequence[int],
-                     q: torch.Tensor, out: torch.Tensor, *, scale: float | None = None
-                     ) -> Callable[[int], None]:
+                     q: torch.Tensor, out: torch.Tensor, *, scale: float | None = None,
+                     around: tuple | None = None) -> Callable[[int], None]:
         """Check once what `attend` checks, for every layer of `layers`, and return
         `run(i)`: layer `layers[i]`'s attention of `q[i]` into `out[i]`, as
         `attend(layers[i], requests, kv_len, q[i], packed=True, out=out[i])` with no
@@ -318,6 +318,10 @@ class AttentionNode:
         (uint8, the reply layout) are the stream's buffers on this node's device; on a GPU
         each layer replays a graph captured for them, so they should be reused from
         stream to stream.
+
+        `around = (key, before, after)`: work enqueued ahead of and behind each layer's
+        kernels, captured into its graph (`AttendGraphs.stream`); the server fetches a
+        pulled query and delivers the reply into a mailbox this way.
 
         For a stream of one batch's layers (kflume/server.py). It attends over the
         requests' pages as they are now: freeing or moving them before the last layer ran
@@ -335,8 +339,16 @@ class AttentionNode:
         batch = self._batch(requests, kv_len)
         scale = float(c.head_dim**-0.5 if scale is None else scale)
         if self._graphs is not None and c.stream_graphs:
-            return self._graphs.stream(layers, q, out, batch[0], batch[1], scale)
-        return lambda i: self._launch(layers[i], q[i], batch, scale, out=out[i], packed=True)
+            return self._graphs.stream(layers, q, out, batch[0], batch[1], scale, around)
+        before, after = around[1:] if around is not None else (None, None)
+
+        def run(i: int) -> None:
+            if before is not None:
+                before(i)
+            self._launch(layers[i], q[i], batch, scale, out=out[i], packed=True)
+            if after is not None:
+                after(i)
+        return run
 
     def capture_pending(self, limit: int = 2) -> int:
         """Capture up to `limit` of the graphs that streams' layers were served without

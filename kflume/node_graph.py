@@ -25,8 +25,10 @@ layer, reused from stream to stream: `stream()` serves each layer with a graph c
 on them, which reads the layer's query where it lands and writes the reply where it is
 sent from, with the layer's shifted page-table rows in a per-layer table filled once a
 stream: one replay a layer and nothing else (the node's host time per layer is on the
-step's critical path). A layer without its graph yet goes through the per-shape graph
-(copies in and out). Graphs are captured only by `capture_pending()`, a few at a time,
+step's critical path). A stream into a mailbox also captures, around each layer's
+kernels, the fetch of its query from the weight node's GPU (pulling) and the delivery
+of its reply there (`around`), so that a layer is still one replay. A layer without its
+graph yet goes through the per-shape graph (copies in and out). Graphs are captured only by `capture_pending()`, a few at a time,
 which a server calls when a stream ends (between the peer's steps): a capture costs a
 node a fraction of a millisecond, and 32 of them in one step would stall that step (seen:
 a 79 ms step right after a node joined). Sets are kept while they stay among the
@@ -86,6 +88,8 @@ class _StreamGraphs:
     # its capture was tried and failed, or its buffers are not aligned as the kernels'
     # per-shape graph: it stays on that graph)
     kv_len_src: torch.Tensor | None = None
+    before: Callable[[int], None] | None = None  # launched ahead of layer i's kernels,
+    after: Callable[[int], None] | None = None  # and behind them, in its graph
 
 
 class AttendGraphs:
@@ -138,19 +142,26 @@ class AttendGraphs:
                 g.lse.clone(memory_format=dense) if lse is None else lse.copy_(g.lse))
 
     def stream(self, layers: range, q: torch.Tensor, result: torch.Tensor,
-               page_table: torch.Tensor, kv_len: torch.Tensor, scale: float
-               ) -> Callable[[int], None]:
+               page_table: torch.Tensor, kv_len: torch.Tensor, scale: float,
+               around: tuple | None = None) -> Callable[[int], None]:
         """Attention for a stream of `layers` over one batch: returns `run(i)`, which
         computes layer `layers[i]` from `q[i]` (`q [len(layers), b, Hq, D]`) into
         `result[i]` (`result [len(layers), b, row]` uint8, the reply layout), ordered on
         the current stream. No checks: the node checked the batch. The buffers must stay
-        the same tensors from stream to stream (they are what the graphs read and write)."""
+        the same tensors from stream to stream (they are what the graphs read and write).
+
+        `around = (key, before, after)`: `before(i)` and `after(i)` enqueue work that
+        layer i's graph runs ahead of its kernels and behind them (a node fetching the
+        query and delivering the reply: one replay a layer). They are captured, so they
+        must launch the same kernels on the same memory every time (a value that changes
+        goes in device memory); `key` (hashable) names them among the graph sets."""
         n, b, hq, d = q.shape
         width = page_table.shape[1]
-        key = (q.data_ptr(), result.data_ptr(), n, b, hq, d, q.dtype, width, float(scale))
+        key = (q.data_ptr(), result.data_ptr(), n, b, hq, d, q.dtype, width, float(scale),
+               None if around is None else around[0])
         s = self._streams.get(key)
         if s is None:
-            s = self._stream_set(key, q, result)
+            s = self._stream_set(key, q, result, *(around[1:] if around else (None, None)))
         else:
             self._streams.move_to_end(key)
         torch.add(page_table, self._base[layers.start : layers.stop], out=s.page_table)
@@ -165,8 +176,12 @@ class AttendGraphs:
             else:  # not captured yet: the per-shape graph, q copied in, the reply out
                 if s.used[i] is not None:  # None: not capturable
                     s.used[i] = True
+                if s.before is not None:
+                    s.before(i)
                 self.attend(layers[i], q[i], page_table, kv_len, scale, out=result[i],
                             packed=True)
+                if s.after is not None:
+                    s.after(i)
         return run
 
     def capture_pending(self, limit: int = 2) -> int:
@@ -183,14 +198,15 @@ class AttendGraphs:
                         done += 1
         return done
 
-    def _stream_set(self, key: tuple, q: torch.Tensor, result: torch.Tensor) -> _StreamGraphs:
-        n, b, hq, d, dtype, width, scale = key[2:]
+    def _stream_set(self, key: tuple, q: torch.Tensor, result: torch.Tensor,
+                    before: Callable | None, after: Callable | None) -> _StreamGraphs:
+        n, b, hq, d, dtype, width, scale = key[2:9]
         dev = self.device
         zeros = torch.zeros(b, dtype=torch.int32, device=dev)
         s = _StreamGraphs(q=q, result=result, scale=scale,
                           page_table=torch.zeros(n, b, width, dtype=torch.int32, device=dev),
                           start=zeros, kv_len=zeros.clone(), runs=[None] * n,
-                          used=[False] * n,
+                          used=[False] * n, before=before, after=after,
                           splits=default_num_splits(b, self.kv_heads, width * self.page_size,
                                                     self.num_sms))
         if not self.capture:  # CPU: every layer runs eagerly on the buffers at once
@@ -218,8 +234,12 @@ class AttendGraphs:
         q, pt = s.q[i], s.page_table[i]
 
         def launch() -> None:
+            if s.before is not None:
+                s.before(i)
             split_kv_attention(q, self.k, self.v, pt, s.start, s.kv_len, scale=s.scale,
                                num_splits=s.splits, out=out, lse=lse, check=False)
+            if s.after is not None:
+                s.after(i)
 
         if not self.capture:
             s.runs[i] = launch

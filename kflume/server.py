@@ -50,8 +50,9 @@ class _Stream:
 
     seq: int
     layers: range
-    bufs: tuple  # queries [L, b, Hq, D], replies [L, b, row], their per-layer views and
-    # per-layer events (what a layer's reply waits on)
+    bufs: tuple  # queries [L, b, Hq, D], replies [L, b, row], their per-layer views,
+    # per-layer events (what a layer's reply waits on) and the doorbell value (int64 [1],
+    # read by the deliveries captured with the layers)
     key: tuple  # of the buffers' pool
     deadline: float
     run: Callable | None = None  # None: refused or failed; the rest is only drained
@@ -308,7 +309,7 @@ class NodeServer:
                     recv.message()  # raises what went wrong (a truncated part, ...)
                     if st.run is None:
                         continue  # drained
-                    st.run(i)
+                    st.run(i)  # a mailbox stream's delivery included
                     res = st.bufs[3][i]
                 except Exception as e:  # noqa: BLE001 - refuse the stream, keep serving
                     if not peer.conn.alive:
@@ -317,15 +318,9 @@ class NodeServer:
                     self._stream_failed(peer, st, e)
                     continue
                 handled += 1
-                if st.mail is not None:  # behind the layer's kernels: nothing to wait for
+                if st.mail is not None:  # delivered behind the layer's kernels
                     t1 = time.perf_counter()
-                    box, offset, word, value = st.mail
-                    try:
-                        box.deliver(res, offset, word + i, value)
-                    except Exception as e:  # noqa: BLE001
-                        self._stream_failed(peer, st, e)
-                        continue
-                    self.timings.append((t0, t1, time.perf_counter(), st.seq, st.layers[i]))
+                    self.timings.append((t0, t1, t1, st.seq, st.layers[i]))
                     continue
                 self._defer(lambda s=st.seq, p=i + 1, r=res: peer.conn.send_part(
                     s, p, r, ready=True, static=True), None,
@@ -349,8 +344,8 @@ class NodeServer:
     def _serve_pull(self, peer: _Peer, st: _Stream) -> int:
         """A stream whose queries this node reads from the peer's mailbox: each layer
         once its post flag is up, in order; the reply delivered into the mailbox."""
-        box, offset, word, value = st.mail
-        qoff, flag, stride, fvalues = st.pull
+        box = st.mail[0]
+        _, flag, stride, fvalues = st.pull
         handled = 0
         while st.run is not None and st.next < len(st.layers):
             i = st.next
@@ -359,14 +354,12 @@ class NodeServer:
                     break
                 st.next += 1
                 t0 = time.perf_counter()
-                box.pull(st.bufs[2][i], qoff)
-                st.run(i)
-                t1 = time.perf_counter()
-                box.deliver(st.bufs[3][i], offset, word + i, value)
+                st.run(i)  # fetch, attend, deliver: one replay once captured
             except Exception as e:  # noqa: BLE001 - refuse the stream, keep serving
                 self._stream_failed(peer, st, e)
                 break
-            self.timings.append((t0, t1, time.perf_counter(), st.seq, st.layers[i]))
+            t1 = time.perf_counter()
+            self.timings.append((t0, t1, t1, st.seq, st.layers[i]))
             handled += 1
         if st.run is not None and st.next < len(st.layers) and time.monotonic() > st.deadline:
             log.warning("%s: stream %d saw %d of %d queries posted in %.0f s; given up",
@@ -415,12 +408,13 @@ class NodeServer:
         free = peer.stream_bufs.get(key)
         if free:
             return free.pop()
-        layers, b, hq, d, dtype = key
+        layers, b, hq, d, dtype = key[:5]
         dev = self.node.device
         q = transfer_empty((layers, b, hq, d), dtype, dev)
         res = transfer_empty((layers, b, state_row_bytes(hq, d, dtype)), torch.uint8, dev)
         events = [torch.cuda.Event() if dev.type == "cuda" else None for _ in range(layers)]
-        return q, res, list(q.unbind(0)), list(res.unbind(0)), events
+        value = torch.zeros(1, dtype=torch.int64, device=dev)
+        return q, res, list(q.unbind(0)), list(res.unbind(0)), events, value
 
     @staticmethod
     def _ints(h: Header, name: str, n: int) -> list[int]:
@@ -459,8 +453,13 @@ class NodeServer:
         if b > len(self.node.requests):  # before allocating buffers for it
             raise UnknownRequestError(f"stream names {b} requests; this node holds "
                                       f"{len(self.node.requests)}")
-        key = (layers, b, hq, d, dtype)
-        pull = h.info.get("pull")
+        mail, pull = h.info.get("mailbox"), h.info.get("pull")
+        # A mailbox stream's buffers are kept for its place in the mailbox (the graphs
+        # captured on them fetch and deliver there): the same buffers every step.
+        place = (tuple(mail[:3]), tuple(pull[:1]) if isinstance(pull, list) else None) if (
+            isinstance(mail, list) and len(mail) == 4
+            and all(type(x) is int for x in mail)) else None
+        key = (layers, b, hq, d, dtype, place)
         if pull is not None and not (
                 isinstance(pull, list) and len(pull) == 4
                 and all(type(x) is int and x >= 0 for x in pull[:3]) and pull[2] > 0
@@ -475,7 +474,7 @@ class NodeServer:
             st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, q)
                         for i, q in enumerate(bufs[2])]
         peer.streams.append(st)  # received from now on, whatever the checks below say
-        mail = h.info.get("mailbox")
+        around = None
         if mail is not None:  # [mailbox id, byte offset, first word, doorbell value]
             if not (isinstance(mail, list) and len(mail) == 4
                     and all(type(x) is int for x in mail) and 0 < mail[3] < 2**63):
@@ -489,13 +488,32 @@ class NodeServer:
                 box.check_pull(pull[0], bufs[2][0].nbytes, pull[1] + pull[2] * (layers - 1))
                 st.pull = tuple(pull)
             st.mail = (box, mail[1], mail[2], mail[3])
+            bufs[5].fill_(mail[3])  # ordered before the layers' deliveries
+            around = self._around(box, bufs, mail[1], mail[2],
+                                  None if pull is None else pull[0])
         c = self.node.config
         if d != c.head_dim or dtype != self.node.dtype:
             raise ValueError(f"stream: q is {h.info['dtype']} with head_dim {d}; this node "
                              f"holds {c.dtype} KV with head_dim {c.head_dim}")
         st.run = self.node.attend_batch(st.layers, h.requests, self._ints(h, "kv_len", b),
-                                        bufs[0], bufs[1], scale=scale)
+                                        bufs[0], bufs[1], scale=scale, around=around)
         return None, []
+
+    @staticmethod
+    def _around(box: MailboxView, bufs: tuple, offset: int, word: int,
+                query_offset: int | None) -> tuple:
+        """What each layer of a mailbox stream runs around its kernels, captured with them
+        into its graph: the query fetched from the mailbox (pulling), and the reply
+        delivered with the doorbell value of whichever stream replays it (`bufs[5]`)."""
+        qs, results, value = bufs[2], bufs[3], bufs[5]
+
+        def before(i: int) -> None:
+            box.pull(qs[i], query_offset)
+
+        def after(i: int) -> None:
+            box.deliver(results[i], offset, word + i, value)
+        return ((box, offset, word, query_offset), None if query_offset is None else before,
+                after)
 
     def _op_append(self, peer, h: Header, tensors):
         k, v = self._tensors(h, tensors, 2)

@@ -356,12 +356,15 @@ class MailboxView:
     def _register_bells(self) -> None:
         self._count = torch.zeros(1, dtype=torch.int32, device=self.device)  # deliver's
         self._bell.pin("the mailbox's doorbells")
-        from ._deliver_triton import deliver  # compiled now, not in the serving loop
+        from ._deliver_triton import deliver, fetch  # compiled now, not while serving
 
-        with torch.cuda.device(self.device):
-            scratch = torch.zeros(4, dtype=torch.int64, device=self.device)
-            deliver(scratch[:2], scratch.view(torch.uint8), 16, scratch[2:], 1, 1 << 40,
-                    self._count)  # a 64-bit value, as every stream's (the same variant)
+        with torch.cuda.device(self.device):  # every variant a stream may launch
+            scratch = torch.zeros(6, dtype=torch.int64, device=self.device)
+            deliver(scratch[:2], scratch.view(torch.uint8), 16, scratch[2:4], 1, 1 << 40,
+                    self._count)  # a 64-bit value, as every stream's
+            deliver(scratch[:2], scratch.view(torch.uint8), 16, scratch[2:4], 1,
+                    scratch[5:6], self._count)  # the value read from memory (in graphs)
+            fetch(scratch[:2], scratch.view(torch.uint8), 32)
             torch.cuda.synchronize(self.device)
 
     def check_pull(self, offset: int, nbytes: int, last_flag: int) -> None:
@@ -381,14 +384,19 @@ class MailboxView:
         return int(self._flags_np[index]) >= value
 
     def pull(self, dst: torch.Tensor, offset: int) -> None:
-        """Copy the query bytes from `offset` into `dst` (on the node's device), on the
-        current stream (CUDA: a copy from the weight node's GPU) or now (CPU)."""
+        """Copy the query bytes from `offset` into `dst` (contiguous, on the node's
+        device), on the current stream (CUDA: a kernel reading the weight node's GPU,
+        which a graph can capture) or now (CPU)."""
         n = dst.numel() * dst.element_size()
         if not (0 <= offset and offset + n <= self.queries.numel()):
             raise ValueError(f"mailbox: query bytes [{offset}, {offset + n}) out of its "
                              f"{self.queries.numel()}")
-        dst.view(-1).view(torch.uint8).copy_(self.queries[offset:offset + n],
-                                             non_blocking=True)
+        if self.device.type == "cuda":
+            from ._deliver_triton import fetch
+
+            fetch(dst, self.queries, offset)
+        else:
+            dst.view(-1).view(torch.uint8).copy_(self.queries[offset:offset + n])
 
     def check(self, offset: int, nbytes: int, word: int, words: int = 1) -> None:
         """Raise ValueError unless bytes [offset, offset + nbytes) and words [word,
@@ -399,10 +407,12 @@ class MailboxView:
                              f"[{word}, {word + words}) out of its {self.nbytes} bytes and "
                              f"{self.words} words")
 
-    def deliver(self, src: torch.Tensor, offset: int, word: int, value: int) -> None:
+    def deliver(self, src: torch.Tensor, offset: int, word: int,
+                value: int | torch.Tensor) -> None:
         """Copy `src` (contiguous, on the node's device) to the mailbox's bytes from
         `offset`, then raise doorbell `word` to `value`: enqueued on the current stream
-        (CUDA) or done now (CPU)."""
+        (CUDA) or done now (CPU). `value` may be a one-element int64 tensor on the
+        node's device, read when the delivery runs (what a captured graph needs)."""
         n = src.numel() * src.element_size()
         self.check(offset, n, word)
         if self.device.type == "cuda":
@@ -411,7 +421,7 @@ class MailboxView:
             deliver(src, self.buffer, offset, self.bells, word, value, self._count)
         else:
             self.buffer[offset:offset + n].copy_(src.reshape(-1).view(torch.uint8))
-            self.bells[word] = value  # x86 keeps stores in order: the bytes are seen first
+            self.bells[word] = int(value)  # x86 keeps stores in order: the bytes are seen first
 
     def close(self) -> None:
         self.bells = self.buffer = self.queries = self._flags_np = None

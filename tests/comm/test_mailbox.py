@@ -71,8 +71,9 @@ def test_stale_files_go_host_memory_needs_x86_and_values_never_repeat(monkeypatc
 
 @pytest.mark.timeout(300)
 def test_triton_delivery_under_the_interpreter():
-    """The kernel CUDA nodes run: bytes at an offset, sizes over one to many programs
-    (the last to finish raises the word); run on CPU tensors with TRITON_INTERPRET=1."""
+    """The kernels CUDA nodes run: bytes at an offset, sizes over one to many programs
+    (the last to finish raises the word, to a value given or read from memory), and the
+    query fetch; run on CPU tensors with TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
     code = (
         "import torch\n"
@@ -89,12 +90,22 @@ def test_triton_delivery_under_the_interpreter():
         "    assert buf[:off].eq(0).all() and buf[off + n:].eq(0).all(), n\n"
         "    assert bells.tolist() == [0, 2**33 + n, 0], bells\n"
         "    assert count.item() == 0  # back at 0 for the next delivery\n"
-        "try:\n"
-        "    d.deliver(torch.zeros(6, dtype=torch.uint8), buf, 0, bells, 0, 1, count)\n"
-        "except ValueError as e:\n"
-        "    assert 'multiples of 4' in str(e)\n"
-        "else:\n"
-        "    raise AssertionError('6 bytes accepted')\n")
+        "    value = torch.tensor([2**40 + n])  # read from memory, as captured graphs do\n"
+        "    d.deliver(src, buf, off, bells, 2, value, count)\n"
+        "    assert bells.tolist() == [0, 2**33 + n, 2**40 + n], bells\n"
+        "    got = torch.zeros(n, dtype=torch.uint8)\n"
+        "    d.fetch(got, buf, off)  # the other way: a query read from the mailbox\n"
+        "    assert torch.equal(got, src), n\n"
+        "for bad in (lambda: d.deliver(torch.zeros(6, dtype=torch.uint8), buf, 0, bells, 0,\n"
+        "                              1, count),\n"
+        "            lambda: d.fetch(torch.zeros(6, dtype=torch.uint8), buf, 0),\n"
+        "            lambda: d.fetch(torch.zeros(8, dtype=torch.uint8), buf, 2)):\n"
+        "    try:\n"
+        "        bad()\n"
+        "    except ValueError as e:\n"
+        "        assert 'multiple of 4' in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError('unaligned bytes accepted')\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=280, env=env)
 

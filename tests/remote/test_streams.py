@@ -359,12 +359,13 @@ def test_cuda_stream_over_ucx_matches_reference():
                 assert (lse[5] == float("-inf")).all() and (out[5] == 0).all()
             st.ack.result()
         # and pulled: the node reads each layer's q from this process's GPU memory once
-        # its post flag (shared memory) is up
+        # its post flag (shared memory) is up (two layers' graphs are captured after each
+        # stream: the first step runs none of them, the last all)
         flags = SharedWords(4, cuda=True)
         pbox = Mailbox(b, row, 4, device="cuda", query_row_bytes=hq * 128 * 2, flags=flags)
         c.register_mailbox([pbox])
         queries = pbox.queries.view(torch.bfloat16).view(b, hq, 128)
-        for step in range(2):
+        for step in range(3):  # a layer's graph, once captured, also fetches and delivers
             st = c.open_stream(range(4), 1, rids, list(lengths.values()), hq, 128,
                                torch.bfloat16, mailbox=(pbox, 0, 0),
                                pull=(0, 1, [step + 1] * 4))
