@@ -29,9 +29,10 @@ step's critical path). A stream into a mailbox also captures, around each layer'
 kernels, the fetch of its query from the weight node's GPU (pulling) and the delivery
 of its reply there (`around`), so that a layer is still one replay. A layer without its
 graph yet goes through the per-shape graph (copies in and out). Graphs are captured
-only by `capture_pending()`, a few at a time, which a server calls when a stream ends (between the peer's steps): a capture costs a
-node a fraction of a millisecond, and 32 of them in one step would stall that step (seen:
-a 79 ms step right after a node joined). Sets are kept while they stay among the
+only by `capture_pending()`, a few at a time, which a server calls when a stream ends
+(between the peer's steps): a capture costs a node a fraction of a millisecond, and 32
+of them in one step would stall that step (seen: a 79 ms step right after a node
+joined). Sets are kept while they stay among the
 `max_streams` most recently used.
 
 Graphs share one memory pool: they replay one after another on one stream. Capture
