@@ -359,12 +359,14 @@ class MailboxView:
         from ._deliver_triton import deliver, fetch  # compiled now, not while serving
 
         with torch.cuda.device(self.device):  # every variant a stream may launch
-            scratch = torch.zeros(6, dtype=torch.int64, device=self.device)
-            deliver(scratch[:2], scratch.view(torch.uint8), 16, scratch[2:4], 1, 1 << 40,
+            # (16-byte aligned pieces, as the streams' buffers: the same specialisations)
+            scratch = torch.zeros(16, dtype=torch.int64, device=self.device)
+            mem = scratch.view(torch.uint8)
+            deliver(scratch[:2], mem, 16, scratch[4:6], 1, 1 << 40,
                     self._count)  # a 64-bit value, as every stream's
-            deliver(scratch[:2], scratch.view(torch.uint8), 16, scratch[2:4], 1,
-                    scratch[5:6], self._count)  # the value read from memory (in graphs)
-            fetch(scratch[:2], scratch.view(torch.uint8), 32)
+            deliver(scratch[:2], mem, 16, scratch[4:6], 1, scratch[8:9],
+                    self._count)  # the value read from memory (in graphs)
+            fetch(scratch[:2], mem, 32)
             torch.cuda.synchronize(self.device)
 
     def check_pull(self, offset: int, nbytes: int, last_flag: int) -> None:
