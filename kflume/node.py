@@ -155,16 +155,23 @@ class AttentionNode:
         self._pt = pt
         self._pt_version += 1
 
-    def _batch(self, requests: Sequence, ints: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    def _batch(self, requests: Sequence, ints: Sequence[int],
+               rows: int | None = None) -> tuple[torch.Tensor, ...]:
         """(page table rows, int32 values) of a batch on the device, cached: every layer of
-        a step sends the same requests, so the host-to-device copies happen once a step."""
-        key = (tuple(requests), tuple(ints), self._pt_version)
+        a step sends the same requests, so the host-to-device copies happen once a step.
+        `rows` (>= len(requests)): padded with zero rows and values up to that many."""
+        rows = len(requests) if rows is None else rows
+        key = (tuple(requests), tuple(ints), rows, self._pt_version)
         hit = self._batches.get(key)
         if hit is None:
+            pad = rows - len(requests)
             slots = torch.tensor([self.requests[r].slot for r in requests], dtype=torch.long,
                                  device=self.device)
-            vals = torch.tensor(list(ints), dtype=torch.int32, device=self.device)
-            hit = (self._pt.index_select(0, slots), vals, torch.zeros_like(vals))
+            vals = torch.tensor(list(ints) + [0] * pad, dtype=torch.int32, device=self.device)
+            pt = self._pt.index_select(0, slots)
+            if pad:
+                pt = torch.cat((pt, pt.new_zeros(pad, pt.shape[1])))
+            hit = (pt, vals, torch.zeros_like(vals))
             if len(self._batches) >= 16:
                 self._batches.pop(next(iter(self._batches)))
             self._batches[key] = hit
@@ -314,10 +321,12 @@ class AttentionNode:
         """Check once what `attend` checks, for every layer of `layers`, and return
         `run(i)`: layer `layers[i]`'s attention of `q[i]` into `out[i]`, as
         `attend(layers[i], requests, kv_len, q[i], packed=True, out=out[i])` with no
-        further checks. `q [len(layers), b, Hq, D]` and `out [len(layers), b, row]`
+        further checks. `q [len(layers), R, Hq, D]` and `out [len(layers), R, row]`
         (uint8, the reply layout) are the stream's buffers on this node's device; on a GPU
         each layer replays a graph captured for them, so they should be reused from
-        stream to stream.
+        stream to stream. R >= len(requests): rows past the requests' are padding,
+        attention over no tokens (`(0, -inf)`), so that a stream's buffers, and the
+        graphs captured on them, can stay the same while its batch changes.
 
         `around = (key, before, after)`: work enqueued ahead of and behind each layer's
         kernels, captured into its graph (`AttendGraphs.stream`); the server fetches a
@@ -326,19 +335,11 @@ class AttentionNode:
         For a stream of one batch's layers (kflume/server.py). It attends over the
         requests' pages as they are now: freeing or moving them before the last layer ran
         is the caller's mistake to avoid."""
-        c, n, b = self.config, len(layers), len(requests)
-        if q.dim() != 4 or tuple(q.shape[::3]) != (n, c.head_dim) or q.shape[1] != b:
-            raise ValueError(f"q must be [{n}, {b}, Hq, {c.head_dim}]; got {list(q.shape)}")
-        if q.dtype != self.dtype or not self._here(q):
-            raise TypeError(f"q must be {c.dtype} on {self.device}; got {q.dtype} on {q.device}")
-        row = state_row_bytes(q.shape[2], c.head_dim, q.dtype)
-        if tuple(out.shape) != (n, b, row) or out.dtype != torch.uint8 or not self._here(out):
-            raise ValueError(f"out must be uint8 [{n}, {b}, {row}] on {self.device}; got "
-                             f"{out.dtype} {list(out.shape)} on {out.device}")
+        self._check_stream_buffers(layers, q, out, len(requests))
         self._check_batch(layers, requests, kv_len, q.shape[2])
-        batch = self._batch(requests, kv_len)
-        scale = float(c.head_dim**-0.5 if scale is None else scale)
-        if self._graphs is not None and c.stream_graphs:
+        batch = self._batch(requests, kv_len, rows=q.shape[1])
+        scale = self._scale(scale)
+        if self._graphs is not None and self.config.stream_graphs:
             return self._graphs.stream(layers, q, out, batch[0], batch[1], scale, around)
         before, after = around[1:] if around is not None else (None, None)
 
@@ -349,6 +350,42 @@ class AttentionNode:
             if after is not None:
                 after(i)
         return run
+
+    def prepare_batch(self, layers: range, q: torch.Tensor, out: torch.Tensor, *,
+                      scale: float | None = None, around: tuple | None = None) -> int:
+        """Capture now every layer's graph that `attend_batch` would replay for streams on
+        these buffers (same arguments, less the batch; the page table's current width),
+        so that the first such stream replays at once instead of running uncaptured while
+        its graphs are captured a few at a time between steps. Only the kernels run, once
+        each on lengths of 0 (no KV read, no `around` work: nothing is delivered). A node
+        about to take traffic calls this (kflume/server.py, "prepare"): each capture holds
+        the node for ~0.5 ms. Returns how many graphs were captured (0 on CPU, or
+        without stream graphs)."""
+        self._check_stream_buffers(layers, q, out, 0)
+        self._check_layer(layers.start)
+        self._check_layer(layers[-1])
+        if q.shape[2] % self.config.kv_heads:
+            raise ValueError(f"q must be [b, Hq, D] with Hq a multiple of the "
+                             f"{self.config.kv_heads} KV heads; got Hq={q.shape[2]}")
+        if self._graphs is None or not self.config.stream_graphs:
+            return 0
+        return self._graphs.prepare(q, out, self._pt.shape[1], self._scale(scale), around)
+
+    def _check_stream_buffers(self, layers: range, q: torch.Tensor, out: torch.Tensor,
+                              b: int) -> None:
+        c, n = self.config, len(layers)
+        if q.dim() != 4 or tuple(q.shape[::3]) != (n, c.head_dim) or q.shape[1] < max(b, 1):
+            raise ValueError(f"q must be [{n}, R >= {max(b, 1)}, Hq, {c.head_dim}]; got "
+                             f"{list(q.shape)}")
+        if q.dtype != self.dtype or not self._here(q):
+            raise TypeError(f"q must be {c.dtype} on {self.device}; got {q.dtype} on {q.device}")
+        rows = (n, q.shape[1], state_row_bytes(q.shape[2], c.head_dim, q.dtype))
+        if tuple(out.shape) != rows or out.dtype != torch.uint8 or not self._here(out):
+            raise ValueError(f"out must be uint8 {list(rows)} on {self.device}; got "
+                             f"{out.dtype} {list(out.shape)} on {out.device}")
+
+    def _scale(self, scale: float | None) -> float:
+        return float(self.config.head_dim**-0.5 if scale is None else scale)
 
     def capture_pending(self, limit: int = 2) -> int:
         """Capture up to `limit` of the graphs that streams' layers were served without

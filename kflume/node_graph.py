@@ -29,10 +29,11 @@ step's critical path). A stream into a mailbox also captures, around each layer'
 kernels, the fetch of its query from the weight node's GPU (pulling) and the delivery
 of its reply there (`around`), so that a layer is still one replay. A layer without its
 graph yet goes through the per-shape graph (copies in and out). Graphs are captured
-only by `capture_pending()`, a few at a time, which a server calls when a stream ends
+by `capture_pending()`, a few at a time, which a server calls when a stream ends
 (between the peer's steps): a capture costs a node a fraction of a millisecond, and 32
 of them in one step would stall that step (seen: a 79 ms step right after a node
-joined). Sets are kept while they stay among the
+joined). Or all at once by `prepare()`, before any stream comes, for a node that does
+not serve yet (one joining: kflume/cluster.py). Sets are kept while they stay among the
 `max_streams` most recently used.
 
 Graphs share one memory pool: they replay one after another on one stream. Capture
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -156,15 +158,7 @@ class AttendGraphs:
         query and delivering the reply: one replay a layer). They are captured, so they
         must launch the same kernels on the same memory every time (a value that changes
         goes in device memory); `key` (hashable) names them among the graph sets."""
-        n, b, hq, d = q.shape
-        width = page_table.shape[1]
-        key = (q.data_ptr(), result.data_ptr(), n, b, hq, d, q.dtype, width, float(scale),
-               None if around is None else around[0])
-        s = self._streams.get(key)
-        if s is None:
-            s = self._stream_set(key, q, result, *(around[1:] if around else (None, None)))
-        else:
-            self._streams.move_to_end(key)
+        s = self._set(q, result, page_table.shape[1], scale, around)
         torch.add(page_table, self._base[layers.start : layers.stop], out=s.page_table)
         if s.kv_len_src is not kv_len:
             s.kv_len.copy_(kv_len)
@@ -184,6 +178,41 @@ class AttendGraphs:
                 if s.after is not None:
                     s.after(i)
         return run
+
+    def prepare(self, q: torch.Tensor, result: torch.Tensor, width: int, scale: float,
+                around: tuple | None = None) -> int:
+        """Capture every layer of the stream set that `stream()` would use for these
+        buffers and a page table `width` pages wide, now (its kernels run once first, on
+        lengths of 0, so that they are loaded; `around`'s kernels must be loaded already).
+        Returns how many graphs were captured."""
+        s = self._set(q, result, width, scale, around)
+        todo = [i for i, r in enumerate(s.runs) if r is None and s.used[i] is not None]
+        if not todo or not self.capture:
+            return 0
+        hq, d = q.shape[2], q.shape[3]
+        out, lse = unpack_states(result[todo[0]], hq, d, q.dtype)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            # the kernels loaded (lengths of 0: nothing is read)
+            split_kv_attention(q[todo[0]], self.k, self.v, s.page_table[todo[0]], s.start,
+                               torch.zeros_like(s.kv_len), scale=s.scale,
+                               num_splits=s.splits, out=out, lse=lse, check=False)
+        done = 0
+        for i in todo:
+            s.used[i] = None  # tried: never again for this set, if it fails
+            done += self._stream_layer(s, i)
+        return done
+
+    def _set(self, q: torch.Tensor, result: torch.Tensor, width: int, scale: float,
+             around: tuple | None) -> _StreamGraphs:
+        """The stream set of these buffers (made if new; the most recently used)."""
+        n, b, hq, d = q.shape
+        key = (q.data_ptr(), result.data_ptr(), n, b, hq, d, q.dtype, width, float(scale),
+               None if around is None else around[0])
+        s = self._streams.get(key)
+        if s is None:
+            return self._stream_set(key, q, result, *(around[1:] if around else (None, None)))
+        self._streams.move_to_end(key)
+        return s
 
     def capture_pending(self, limit: int = 2) -> int:
         """Capture up to `limit` graphs of stream layers served so far without one (most

@@ -165,8 +165,11 @@ def test_attend_batch_checks_its_buffers():
     node.append(1, ["a"], [0], [0], torch.randn(1, 5, 2, 64), torch.randn(1, 5, 2, 64))
     q, row = torch.zeros(2, 1, 8, 64), state_row_bytes(8, 64, torch.float32)
     out = torch.zeros(2, 1, row, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"q must be \[2, 1, Hq, 64\]"):
+    with pytest.raises(ValueError, match=r"q must be \[2, R >= 1, Hq, 64\]"):
         node.attend_batch(range(2), ["a"], [5], q[:1], out)
+    node.append(0, ["b"], [0], [0], torch.randn(1, 3, 2, 64), torch.randn(1, 3, 2, 64))
+    with pytest.raises(ValueError, match=r"q must be \[1, R >= 2, Hq, 64\]"):
+        node.attend_batch(range(1), ["a", "b"], [5, 3], q[:1], out[:1])  # 1 row, 2 requests
     with pytest.raises(TypeError, match="q must be float32"):
         node.attend_batch(range(2), ["a"], [5], q.double(), out)
     with pytest.raises(ValueError, match=f"out must be uint8 \\[2, 1, {row}\\]"):
@@ -178,6 +181,26 @@ def test_attend_batch_checks_its_buffers():
     got = unpack_states(out[1], 8, 64, torch.float32)
     want = node.attend(1, ["a"], [5], q[1])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_attend_batch_pads_rows_past_the_requests():
+    """A stream's buffers may have more rows than its batch (a mailbox place's, which
+    stays the same while the batch changes): the requests' rows are what attend gives,
+    the rest attend over nothing, (0, -inf)."""
+    node = AttentionNode(NodeConfig(layers=2, kv_heads=2, head_dim=64, capacity_tokens=256,
+                                    dtype="float32"))
+    for rid, n in (("a", 5), ("b", 33)):
+        node.append(0, [rid], [0], [0], torch.randn(1, n, 2, 64), torch.randn(1, n, 2, 64))
+        node.append(1, [rid], [0], [0], torch.randn(1, n, 2, 64), torch.randn(1, n, 2, 64))
+    q, row = torch.randn(2, 4, 8, 64), state_row_bytes(8, 64, torch.float32)
+    out = torch.full((2, 4, row), 7, dtype=torch.uint8)
+    run = node.attend_batch(range(2), ["b", "a"], [30, 5], q, out)
+    for i in range(2):
+        run(i)
+        o, lse = unpack_states(out[i], 8, 64, torch.float32)
+        want = node.attend(i, ["b", "a"], [30, 5], q[i, :2])
+        torch.testing.assert_close((o[:2], lse[:2]), want, rtol=0, atol=0)
+        assert o[2:].eq(0).all() and lse[2:].eq(float("-inf")).all()
 
 
 def test_stream_layers_wait_for_capture_pending_and_skip_misaligned_buffers(monkeypatch):
@@ -209,3 +232,64 @@ def test_stream_layers_wait_for_capture_pending_and_skip_misaligned_buffers(monk
         counts.append(graphs.capture_pending(limit=1))
     assert counts == [1, 1, 0]  # layers 0 and 2; layer 1 is misaligned
     assert captures == [True, False, False]  # the per-shape graph (warmed), then 2 layers
+
+
+def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
+    """`prepare` captures a stream set's layers at once (the kernels run first on lengths
+    of 0, so no capture warms them), before any stream: the first stream on those buffers
+    replays every layer, with nothing left for capture_pending, and computes the same as
+    the per-layer kernel. Another page-table width is another set."""
+    gen = torch.Generator().manual_seed(5)
+    kp, vp = _pools(3, 30, 16, 2, 128, torch.float32, "cpu", gen)
+    graphs = AttendGraphs(kp, vp)
+    graphs.capture = True
+    captures = []
+    monkeypatch.setattr(graphs, "_captured",
+                        lambda launch, warm=True: captures.append(warm) or launch)
+    rows, hq, width = 4, 4, 4  # 2064-byte reply rows: every layer 16-byte aligned
+    q = torch.zeros(3, rows, hq, 128)
+    res = torch.zeros(3, rows, state_row_bytes(hq, 128, torch.float32), dtype=torch.uint8)
+    assert graphs.prepare(q, res, width, 0.1) == 3
+    assert graphs.prepare(q, res, width, 0.1) == 0  # done already
+    assert captures == [False] * 3
+    pt = torch.randperm(30, generator=gen)[: rows * width].view(rows, width).int()
+    lens = torch.tensor([64, 1, 37, 0], dtype=torch.int32)  # the last row: padding
+    for _ in range(2):
+        run = graphs.stream(range(3), q, res, pt, lens, 0.1)
+        for i in (0, 1, 2):
+            q[i].normal_(generator=gen)
+            run(i)
+            out, lse = unpack_states(res[i], hq, 128, torch.float32)
+            _close(out, lse, *_ref(q[i], kp, vp, i, pt, lens, 0.1), lens, torch.float32)
+        assert graphs.capture_pending(limit=8) == 0
+    assert captures == [False] * 3  # no per-shape graph was needed
+    assert graphs.prepare(q, res, 2 * width, 0.1) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group,d,page_size", [(4, 128, 16), (8, 64, 5)])
+def test_prepared_cuda_graphs_serve_the_first_stream(group, d, page_size):
+    """On a GPU: `prepare` captures every layer of a set before its first stream (no
+    per-shape graph, nothing left pending), and those graphs compute the reference on
+    the streams' lengths and page tables, padding rows (0, -inf) included."""
+    gen = torch.Generator().manual_seed(group * d)
+    kp, vp = _pools(3, 48, page_size, 2, d, torch.bfloat16, "cuda", gen)
+    graphs = AttendGraphs(kp, vp)
+    hq, rows, width = 2 * group, 4, 7
+    q = torch.zeros(3, rows, hq, d, dtype=torch.bfloat16, device="cuda")
+    res = torch.zeros(3, rows, state_row_bytes(hq, d, torch.bfloat16), dtype=torch.uint8,
+                      device="cuda")
+    assert graphs.prepare(q, res, width, d**-0.5) == 3 and graphs.captured == 3
+    for step in range(2):
+        pt = torch.randperm(48, generator=gen)[: rows * width].view(rows, width)
+        lens = torch.tensor([width * page_size - 1, 1 + step, 0, 0])  # odd, short, padding
+        pt, lens = pt.to("cuda", torch.int32), lens.to("cuda", torch.int32)
+        run = graphs.stream(range(3), q, res, pt, lens, d**-0.5)
+        for i in (1, 2, 0):
+            q[i].copy_(torch.randn(rows, hq, d, generator=gen).to("cuda", torch.bfloat16))
+            res[i].fill_(255)
+            run(i)
+            out, lse = unpack_states(res[i], hq, d, torch.bfloat16)
+            _close(out, lse, *_ref(q[i], kp, vp, i, pt, lens, d**-0.5), lens, torch.bfloat16)
+        assert graphs.capture_pending(limit=8) == 0
+    assert graphs.captured == 3
