@@ -112,10 +112,11 @@ class AttendStream:
 
     def attend(self, layer: int, q: torch.Tensor, into: torch.Tensor | None = None,
                ready: bool = False) -> StreamReply | MailReply:
-        """Send `layer`'s q `[b, Hq, D]`; its reply (the layout of kflume/comm/wire.py,
-        uint8 `[b, row]`) lands in `into` (the stream's, if it was opened with one, or
-        its mailbox). `ready` as in `NodeClient.attend`; q and `into` should be buffers
-        reused from step to step (the transport keeps their registration)."""
+        """Send `layer`'s q `[b, Hq, D]` (a mailbox stream's: `[rows, Hq, D]`); its reply
+        (the layout of kflume/comm/wire.py, uint8 `[b, row]`) lands in `into` (the
+        stream's, if it was opened with one, or its mailbox). `ready` as in
+        `NodeClient.attend`; q and `into` should be buffers reused from step to step (the
+        transport keeps their registration)."""
         if layer not in self.layers or layer in self._sent:
             raise ValueError(f"layer {layer} is not an unsent layer of the stream "
                              f"{self.layers}")
@@ -340,7 +341,8 @@ class NodeClient:
                     kv_len: Sequence[int], q_heads: int, head_dim: int,
                     dtype: torch.dtype, scale: float | None = None,
                     into: torch.Tensor | None = None,
-                    mailbox: tuple | None = None, pull: tuple | None = None) -> AttendStream:
+                    mailbox: tuple | None = None, pull: tuple | None = None,
+                    rows: int | None = None) -> AttendStream:
         """Open an attend stream: attention of `requests` over their first `kv_len`
         tokens at every layer of `layers` (at most MAX_PART), q `[b, q_heads, head_dim]`
         in `dtype` (module docstring). `into`: one reply buffer for every layer, whose
@@ -350,52 +352,94 @@ class NodeClient:
         value of this stream's own). `pull=(flag, stride, values)` (with a mailbox that
         has queries and flags): no query is sent; the node reads layer i's from the
         mailbox's query rows `row ..` once post flag `flag + i * stride` reaches
-        `values[i]` (> 0; `AttendStream.expect`)."""
-        if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
-            raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
-                             f"{layers}")
+        `values[i]` (> 0; `AttendStream.expect`). `rows` (with a mailbox, >= b): the
+        stream's place in it is rows `row .. row + rows`, which the node reads and writes
+        whole (rows past the requests' are padding), so that its buffers and captured
+        graphs for the place stay the same while the batch changes."""
         if mailbox is not None and into is not None:
             raise ValueError("give into or mailbox, not both")
-        info = {"layers": len(layers), "heads": int(q_heads), "head_dim": int(head_dim),
-                "dtype": dtype_name(dtype)}
-        if scale is not None:
-            info["scale"] = float(scale)
-        shape = (len(requests), int(q_heads), int(head_dim))
+        if rows is not None and mailbox is None:
+            raise ValueError("rows needs a mailbox")
+        b = len(requests)
+        info = self._stream_info(layers, b if rows is None else rows, b, q_heads, head_dim,
+                                 dtype, scale)
+        shape = (info["rows"], int(q_heads), int(head_dim))  # each layer's q (padded)
         if into is not None:  # before the node opens the stream
             _check_into(into, shape, dtype)
         mail = None
         if mailbox is not None:
             box, row, word = mailbox
-            box_id = self._mailboxes.get(id(box))
-            if box_id is None:
-                raise ValueError(f"node {self.name}: this mailbox was not registered with it")
-            if box.row_bytes != state_row_bytes(q_heads, head_dim, dtype):
-                raise ValueError(f"the mailbox's rows hold {box.row_bytes} bytes; this "
-                                 f"stream's replies {state_row_bytes(q_heads, head_dim, dtype)}")
-            if row + len(requests) > box.rows or word + len(layers) > box.words:
-                raise ValueError("the stream's rows or words do not fit in the mailbox")
+            info.update(self._mail_info(box, row, word, info["rows"], layers, q_heads,
+                                        head_dim, dtype, pull))
             box.clear(word, word + len(layers))
             mail = (box, row, word, box.next_value())
-            info["mailbox"] = [box_id, row * box.row_bytes, word, mail[3]]
-            if pull is not None:
-                flag, stride, values = pull
-                values = [int(v) for v in values]
-                if len(values) != len(layers) or min(values) <= 0:
-                    raise ValueError("pull needs one value > 0 per layer")
-                qrow = int(q_heads) * int(head_dim) * torch.empty(0, dtype=dtype).element_size()
-                if box.queries is None or box.flags is None or box.query_row_bytes != qrow:
-                    raise ValueError(f"pull needs a mailbox with query rows of {qrow} bytes "
-                                     "and post flags")
-                if flag + stride * (len(layers) - 1) >= box.flags.count:
-                    raise ValueError("the stream's post flags do not fit in the mailbox's")
-                info["pull"] = [row * qrow, flag, stride, values]
+            info["mailbox"].append(mail[3])
         elif pull is not None:
             raise ValueError("pull needs a mailbox")
+        if rows is None:
+            del info["rows"]
         h = Header("stream", layer=layers.start, epoch=epoch, requests=list(requests),
                    ints={"kv_len": list(kv_len)}, info=info)
         ack = self.call(h)
         return AttendStream(self, h.seq, layers, ack, shape, dtype, into, mail,
                             pull is not None)
+
+    def prepare_stream(self, layers: range, rows: int, q_heads: int, head_dim: int,
+                       dtype: torch.dtype, scale: float | None = None, *, mailbox: tuple,
+                       pull: tuple | None = None) -> Pending:
+        """Ask the node to capture now the graphs its streams on this mailbox place will
+        replay (`open_stream` with the same `layers`, `rows`, heads, dtype, scale,
+        `mailbox=(box, row, word)` and `pull=(flag, stride)`), so that the first of them
+        runs at full speed. It holds the node ~0.5 ms a layer: for a node that takes no
+        traffic yet (one joining). Its answer's info["captured"] counts the graphs."""
+        info = self._stream_info(layers, rows, 0, q_heads, head_dim, dtype, scale)
+        box, row, word = mailbox
+        if pull is not None:
+            pull = (*pull, [1] * len(layers))
+        info.update(self._mail_info(box, row, word, rows, layers, q_heads, head_dim, dtype,
+                                    pull))
+        info["mailbox"].append(0)
+        return self.call(Header("prepare", layer=layers.start, info=info))
+
+    @staticmethod
+    def _stream_info(layers: range, rows: int, b: int, q_heads: int, head_dim: int,
+                     dtype: torch.dtype, scale: float | None) -> dict:
+        if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
+            raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
+                             f"{layers}")
+        if not max(b, 1) <= rows:
+            raise ValueError(f"rows ({rows}) must be at least 1 and the requests' {b}")
+        info = {"layers": len(layers), "heads": int(q_heads), "head_dim": int(head_dim),
+                "dtype": dtype_name(dtype), "rows": int(rows)}
+        if scale is not None:
+            info["scale"] = float(scale)
+        return info
+
+    def _mail_info(self, box, row: int, word: int, rows: int, layers: range, q_heads: int,
+                   head_dim: int, dtype: torch.dtype, pull: tuple | None) -> dict:
+        """The mailbox (and pull) part of a stream's info, less the doorbell value."""
+        box_id = self._mailboxes.get(id(box))
+        if box_id is None:
+            raise ValueError(f"node {self.name}: this mailbox was not registered with it")
+        if box.row_bytes != state_row_bytes(q_heads, head_dim, dtype):
+            raise ValueError(f"the mailbox's rows hold {box.row_bytes} bytes; this "
+                             f"stream's replies {state_row_bytes(q_heads, head_dim, dtype)}")
+        if row + rows > box.rows or word + len(layers) > box.words:
+            raise ValueError("the stream's rows or words do not fit in the mailbox")
+        info = {"mailbox": [box_id, row * box.row_bytes, word]}
+        if pull is not None:
+            flag, stride, values = pull
+            values = [int(v) for v in values]
+            if len(values) != len(layers) or min(values) <= 0:
+                raise ValueError("pull needs one value > 0 per layer")
+            qrow = int(q_heads) * int(head_dim) * torch.empty(0, dtype=dtype).element_size()
+            if box.queries is None or box.flags is None or box.query_row_bytes != qrow:
+                raise ValueError(f"pull needs a mailbox with query rows of {qrow} bytes "
+                                 "and post flags")
+            if flag + stride * (len(layers) - 1) >= box.flags.count:
+                raise ValueError("the stream's post flags do not fit in the mailbox's")
+            info["pull"] = [row * qrow, flag, stride, values]
+        return info
 
     def register_mailbox(self, boxes: Sequence) -> None:
         """Let the node deliver stream replies into these mailboxes (`Mailbox`, this

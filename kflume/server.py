@@ -12,7 +12,10 @@ the peer's streams to its next (a peer opens the next once it has the replies), 
 each layer runs as soon as its query lands. A stream opened on a mailbox the peer
 registered (kflume/comm/mailbox.py: a peer of this host) gets each layer's reply as a
 copy into the peer's memory and a doorbell, both enqueued right behind the layer's
-kernels, instead of a message sent once they are done. A stream the node refuses, or
+kernels, instead of a message sent once they are done. Such a stream may cover more
+rows than its requests (`rows`: its place's, the rest padding), so that its buffers and
+graphs stay the same while the batch changes, and a weight node may have the node
+capture those graphs before any stream comes (op `prepare`). A stream the node refuses, or
 that fails midway, is answered with an error at once and its remaining queries are
 still received (and dropped), so the peer's sends complete; a stream whose queries stop
 coming is given up after `stream_deadline` seconds.
@@ -438,35 +441,70 @@ class NodeServer:
                                   q, scale=scale, packed=True)
         return Header("result", layer=h.layer, epoch=h.epoch), [states]
 
-    def _op_stream(self, peer, h: Header, tensors):
-        self._tensors(h, tensors, 0)
+    def _stream_spec(self, h: Header, b: int) -> tuple:
+        """A stream's (or a prepare's) info, checked: (layers, rows, heads, head_dim,
+        dtype, scale, mailbox, pull, the key of its buffers' pool). Its rows: `b`, or
+        info["rows"] (>= b, with a mailbox: padding rows, so that the buffers and graphs
+        of a mailbox place stay the same while its batch changes)."""
         layers, hq, d = (h.info.get(k) for k in ("layers", "heads", "head_dim"))
-        dtype, b = DTYPES.get(h.info.get("dtype")), len(h.requests)
-        if not (all(type(x) is int for x in (layers, hq, d)) and 1 <= layers <= MAX_PART
-                and 0 < hq <= 1024 and 0 < d <= 1024 and 0 < b <= 65536
+        dtype, rows = DTYPES.get(h.info.get("dtype")), h.info.get("rows", b)
+        if not (all(type(x) is int for x in (layers, hq, d, rows)) and 1 <= layers <= MAX_PART
+                and 0 < hq <= 1024 and 0 < d <= 1024 and max(b, 1) <= rows <= 65536
                 and dtype is not None and dtype.is_floating_point):
-            raise ValueError(f"stream: info must give layers (1..{MAX_PART}), heads, head_dim "
-                             f"and a float dtype, for 1..65536 requests; got {h.info}")
+            raise ValueError(f"{h.op}: info must give layers (1..{MAX_PART}), heads, head_dim "
+                             f"and a float dtype, for 1..65536 rows (>= {b} requests); got "
+                             f"{h.info}")
         scale = h.info.get("scale")
         if scale is not None and not isinstance(scale, float):
-            raise ValueError(f"stream: scale must be a float; got {scale!r}")
-        if b > len(self.node.requests):  # before allocating buffers for it
-            raise UnknownRequestError(f"stream names {b} requests; this node holds "
-                                      f"{len(self.node.requests)}")
+            raise ValueError(f"{h.op}: scale must be a float; got {scale!r}")
         mail, pull = h.info.get("mailbox"), h.info.get("pull")
-        # A mailbox stream's buffers are kept for its place in the mailbox (the graphs
-        # captured on them fetch and deliver there): the same buffers every step.
-        place = (tuple(mail[:3]), tuple(pull[:1]) if isinstance(pull, list) else None) if (
-            isinstance(mail, list) and len(mail) == 4
-            and all(type(x) is int for x in mail)) else None
-        key = (layers, b, hq, d, dtype, place)
+        if mail is not None and not (isinstance(mail, list) and len(mail) == 4 and all(
+                type(x) is int for x in mail) and 0 <= mail[3] < 2**63):
+            raise ValueError(f"{h.op}: mailbox must be [id, offset, word, value]; got {mail!r}")
         if pull is not None and not (
                 isinstance(pull, list) and len(pull) == 4
                 and all(type(x) is int and x >= 0 for x in pull[:3]) and pull[2] > 0
                 and isinstance(pull[3], list) and len(pull[3]) == layers
-                and all(type(v) is int and v > 0 for v in pull[3]) and "mailbox" in h.info):
-            raise ValueError(f"stream: pull must be [query offset, flag, stride > 0, [a value "
+                and all(type(v) is int and v > 0 for v in pull[3]) and mail is not None):
+            raise ValueError(f"{h.op}: pull must be [query offset, flag, stride > 0, [a value "
                              f"> 0 per layer]] with a mailbox; got {pull!r}")
+        if rows != b and mail is None:
+            raise ValueError(f"{h.op}: padding rows (rows={rows} for {b} requests) need a "
+                             "mailbox")
+        # A mailbox stream's buffers are kept for its place in the mailbox (the graphs
+        # captured on them fetch and deliver there): the same buffers every step.
+        place = None if mail is None else (tuple(mail[:3]),
+                                           None if pull is None else (pull[0],))
+        return (layers, rows, hq, d, dtype, scale, mail, pull,
+                (layers, rows, hq, d, dtype, place))
+
+    def _mailbox_around(self, peer: _Peer, op: str, spec: tuple, bufs: tuple) -> tuple:
+        """A mailbox stream's (registered) box, checked against the stream's rows and
+        flags, and what its layers run around their kernels."""
+        layers, rows, hq, d, dtype, _, mail, pull, _ = spec
+        box = peer.mailboxes.get(mail[0])
+        if box is None:
+            raise ValueError(f"{op}: mailbox {mail[0]} was not registered")
+        box.check(mail[1], rows * state_row_bytes(hq, d, dtype), mail[2], layers)
+        if pull is not None:
+            box.check_pull(pull[0], bufs[2][0].nbytes, pull[1] + pull[2] * (layers - 1))
+        return box, self._around(box, bufs, mail[1], mail[2],
+                                 None if pull is None else pull[0])
+
+    def _check_geometry(self, op: str, d: int, dtype) -> None:
+        c = self.node.config
+        if d != c.head_dim or dtype != self.node.dtype:
+            raise ValueError(f"{op}: q is {dtype} with head_dim {d}; this node holds {c.dtype} "
+                             f"KV with head_dim {c.head_dim}")
+
+    def _op_stream(self, peer, h: Header, tensors):
+        self._tensors(h, tensors, 0)
+        b = len(h.requests)
+        spec = self._stream_spec(h, b)
+        layers, _, _, d, dtype, scale, mail, pull, key = spec
+        if b > len(self.node.requests):  # before allocating buffers for it
+            raise UnknownRequestError(f"stream names {b} requests; this node holds "
+                                      f"{len(self.node.requests)}")
         bufs = self._stream_buffers(peer, key)
         st = _Stream(h.seq, range(h.layer, h.layer + layers), bufs, key,
                      time.monotonic() + self.stream_deadline)
@@ -476,28 +514,38 @@ class NodeServer:
         peer.streams.append(st)  # received from now on, whatever the checks below say
         around = None
         if mail is not None:  # [mailbox id, byte offset, first word, doorbell value]
-            if not (isinstance(mail, list) and len(mail) == 4
-                    and all(type(x) is int for x in mail) and 0 < mail[3] < 2**63):
-                raise ValueError(f"stream: mailbox must be [id, offset, word, value > 0]; got "
-                                 f"{mail!r}")
-            box = peer.mailboxes.get(mail[0])
-            if box is None:
-                raise ValueError(f"stream: mailbox {mail[0]} was not registered")
-            box.check(mail[1], b * state_row_bytes(hq, d, dtype), mail[2], layers)
-            if pull is not None:
-                box.check_pull(pull[0], bufs[2][0].nbytes, pull[1] + pull[2] * (layers - 1))
-                st.pull = tuple(pull)
+            if mail[3] == 0:
+                raise ValueError("stream: the mailbox's doorbell value must be > 0")
+            box, around = self._mailbox_around(peer, "stream", spec, bufs)
+            st.pull = None if pull is None else tuple(pull)
             st.mail = (box, mail[1], mail[2], mail[3])
             bufs[5].fill_(mail[3])  # ordered before the layers' deliveries
-            around = self._around(box, bufs, mail[1], mail[2],
-                                  None if pull is None else pull[0])
-        c = self.node.config
-        if d != c.head_dim or dtype != self.node.dtype:
-            raise ValueError(f"stream: q is {h.info['dtype']} with head_dim {d}; this node "
-                             f"holds {c.dtype} KV with head_dim {c.head_dim}")
+        self._check_geometry("stream", d, dtype)
         st.run = self.node.attend_batch(st.layers, h.requests, self._ints(h, "kv_len", b),
                                         bufs[0], bufs[1], scale=scale, around=around)
         return None, []
+
+    def _op_prepare(self, peer, h: Header, tensors):
+        """Capture the graphs of a mailbox place's streams before any comes (info: a
+        stream's, with no requests, `rows` and a mailbox, doorbell value 0; pull: its
+        query offset and flags): `AttentionNode.prepare_batch`. Their buffers go to the
+        place's pool, where the place's first stream takes them. For a node that is not
+        serving yet (it holds up this loop ~0.5 ms a layer)."""
+        self._tensors(h, tensors, 0)
+        if h.requests or "rows" not in h.info or "mailbox" not in h.info:
+            raise ValueError("prepare: give info rows and mailbox, and no requests")
+        spec = self._stream_spec(h, 0)
+        layers, _, _, d, dtype, scale, _, _, key = spec
+        self._check_geometry("prepare", d, dtype)
+        bufs = self._stream_buffers(peer, key)
+        try:
+            _, around = self._mailbox_around(peer, "prepare", spec, bufs)  # (registering
+            # the mailbox loaded its kernels)
+            n = self.node.prepare_batch(range(h.layer, h.layer + layers), bufs[0], bufs[1],
+                                        scale=scale, around=around)
+        finally:
+            peer.stream_bufs.setdefault(key, []).append(bufs)
+        return Header("ok", info={"captured": n}), []
 
     @staticmethod
     def _around(box: MailboxView, bufs: tuple, offset: int, word: int,

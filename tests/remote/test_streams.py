@@ -240,6 +240,54 @@ def test_pull_stream_reads_posted_queries_and_can_be_given_up(client):
     flags.close()
 
 
+def test_padded_mailbox_place_is_prepared_and_serves_changing_batches(client):
+    """A mailbox stream over a fixed place of `rows` rows: the requests' rows get their
+    attention, the rows past them (0, -inf), while the batch changes from step to step.
+    `prepare_stream` for the place is answered first (a CPU node captures nothing); a
+    prepare without a place is refused, naming why, and the node keeps serving."""
+    from kflume.comm.wire import Header
+
+    ref = ReferenceKV(CONFIG.layers)
+    rids = fill(client, ref, {"p": 40, "q": 3, "s": 18}, seed=41)
+    row = state_row_bytes(HQ, 64, torch.float32)
+    flags = SharedWords(2 * CONFIG.layers)
+    box = Mailbox(rows=6, row_bytes=row, words=2 * CONFIG.layers, query_row_bytes=HQ * 64 * 4,
+                  flags=flags)
+    client.register_mailbox([box])
+    place = dict(mailbox=(box, 2, 3), pull=(1, 2))
+    with pytest.raises(RemoteError, match="give info rows and mailbox"):
+        client.call(Header("prepare", info={"layers": 3})).result()
+    with pytest.raises(ValueError, match="do not fit in the mailbox"):
+        client.prepare_stream(range(3), 5, HQ, 64, torch.float32, **place)
+    assert client.prepare_stream(range(3), 4, HQ, 64, torch.float32,
+                                 **place).result().header.info["captured"] == 0
+    queries = box.queries.view(torch.float32).view(6, HQ, 64)
+    g = torch.Generator().manual_seed(42)
+    for step, (batch, lens) in enumerate(((rids[:2], [40, 3]), (rids, [40, 3, 18]),
+                                          (rids[2:], [18]))):
+        value = 10 + step
+        st = client.open_stream(range(3), 1, batch, lens, HQ, 64, torch.float32,
+                                mailbox=(box, 2, 3), pull=(1, 2, [value] * 3), rows=4)
+        for layer in range(3):
+            q = torch.randn(4, HQ, 64, generator=g)
+            queries[2:6] = q
+            r = st.expect(layer)
+            flags.tensor[1 + 2 * layer] = value
+            assert r.result() is None
+            out, lse = unpack_states(box.buffer[2:6], HQ, 64, torch.float32)
+            b = len(batch)
+            want = ref.attend(layer, batch, q[:b], 64**-0.5)
+            assert_close_rel(out[:b], want, torch.float32, f"step {step} layer {layer}")
+            assert out[b:].eq(0).all() and lse[b:].eq(float("-inf")).all()
+        st.ack.result()
+    with pytest.raises(ValueError, match="rows needs a mailbox"):
+        client.open_stream(range(3), 1, rids, [40, 3, 18], HQ, 64, torch.float32, rows=4)
+    run_stream(client, rids, [40, 3, 18], [torch.randn(3, HQ, 64, generator=g)] * 3, [2, 0, 1])
+    client.free(rids)
+    box.close()
+    flags.close()
+
+
 def test_refused_streams_raise_and_the_node_keeps_serving(client):
     ref = ReferenceKV(CONFIG.layers)
     rids = fill(client, ref, {"r": 20}, seed=3)
