@@ -467,22 +467,38 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 print(f"  {key}: {out[key]}", flush=True)
                 cap.trace_steps = 0
                 if add_node and mb == 2 and stage == args.stages[0]:
+                    cap.trace_steps = 20  # per-slot times of each window, below
                     before = time_steps(20, one)
+                    slots_before = slot_breakdown(cap.trace)
                     join_env = ({"CUDA_VISIBLE_DEVICES": f"{args.join_gpu},0"}
                                 if args.join_gpu is not None else None)
                     name = cl.add_node(capacity, wait=False, env=join_env)
                     cl.processes[name].wait_ready()
-                    cl.router.drain_node("node0")  # new tokens go to the new node from now on
-                    joined = time_steps(2, one)
+                    # Steps go on while the node is connected and prepared (its graphs
+                    # captured, kflume/cluster.py); it enters the routing at a boundary
+                    # after that, then takes every new token (node0 drained), first
+                    # appended at the step after, attended over from the one after that.
+                    joined, deadline = [], time.monotonic() + 120
+                    while name not in cl.clients:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{name} did not join in 120 s")
+                        joined += time_steps(1, one)
+                    cl.router.drain_node("node0")
+                    joined += time_steps(2, one)
                     after = time_steps(20, one)
+                    slots_after = slot_breakdown(cap.trace)
+                    cap.trace_steps = 0
                     load = cl.router.node_load(name)
                     out["add_node"] = {"gpu": args.join_gpu if args.join_gpu is not None
                                        else args.node_gpu,
                                        "before": stats(before), "after": stats(after),
                                        "join_steps_ms": joined, "new_node_tokens": load,
+                                       "slots_before": slots_before,
+                                       "slots_after": slots_after,
                                        "after_steps_ms": [round(t, 2) for t in after]}
                     print(f"  add_node: {out['add_node']}", flush=True)
                 server.close()
+                cap.close()  # (no node joining later prepares for this graph)
             except Exception as e:  # noqa: BLE001 - record it, go on with the next run
                 print(f"  {batch}x{context} stage={stage} micro-batches={mb} failed: {e!r}",
                       flush=True)
@@ -624,7 +640,10 @@ def report(results, args) -> None:
                   f"{a['before']['p99_ms']:.2f} ms, after {a['after']['p99_ms']:.2f} ms "
                   f"({a['after']['p99_ms'] / a['before']['p99_ms']:.2f}x); steps while it joined "
                   f"{[round(x, 2) for x in a['join_steps_ms']]} ms; it holds "
-                  f"{a['new_node_tokens']} tokens")
+                  f"{a['new_node_tokens']} tokens; per slot, send / remote / release "
+                  + " -> ".join(f"{s.get('send_us', 0):.0f} / {s.get('remote_us', 0):.0f} / "
+                                f"{s.get('release_us', 0):.0f} us"
+                                for s in (a["slots_before"], a["slots_after"])))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@ there, unless posts are memops, which write no sequence number), such a node als
 each layer's queries from the mailbox's query buffer once the layer's post flag (shared
 memory, `SharedWords`) reaches the value the stream named, so no query is sent either.
 
+A mailbox stream covers its node slot's whole part of the buffers (`rows`: the rows
+past the node's requests are padding), so the node serves every step's stream at that
+place from one set of graphs. A node joining the cluster is prepared before it enters
+the routing (`prepare`, through `RemoteAttention.on_join`): it gets the mailboxes and a
+node slot, and captures the graphs of that slot's streams then, not while it serves.
+
 The step's new k, v are not on any slot's critical path: the node does not need them
 until the next step (each layer merges its new token locally). The graph gathers them
 into a buffer of every layer, and once a micro-batch's last layer is posted, each tail
@@ -35,7 +41,8 @@ may overwrite the buffer.
 Every buffer has a fixed address and shape (per micro-batch, sized for its rows, with a
 part per node slot); `load(plan)` rewrites their index buffers in place between steps, so
 a routing change (a node joining, ranges moving) needs no recapture. Rows a node does
-not hold are padding: gathered from row 0, never sent, and their position is -1, so
+not hold are padding: gathered from row 0, never sent (a pulling node reads them with
+the rest of its part, and attends over nothing for them), and their position is -1, so
 the merge (`merge_new_token`: replies found by position, and the new token's own
 partial, in one kernel) never reads them.
 
@@ -53,7 +60,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .client import AttendStream, Pending
+from .client import AttendStream, NodeClient, Pending
 from .comm.base import RemoteError
 from .comm.mailbox import Mailbox, SharedWords, host_id
 from .comm.mailbox import supported as mailbox_supported
@@ -211,6 +218,9 @@ class CapturedRemoteAttention:
         # the last `trace_steps` steps (0: off).
         self.trace: list[tuple] = []
         self.trace_steps = 0
+        self._reserved: set[str] = set()  # node slots of prepared nodes not in a plan yet
+        if self._boxes:
+            remote.on_join(self.prepare)
 
     # ---- host half: between steps ------------------------------------------------------
     def load(self, plan: StepPlan) -> None:
@@ -221,9 +231,14 @@ class CapturedRemoteAttention:
         live = [w.node for w in plan.nodes]
         for n in live:  # first: nothing below changes if a node fails to answer
             self._register(n)
-        self.node_slots = [n if n in live else "" for n in self.node_slots]
+        self._reserved.difference_update(live)
+        self._reserved.intersection_update(self.node_slots)
+        self.node_slots = [n if n in live or n in self._reserved else ""
+                           for n in self.node_slots]
         for n in live:
             if n not in self.node_slots:
+                if "" not in self.node_slots and self._reserved:  # a live node first
+                    self.node_slots[self.node_slots.index(self._reserved.pop())] = ""
                 if "" not in self.node_slots:
                     raise ValueError(f"more than max_nodes={self.max_nodes} attention nodes")
                 self.node_slots[self.node_slots.index("")] = n
@@ -255,10 +270,46 @@ class CapturedRemoteAttention:
             self.index[m].copy_(torch.tensor([gather, position, agather], dtype=torch.long))
         self.epoch = plan.epoch
 
-    def _register(self, name: str) -> None:
+    def prepare(self, name: str, client: NodeClient) -> list[Pending]:
+        """Get node `name` (reached through `client`, in no plan yet: a node joining)
+        ready to serve this graph's streams at full speed from its first step: register
+        the mailboxes with it, keep it a node slot, and have it capture the graphs of
+        that slot's streams now (`NodeClient.prepare_stream`), rather than a few a step
+        once it serves (each capture holds a node ~0.5 ms). Returns its pending answers
+        (none for a node that takes no mailbox). Called through `RemoteAttention.on_join`
+        by a Cluster, which routes to the node once they are answered."""
+        if not self._boxes:
+            return []
+        self._register(name, client)
+        if not self.delivers(name):
+            return []
+        if name not in self.node_slots:
+            if "" not in self.node_slots:
+                log.warning("node %s joins with no node slot free in this graph (max_nodes="
+                            "%d): not prepared", name, self.max_nodes)
+                return []
+            self.node_slots[self.node_slots.index("")] = name
+            self._reserved.add(name)
+        i, r = self.node_slots.index(name), self.remote
+        return [client.prepare_stream(range(self.num_layers), self._rows(m), r.hq, r.d,
+                                      self.dtype, r.scale, **self._place(i, m))
+                for m in range(len(self.ranges))]
+
+    def _rows(self, m: int) -> int:
+        return self.ranges[m].stop - self.ranges[m].start
+
+    def _place(self, i: int, m: int) -> dict:
+        """Node slot i's part of micro-batch m's mailbox, as `open_stream` takes it: its
+        rows and doorbells, and (pulling) its first post flag and their stride."""
+        place = dict(mailbox=(self._boxes[m], i * self._rows(m), i * self.num_layers))
+        if self.pull:  # layer l's post: flag l * M + m
+            place["pull"] = (m, len(self.ranges))
+        return place
+
+    def _register(self, name: str, client: NodeClient | None = None) -> None:
         """Register the mailboxes with a node of this host it has not seen yet (a new
         client: a node that joined, or came back)."""
-        client = self.remote.clients[name]
+        client = client or self.remote.clients[name]
         if not self._boxes or self._delivers.get(name, (None,))[0] is client:
             return
         ok = client.info.get("host") == host_id()
@@ -388,14 +439,17 @@ class CapturedRemoteAttention:
             for m in range(len(self.ranges)):
                 s = self.plan_slots[i][m]
                 if name and s.requests:
-                    b = len(s.requests)
-                    n = self.ranges[m].stop - self.ranges[m].start
-                    where = (dict(mailbox=(self._boxes[m], i * n, i * self.num_layers))
-                             if self.delivers(name) else dict(into=self.incoming[i][m][:b]))
-                    if self.pull and self.delivers(name):  # layer l's post: flag l * M + m
+                    # A mailbox stream covers the node slot's whole part (its rows past
+                    # the requests' are padding): the node keeps one set of buffers and
+                    # graphs for it however many requests it holds (`prepare`).
+                    b = len(s.requests) if not self.delivers(name) else None
+                    where = (dict(self._place(i, m), rows=self._rows(m))
+                             if b is None else dict(into=self.incoming[i][m][:b]))
+                    if self.pull and b is None:
                         mm = len(self.ranges)
-                        where["pull"] = (m, mm, [self.signal.next_value(layer * mm + m)
-                                                 for layer in range(self.num_layers)])
+                        where["pull"] = (*where["pull"],
+                                         [self.signal.next_value(layer * mm + m)
+                                          for layer in range(self.num_layers)])
                     st = self._open[i, m] = r.clients[name].open_stream(
                         range(self.num_layers), self.epoch, s.requests, s.kv_len, r.hq, r.d,
                         self.dtype, r.scale, **where)

@@ -3,7 +3,8 @@
 A cluster owns a transport, one `NodeClient` per node, a `TokenRangeRouter`, and (once
 the model's attention geometry is known) a `RemoteAttention`. Nodes can join while
 requests run: `add_node()` starts or connects a node, which enters the routing table at
-the next token boundary (`begin_step`), without stalling the steps in between.
+a token boundary (`begin_step`) once it is ready and prepared for the captured steps
+that use the cluster (`RemoteAttention.on_join`), without stalling the steps in between.
 
     with Cluster.local(2, layers=32, kv_heads=8, head_dim=128, dtype="bfloat16") as cl:
         ...                               # two `kflume node` processes on loopback (UCX)
@@ -16,7 +17,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 
 from .client import NodeClient
 from .comm.base import Transport
@@ -33,8 +35,11 @@ log = logging.getLogger("kflume.cluster")
 @dataclass(slots=True)
 class _Joining:
     name: str
-    process: object  # NodeProcess still starting
+    process: object  # NodeProcess still starting (None: connected, being prepared)
     capacity: int
+    client: NodeClient | None = None  # once connected
+    prepared: list = field(default_factory=list)  # the node's pending answers
+    deadline: float = 0.0  # for those answers (time.monotonic())
 
 
 class Cluster:
@@ -96,7 +101,7 @@ class Cluster:
             starting = [cluster._start_process(capacity_tokens) for _ in range(n)]
             for name, proc in starting:
                 proc.wait_ready()
-                cluster._join(name, proc.address, capacity_tokens, proc)
+                cluster._connect(name, proc.address, capacity_tokens, proc, wait=True)
         except BaseException:
             cluster.close()
             raise
@@ -129,9 +134,7 @@ class Cluster:
                               capacity_tokens=1, dtype=dtype)
         cluster = cls(UcxTransport(token=token), geometry, **kwargs)
         for name, addr in addresses.items():
-            client = NodeClient.connect(name, cluster.transport, addr, cluster.timeout)
-            cap = int(client.info.get("capacity_tokens", 0))
-            cluster._admit(name, client, cap)
+            cluster._connect(name, addr, 0, None, wait=True)
         return cluster
 
     @classmethod
@@ -157,16 +160,18 @@ class Cluster:
                  name: str | None = None, wait: bool = True, env: dict | None = None) -> str:
         """Add a node: connect to `address`, or start one (local / in-process clusters).
 
-        The node enters the routing table at the next token boundary. With `wait=False`
-        a started process joins at the first boundary after it is ready, so running
-        steps never wait for it to start. `env`: variables for a started process, over
-        the cluster's (e.g. `{"CUDA_VISIBLE_DEVICES": "2,0"}` for a GPU of its own).
+        The node enters the routing table at a token boundary once it is ready: started,
+        connected, and prepared for the captured steps that use this cluster (their
+        graphs captured on the node: `RemoteAttention.on_join`), so that its first steps
+        run as fast as the rest. With `wait=False` that happens at the first boundary
+        after, so running steps never wait for it; `wait=True` returns once it is ready.
+        `env`: variables for a started process, over the cluster's (e.g.
+        `{"CUDA_VISIBLE_DEVICES": "2,0"}` for a GPU of its own).
         """
         cap = capacity_tokens or self.geometry.capacity_tokens
         if address is not None:
             name = name or next(self._names)
-            client = NodeClient.connect(name, self.transport, address, self.timeout)
-            self._admit(name, client, int(client.info.get("capacity_tokens", cap)))
+            self._connect(name, address, cap, None, wait)
             return name
         if self._spawn is None:
             raise ValueError("this cluster cannot start nodes itself: give add_node an address")
@@ -175,7 +180,7 @@ class Cluster:
         name, proc = self._start_process(cap, name, env)
         if wait:
             proc.wait_ready()
-            self._join(name, proc.address, cap, proc)
+            self._connect(name, proc.address, cap, proc, wait=True)
         else:
             self._joining.append(_Joining(name, proc, cap))
         return name
@@ -196,6 +201,46 @@ class Cluster:
         self.processes[name] = proc
         return name, proc
 
+    def _connect(self, name: str, address: str, cap: int, proc, wait: bool) -> None:
+        """Connect to a ready node, check it, have it prepared; admit it now (`wait`, or
+        nothing to prepare) or at the first boundary after its answers (`begin_step`)."""
+        client = NodeClient.connect(name, self.transport, address, self.timeout)
+        self._check(name, client)
+        cap = int(client.info.get("capacity_tokens", cap))
+        j = _Joining(name, proc, cap, client, deadline=time.monotonic() + self.timeout)
+        j.prepared = self.remote.prepare_node(name, client) if self.remote is not None else []
+        if wait:
+            for p in j.prepared:
+                try:
+                    p.result(self.timeout)
+                except Exception as e:  # noqa: BLE001 - see _prepared
+                    if not p.done:
+                        raise
+                    log.warning("node %s was not prepared (it serves, its first steps "
+                                "slower): %s", name, e)
+            j.prepared = []
+        if j.prepared:
+            self._joining.append(j)
+        else:
+            self._admit(j)
+
+    def _prepared(self, j: _Joining) -> bool | None:
+        """Whether a node being prepared may enter the routing (True), waits (False), or
+        must be dropped (None: no answer in time)."""
+        if not all(p.done for p in j.prepared):
+            if time.monotonic() < j.deadline:
+                return False
+            log.error("node %s did not answer its preparation in %.0f s: dropped", j.name,
+                      self.timeout)
+            return None
+        for p in j.prepared:
+            try:
+                p.result(0)
+            except Exception as e:  # noqa: BLE001 - it still serves, uncaptured at first
+                log.warning("node %s was not prepared (it serves, its first steps slower): "
+                            "%s", j.name, e)
+        return True
+
     def _add_in_process(self, cap: int, name: str | None) -> str:
         from .node import AttentionNode
         from .server import NodeServer
@@ -205,15 +250,10 @@ class Cluster:
         server = NodeServer(node, self.transport, self.transport.listen(name))
         self.transport.hub.add_driver(server.poll)
         self._inproc[name] = (node, server)
-        client = NodeClient.connect(name, self.transport, name, self.timeout)
-        self._admit(name, client, node.stats()["capacity_tokens"])
+        self._connect(name, name, node.stats()["capacity_tokens"], None, wait=True)
         return name
 
-    def _join(self, name: str, address: str, cap: int, proc) -> None:
-        client = NodeClient.connect(name, self.transport, address, self.timeout)
-        self._admit(name, client, int(client.info.get("capacity_tokens", cap)))
-
-    def _admit(self, name: str, client: NodeClient, cap: int) -> None:
+    def _check(self, name: str, client: NodeClient) -> None:
         info, g = client.info, self.geometry
         for key, want in (("layers", g.layers), ("kv_heads", g.kv_heads),
                           ("head_dim", g.head_dim), ("dtype", g.dtype)):
@@ -221,10 +261,12 @@ class Cluster:
                 client.close()
                 raise ValueError(f"node {name} holds {key}={info[key]!r} but this cluster "
                                  f"needs {want!r}")
-        self.clients[name] = client
-        page = int(info.get("page_size", g.page_size))
-        self.router.add_node(name, max(page, cap), page_size=page)
-        log.info("node %s joins with room for %d tokens", name, cap)
+
+    def _admit(self, j: _Joining) -> None:
+        self.clients[j.name] = j.client
+        page = int(j.client.info.get("page_size", self.geometry.page_size))
+        self.router.add_node(j.name, max(page, j.capacity), page_size=page)
+        log.info("node %s joins with room for %d tokens", j.name, j.capacity)
 
     # ---- steps ------------------------------------------------------------------------------
     def attention(self, *, num_q_heads: int, scale: float | None = None, device="cpu",
@@ -241,9 +283,23 @@ class Cluster:
         """A token boundary: admit nodes that became ready, apply routing edits, and hand
         the plan to RemoteAttention (frees, migrations)."""
         for j in list(self._joining):
-            if j.process.ready():
-                self._joining.remove(j)
-                self._join(j.name, j.process.address, j.capacity, j.process)
+            if j.client is None:  # starting
+                if j.process.ready():
+                    self._joining.remove(j)
+                    self._connect(j.name, j.process.address, j.capacity, j.process,
+                                  wait=False)
+                continue
+            ready = self._prepared(j)
+            if ready is not None and not ready:
+                continue
+            self._joining.remove(j)
+            if ready:
+                self._admit(j)
+            else:
+                j.client.close()
+                proc = self.processes.pop(j.name, None)
+                if proc is not None:
+                    proc.stop()
         plan = self.router.begin_step()
         if self.remote is not None:
             self.remote.begin_step(plan)
@@ -267,7 +323,7 @@ class Cluster:
             used, free = self.router.node_load(name), self.router.free_tokens(name)
             lines.append(f"  {name}: {used} tokens held, {free} free")
         for j in self._joining:
-            lines.append(f"  {j.name}: starting")
+            lines.append(f"  {j.name}: " + ("starting" if j.client is None else "preparing"))
         plan = self.router.last_plan
         if plan is not None:
             lines.append(plan.table())
@@ -278,7 +334,8 @@ class Cluster:
         for name in list(self.clients):
             self._drop(name)
         for j in self._joining:
-            j.process.stop()
+            if j.client is not None:
+                j.client.close()
         self._joining.clear()
         for proc in self.processes.values():
             proc.stop()

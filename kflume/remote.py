@@ -18,12 +18,13 @@ in-process transport and over UCX between processes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from .client import NodeClient, wait_all
+from .client import NodeClient, Pending, wait_all
 from .comm.base import RemoteError
 from .comm.wire import state_row_bytes, transfer_empty, unpack_states
 from .kernels import merge_new_token
@@ -61,6 +62,26 @@ class RemoteAttention:
         self._shares: dict[tuple[int, int], list[_Share]] = {}
         # per row range: [k, row] -> the row's k-th partial's place in the replies, -1
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
+        self._preparers: list[weakref.WeakMethod] = []
+
+    # ---- nodes joining -------------------------------------------------------------------
+    def on_join(self, prepare: Callable[[str, NodeClient], list[Pending]]) -> None:
+        """Have `prepare(name, client)` (a bound method, held weakly) called for every node
+        about to join, before any plan names it; it returns the node's pending answers,
+        which the node enters the routing after (kflume/cluster.py). A captured step
+        (kflume/captured.py) gets a node's graphs captured this way."""
+        self._preparers.append(weakref.WeakMethod(prepare))
+
+    def prepare_node(self, name: str, client: NodeClient) -> list[Pending]:
+        """What `on_join` registered, for node `name`: their pending answers."""
+        out: list[Pending] = []
+        for ref in list(self._preparers):
+            prepare = ref()
+            if prepare is None:  # its object is gone
+                self._preparers.remove(ref)
+            else:
+                out += prepare(name, client)
+        return out
 
     def _client(self, node: str) -> NodeClient:
         try:

@@ -195,6 +195,38 @@ def test_captured_attention_over_node_processes(mailbox, pull):
         cap.close()
 
 
+@pytest.mark.timeout(300)
+def test_a_joining_node_is_prepared_before_it_takes_rows():
+    """add_node(wait=False) under a captured step: once its process is up, the node is
+    connected at a boundary and prepared for the step's streams (the mailboxes
+    registered, a node slot kept for it, its graphs of that slot captured:
+    `CapturedRemoteAttention.prepare`), and enters the routing at a later boundary,
+    once it has answered. Every step stays right."""
+    pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
+    model = TinyModel(12)
+    ref_cl = make_cluster(PROMPTS, 13)
+    with make_cluster(PROMPTS, 13, local=True) as cl:
+        rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
+        cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
+                                      row_ranges=rows, max_nodes=3, mechanism="host",
+                                      dtype=torch.float32)
+        pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+        g = torch.Generator().manual_seed(14)
+        seen = []
+        with StepServer(cap, timeout=60) as server:
+            name = cl.add_node(wait=False)
+            cl.processes[name].wait_ready()
+            for _ in range(6):
+                served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
+                seen.append((name in cap.node_slots, name in cl.router.nodes(),
+                             f"{name}: preparing" in cl.table()))
+        assert seen[0] == (True, False, True)  # connected, a slot kept, not routed to
+        assert seen[-1] == (True, True, False)
+        assert cap.delivers(name)
+        assert any(s.requests for s in cap.plan_slots[cap.node_slots.index(name)])
+        cap.close()
+
+
 def test_a_node_that_does_not_take_the_mailboxes_answers_with_messages(monkeypatch):
     """In one process the nodes can map the mailboxes too (shared memory); one whose
     registration fails (here: no answer in time) is served with messages, and load()
