@@ -479,12 +479,16 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                     # after that, then takes every new token (node0 drained), first
                     # appended at the step after, attended over from the one after that.
                     joined, deadline = [], time.monotonic() + 120
+                    first = len(parts["serve"])
                     while name not in cl.clients:
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"{name} did not join in 120 s")
                         joined += time_steps(1, one)
                     cl.router.drain_node("node0")
                     joined += time_steps(2, one)
+                    # where the join steps' time went (host parts, boundary split), ms
+                    join_parts = {k: [round(x, 2) for x in v[first : first + len(joined)]]
+                                  for k, v in {**parts, **split}.items()}
                     after = time_steps(20, one)
                     slots_after = slot_breakdown(cap.trace)
                     cap.trace_steps = 0
@@ -493,6 +497,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                                        else args.node_gpu,
                                        "before": stats(before), "after": stats(after),
                                        "join_steps_ms": joined, "new_node_tokens": load,
+                                       "join_parts_ms": join_parts,
                                        "slots_before": slots_before,
                                        "slots_after": slots_after,
                                        "after_steps_ms": [round(t, 2) for t in after]}
@@ -639,7 +644,8 @@ def report(results, args) -> None:
             print(f"\n{cfg}, pipelined, a second attention node joins: p99 of the 20 steps before "
                   f"{a['before']['p99_ms']:.2f} ms, after {a['after']['p99_ms']:.2f} ms "
                   f"({a['after']['p99_ms'] / a['before']['p99_ms']:.2f}x); steps while it joined "
-                  f"{[round(x, 2) for x in a['join_steps_ms']]} ms; it holds "
+                  f"{[round(x, 2) for x in a['join_steps_ms']]} ms "
+                  f"({a['join_parts_ms']}); it holds "
                   f"{a['new_node_tokens']} tokens; per slot, send / remote / release "
                   + " -> ".join(f"{s.get('send_us', 0):.0f} / {s.get('remote_us', 0):.0f} / "
                                 f"{s.get('release_us', 0):.0f} us"
