@@ -278,11 +278,10 @@ class CapturedRemoteAttention:
         once it serves (each capture holds a node ~0.5 ms). Returns its pending answers
         (none for a node that takes no mailbox). Called through `RemoteAttention.on_join`
         by a Cluster, which routes to the node once they are answered."""
-        if not self._boxes:
+        if not self._boxes or client.info.get("host") != host_id():
             return []
-        self._register(name, client)
-        if not self.delivers(name):
-            return []
+        registered = client.register_mailbox(self._boxes, wait=False)
+        self._delivers[name] = (client, registered)  # settled by delivers()
         if name not in self.node_slots:
             if "" not in self.node_slots:
                 log.warning("node %s joins with no node slot free in this graph (max_nodes="
@@ -291,9 +290,10 @@ class CapturedRemoteAttention:
             self.node_slots[self.node_slots.index("")] = name
             self._reserved.add(name)
         i, r = self.node_slots.index(name), self.remote
-        return [client.prepare_stream(range(self.num_layers), self._rows(m), r.hq, r.d,
-                                      self.dtype, r.scale, **self._place(i, m))
-                for m in range(len(self.ranges))]
+        return [registered] + [client.prepare_stream(range(self.num_layers), self._rows(m),
+                                                     r.hq, r.d, self.dtype, r.scale,
+                                                     **self._place(i, m))
+                               for m in range(len(self.ranges))]
 
     def _rows(self, m: int) -> int:
         return self.ranges[m].stop - self.ranges[m].start
@@ -317,16 +317,29 @@ class CapturedRemoteAttention:
             try:
                 client.register_mailbox(self._boxes)
             except Exception as e:  # noqa: BLE001 - refused, or no answer in time
-                why = e.remote_message if isinstance(e, RemoteError) else str(e)
-                log.warning("node %s did not take this weight node's mailboxes; its replies "
-                            "come as messages: %s", name, why)
+                self._refused(name, e)
                 ok = False
         self._delivers[name] = (client, ok)
 
+    @staticmethod
+    def _refused(name: str, e: BaseException) -> None:
+        why = e.remote_message if isinstance(e, RemoteError) else str(e)
+        log.warning("node %s did not take this weight node's mailboxes; its replies come as "
+                    "messages: %s", name, why)
+
     def delivers(self, name: str) -> bool:
         """Whether node `name` puts its replies into the mailboxes (known once a plan
-        with it was loaded)."""
-        return self._delivers.get(name, (None, False))[1]
+        with it was loaded, or once it answered `prepare`'s registration)."""
+        client, ok = self._delivers.get(name, (None, False))
+        if isinstance(ok, Pending):  # sent by prepare(): its answer (waited for, if due)
+            try:
+                ok.result()
+                ok = True
+            except Exception as e:  # noqa: BLE001 - refused, or no answer in time
+                self._refused(name, e)
+                ok = False
+            self._delivers[name] = (client, ok)
+        return ok
 
     # ---- device half: inside the graph ---------------------------------------------------
     def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

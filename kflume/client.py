@@ -441,16 +441,21 @@ class NodeClient:
             info["pull"] = [row * qrow, flag, stride, values]
         return info
 
-    def register_mailbox(self, boxes: Sequence) -> None:
+    def register_mailbox(self, boxes: Sequence, wait: bool = True) -> Pending | None:
         """Let the node deliver stream replies into these mailboxes (`Mailbox`, this
         host); blocking, with the client's deadline. Raises RemoteError if the node
         cannot map them (another host, a GPU it cannot reach): keep receiving its
-        replies as messages then."""
+        replies as messages then. `wait=False`: returns the pending answer at once, and
+        later messages may name the mailboxes already (the node handles them in order;
+        if it refused, it refuses those too)."""
         ids = {id(b): i for i, b in enumerate(boxes, start=len(self._mailboxes))}
-        self.call(Header("mailbox", info={"mailboxes": [
-            [ids[id(b)], b.describe()] for b in boxes]})).result()
+        pending = self.call(Header("mailbox", info={"mailboxes": [
+            [ids[id(b)], b.describe()] for b in boxes]}))
+        if wait:
+            pending.result()
         self._mailboxes.update(ids)
         self._mailbox_refs.extend(boxes)  # ids stay unique while registered
+        return None if wait else pending
 
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,

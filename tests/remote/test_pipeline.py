@@ -196,12 +196,14 @@ def test_captured_attention_over_node_processes(mailbox, pull):
 
 
 @pytest.mark.timeout(300)
-def test_a_joining_node_is_prepared_before_it_takes_rows():
+@pytest.mark.parametrize("refuse", [False, True])
+def test_a_joining_node_is_prepared_before_it_takes_rows(refuse):
     """add_node(wait=False) under a captured step: once its process is up, the node is
     connected at a boundary and prepared for the step's streams (the mailboxes
     registered, a node slot kept for it, its graphs of that slot captured:
     `CapturedRemoteAttention.prepare`), and enters the routing at a later boundary,
-    once it has answered. Every step stays right."""
+    once it has answered. A node that refuses the mailboxes (here: they name another
+    host) joins all the same and answers with messages. Every step stays right."""
     pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
     model = TinyModel(12)
     ref_cl = make_cluster(PROMPTS, 13)
@@ -214,6 +216,11 @@ def test_a_joining_node_is_prepared_before_it_takes_rows():
         g = torch.Generator().manual_seed(14)
         seen = []
         with StepServer(cap, timeout=60) as server:
+            if refuse:  # (nodes 0 and 1 took them when the first plan was loaded)
+                served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
+                for box in cap._boxes:
+                    desc = box.describe()
+                    box.describe = lambda desc=desc: {**desc, "host": "elsewhere/0"}
             name = cl.add_node(wait=False)
             cl.processes[name].wait_ready()
             for _ in range(6):
@@ -222,7 +229,7 @@ def test_a_joining_node_is_prepared_before_it_takes_rows():
                              f"{name}: preparing" in cl.table()))
         assert seen[0] == (True, False, True)  # connected, a slot kept, not routed to
         assert seen[-1] == (True, True, False)
-        assert cap.delivers(name)
+        assert cap.delivers(name) != refuse and cap.delivers("node0")
         assert any(s.requests for s in cap.plan_slots[cap.node_slots.index(name)])
         cap.close()
 
