@@ -219,6 +219,7 @@ class CapturedRemoteAttention:
         self.trace: list[tuple] = []
         self.trace_steps = 0
         self._reserved: set[str] = set()  # node slots of prepared nodes not in a plan yet
+        self._unsettled: list[Pending] = []  # answers to _register's preparations
         if self._boxes:
             remote.on_join(self.prepare)
 
@@ -229,6 +230,7 @@ class CapturedRemoteAttention:
             raise ValueError(f"the graph was captured for {self.batch} rows; the plan has "
                              f"{len(plan.requests)}")
         live = [w.node for w in plan.nodes]
+        self._settle()
         for n in live:  # first: nothing below changes if a node fails to answer
             self._register(n)
         self._reserved.difference_update(live)
@@ -280,13 +282,18 @@ class CapturedRemoteAttention:
         by a Cluster, which routes to the node once they are answered."""
         if not self._boxes or client.info.get("host") != host_id():
             return []
-        registered = client.register_mailbox(self._boxes, wait=False)
+        try:
+            registered = client.register_mailbox(self._boxes, wait=False)
+        except Exception as e:  # noqa: BLE001 - its connection failed: messages, if any
+            self._refused(name, e)
+            self._delivers[name] = (client, False)
+            return []
         self._delivers[name] = (client, registered)  # settled by delivers()
         if name not in self.node_slots:
             if "" not in self.node_slots:
                 log.warning("node %s joins with no node slot free in this graph (max_nodes="
                             "%d): not prepared", name, self.max_nodes)
-                return []
+                return [registered]
             self.node_slots[self.node_slots.index("")] = name
             self._reserved.add(name)
         i, r = self.node_slots.index(name), self.remote
@@ -306,20 +313,30 @@ class CapturedRemoteAttention:
             place["pull"] = (m, len(self.ranges))
         return place
 
-    def _register(self, name: str, client: NodeClient | None = None) -> None:
-        """Register the mailboxes with a node of this host it has not seen yet (a new
-        client: a node that joined, or came back)."""
-        client = client or self.remote.clients[name]
+    def _register(self, name: str) -> None:
+        """A node of the plan this graph has not seen yet (a new client: a node of the
+        first plan, or one that joined without `prepare`, or came back): prepared as a
+        joining node is, its answers checked at the next loads (a node of this host
+        captures its streams' graphs then, before serving this graph's first stream)."""
+        client = self.remote.clients[name]
         if not self._boxes or self._delivers.get(name, (None,))[0] is client:
             return
-        ok = client.info.get("host") == host_id()
-        if ok:
+        self._unsettled += self.prepare(name, client)
+        if self._delivers.get(name, (None,))[0] is not client:  # another host
+            self._delivers[name] = (client, False)
+
+    def _settle(self) -> None:
+        """Log what `_register`'s preparations that were answered refused."""
+        left = []
+        for p in self._unsettled:
+            if not p.done:
+                left.append(p)
+                continue
             try:
-                client.register_mailbox(self._boxes)
-            except Exception as e:  # noqa: BLE001 - refused, or no answer in time
-                self._refused(name, e)
-                ok = False
-        self._delivers[name] = (client, ok)
+                p.result(0)
+            except Exception as e:  # noqa: BLE001 - it serves, its first steps slower
+                log.warning("node %s was not prepared: %s", p.client.name, e)
+        self._unsettled = left
 
     @staticmethod
     def _refused(name: str, e: BaseException) -> None:

@@ -133,6 +133,8 @@ class AttentionNode:
             "head_dim": c.head_dim,
             "dtype": c.dtype,
             "device": str(self.device),
+            # CUDA graphs captured so far: per batch shape, and per stream layer
+            "graphs_captured": self._graphs.captured if self._graphs is not None else 0,
         }
 
     def _req(self, rid) -> _Request:

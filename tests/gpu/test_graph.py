@@ -254,6 +254,8 @@ def test_captured_step_over_a_node_process_with_mailboxes(pull):
                 for rid in prompts:
                     cl.router.advance(rid)
             cap.load(cl.begin_step())
+            if i == 0 and two:  # the node captured its streams' graphs when first loaded
+                assert cl.clients["node0"].stats()["graphs_captured"] >= 2 * LAYERS
             x_in.copy_(torch.randn(b, DIM, device="cuda", generator=gen))
             s.wait_stream(torch.cuda.current_stream())
             if graph is None:

@@ -247,7 +247,7 @@ def test_a_node_that_does_not_take_the_mailboxes_answers_with_messages(monkeypat
         monkeypatch.setattr(c.conn, "info", {"host": host_id()}, raising=False)
     refuse = cl.remote.clients["node1"]
 
-    def no_answer(boxes):
+    def no_answer(boxes, wait=True):
         raise TransportError("node1: no answer")
 
     monkeypatch.setattr(refuse, "register_mailbox", no_answer)
