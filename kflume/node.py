@@ -354,15 +354,17 @@ class AttentionNode:
         return run
 
     def prepare_batch(self, layers: range, q: torch.Tensor, out: torch.Tensor, *,
-                      scale: float | None = None, around: tuple | None = None) -> int:
+                      scale: float | None = None, around: tuple | None = None,
+                      now: bool = True) -> int:
         """Capture now every layer's graph that `attend_batch` would replay for streams on
-        these buffers (same arguments, less the batch; the page table's current width),
-        so that the first such stream replays at once instead of running uncaptured while
-        its graphs are captured a few at a time between steps. Only the kernels run, once
-        each on lengths of 0 (no KV read, no `around` work: nothing is delivered). A node
-        about to take traffic calls this (kflume/server.py, "prepare"): each capture holds
-        the node for ~0.5 ms. Returns how many graphs were captured (0 on CPU, or
-        without stream graphs)."""
+        these buffers (same arguments, less the batch), so that the first such stream
+        replays at once instead of running uncaptured while its graphs are captured a
+        few at a time between steps. Only the kernels run, once each on lengths of 0 (no
+        KV read, no `around` work: nothing is delivered). A node about to take traffic
+        calls this (kflume/server.py, "prepare"): each capture holds the node for
+        ~0.5 ms. `now=False` leaves them to `capture_pending` instead (a node serving
+        others). Returns how many graphs were captured (0 on CPU, or without stream
+        graphs)."""
         self._check_stream_buffers(layers, q, out, 0)
         self._check_layer(layers.start)
         self._check_layer(layers[-1])
@@ -371,7 +373,7 @@ class AttentionNode:
                              f"{self.config.kv_heads} KV heads; got Hq={q.shape[2]}")
         if self._graphs is None or not self.config.stream_graphs:
             return 0
-        return self._graphs.prepare(q, out, self._pt.shape[1], self._scale(scale), around)
+        return self._graphs.prepare(q, out, self._scale(scale), around, now=now)
 
     def _check_stream_buffers(self, layers: range, q: torch.Tensor, out: torch.Tensor,
                               b: int) -> None:

@@ -81,7 +81,8 @@ class _StreamGraphs:
 
     q: torch.Tensor  # [L, b, Hq, D]: layer i's query lands in q[i]
     result: torch.Tensor  # [L, b, row]: layer i's reply, in the reply layout
-    page_table: torch.Tensor  # [L, b, width]: the batch's rows shifted to each layer
+    page_table: torch.Tensor  # [L, b, pages]: the batch's rows shifted to each layer (as
+    # wide as a layer's pages, so that it fits however wide the node's table grows)
     start: torch.Tensor
     kv_len: torch.Tensor
     scale: float
@@ -158,8 +159,10 @@ class AttendGraphs:
         query and delivering the reply: one replay a layer). They are captured, so they
         must launch the same kernels on the same memory every time (a value that changes
         goes in device memory); `key` (hashable) names them among the graph sets."""
-        s = self._set(q, result, page_table.shape[1], scale, around)
-        torch.add(page_table, self._base[layers.start : layers.stop], out=s.page_table)
+        s = self._set(q, result, scale, around)
+        width = page_table.shape[1]
+        torch.add(page_table, self._base[layers.start : layers.stop],
+                  out=s.page_table[:, :, :width])
         if s.kv_len_src is not kv_len:
             s.kv_len.copy_(kv_len)
             s.kv_len_src = kv_len
@@ -179,13 +182,17 @@ class AttendGraphs:
                     s.after(i)
         return run
 
-    def prepare(self, q: torch.Tensor, result: torch.Tensor, width: int, scale: float,
-                around: tuple | None = None) -> int:
+    def prepare(self, q: torch.Tensor, result: torch.Tensor, scale: float,
+                around: tuple | None = None, now: bool = True) -> int:
         """Capture every layer of the stream set that `stream()` would use for these
-        buffers and a page table `width` pages wide, now (its kernels run once first, on
-        lengths of 0, so that they are loaded; `around`'s kernels must be loaded already).
-        Returns how many graphs were captured."""
-        s = self._set(q, result, width, scale, around)
+        buffers, now (its kernels run once first, on lengths of 0, so that they are
+        loaded; `around`'s kernels must be loaded already). Returns how many graphs were
+        captured. `now=False`: make the set and leave its layers to `capture_pending`
+        (a node serving other peers, whose steps a burst of captures would stall)."""
+        s = self._set(q, result, scale, around)
+        if not now:
+            s.used = [None if u is None else (u or r is None) for u, r in zip(s.used, s.runs)]
+            return 0
         todo = [i for i, r in enumerate(s.runs) if r is None and s.used[i] is not None]
         if not todo or not self.capture:
             return 0
@@ -202,11 +209,11 @@ class AttendGraphs:
             done += self._stream_layer(s, i)
         return done
 
-    def _set(self, q: torch.Tensor, result: torch.Tensor, width: int, scale: float,
+    def _set(self, q: torch.Tensor, result: torch.Tensor, scale: float,
              around: tuple | None) -> _StreamGraphs:
         """The stream set of these buffers (made if new; the most recently used)."""
         n, b, hq, d = q.shape
-        key = (q.data_ptr(), result.data_ptr(), n, b, hq, d, q.dtype, width, float(scale),
+        key = (q.data_ptr(), result.data_ptr(), n, b, hq, d, q.dtype, float(scale),
                None if around is None else around[0])
         s = self._streams.get(key)
         if s is None:
@@ -230,14 +237,16 @@ class AttendGraphs:
 
     def _stream_set(self, key: tuple, q: torch.Tensor, result: torch.Tensor,
                     before: Callable | None, after: Callable | None) -> _StreamGraphs:
-        n, b, hq, d, dtype, width, scale = key[2:9]
+        n, b, hq, d, dtype, scale = key[2:8]
         dev = self.device
         zeros = torch.zeros(b, dtype=torch.int32, device=dev)
         s = _StreamGraphs(q=q, result=result, scale=scale,
-                          page_table=torch.zeros(n, b, width, dtype=torch.int32, device=dev),
+                          page_table=torch.zeros(n, b, self.pages, dtype=torch.int32,
+                                                 device=dev),
                           start=zeros, kv_len=zeros.clone(), runs=[None] * n,
                           used=[False] * n, before=before, after=after,
-                          splits=default_num_splits(b, self.kv_heads, width * self.page_size,
+                          splits=default_num_splits(b, self.kv_heads,
+                                                    self.pages * self.page_size,
                                                     self.num_sms))
         if not self.capture:  # CPU: every layer runs eagerly on the buffers at once
             for i in range(n):

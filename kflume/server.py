@@ -79,6 +79,7 @@ class _Peer:
     # opened once it has them, may write the buffers again.
     stream_bufs: dict[tuple, list] = field(default_factory=dict)
     mailboxes: dict[int, MailboxView] = field(default_factory=dict)  # registered by id
+    last_stream: float = -1e9  # when it last opened a stream (time.monotonic())
 
 
 def _to_device(tensors: list[torch.Tensor], device) -> tuple[list, list]:
@@ -506,8 +507,9 @@ class NodeServer:
             raise UnknownRequestError(f"stream names {b} requests; this node holds "
                                       f"{len(self.node.requests)}")
         bufs = self._stream_buffers(peer, key)
+        peer.last_stream = time.monotonic()
         st = _Stream(h.seq, range(h.layer, h.layer + layers), bufs, key,
-                     time.monotonic() + self.stream_deadline)
+                     peer.last_stream + self.stream_deadline)
         if pull is None:
             st.recvs = [peer.conn.post_part_recv(h.seq, i + 1, q)
                         for i, q in enumerate(bufs[2])]
@@ -530,7 +532,9 @@ class NodeServer:
         stream's, with no requests, `rows` and a mailbox, doorbell value 0; pull: its
         query offset and flags): `AttentionNode.prepare_batch`. Their buffers go to the
         place's pool, where the place's first stream takes them. For a node that is not
-        serving yet (it holds up this loop ~0.5 ms a layer)."""
+        serving yet: it holds up this loop ~0.5 ms a layer, so a node that served another
+        peer's stream in the last second leaves them to `capture_pending` instead, a few
+        at each stream's end."""
         self._tensors(h, tensors, 0)
         if h.requests or "rows" not in h.info or "mailbox" not in h.info:
             raise ValueError("prepare: give info rows and mailbox, and no requests")
@@ -541,8 +545,10 @@ class NodeServer:
         try:
             _, around = self._mailbox_around(peer, "prepare", spec, bufs)  # (registering
             # the mailbox loaded its kernels)
+            busy = any(p is not peer and time.monotonic() - p.last_stream < 1.0
+                       for p in self.peers)
             n = self.node.prepare_batch(range(h.layer, h.layer + layers), bufs[0], bufs[1],
-                                        scale=scale, around=around)
+                                        scale=scale, around=around, now=not busy)
         finally:
             peer.stream_bufs.setdefault(key, []).append(bufs)
         return Header("ok", info={"captured": n}), []

@@ -238,7 +238,8 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
     """`prepare` captures a stream set's layers at once (the kernels run first on lengths
     of 0, so no capture warms them), before any stream: the first stream on those buffers
     replays every layer, with nothing left for capture_pending, and computes the same as
-    the per-layer kernel. Another page-table width is another set."""
+    the per-layer kernel, however wide the node's page table has grown since (a set's
+    table is as wide as a layer's pages). `now=False` leaves them to capture_pending."""
     gen = torch.Generator().manual_seed(5)
     kp, vp = _pools(3, 30, 16, 2, 128, torch.float32, "cpu", gen)
     graphs = AttendGraphs(kp, vp)
@@ -246,15 +247,15 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
     captures = []
     monkeypatch.setattr(graphs, "_captured",
                         lambda launch, warm=True: captures.append(warm) or launch)
-    rows, hq, width = 4, 4, 4  # 2064-byte reply rows: every layer 16-byte aligned
+    rows, hq = 4, 4  # 2064-byte reply rows: every layer 16-byte aligned
     q = torch.zeros(3, rows, hq, 128)
     res = torch.zeros(3, rows, state_row_bytes(hq, 128, torch.float32), dtype=torch.uint8)
-    assert graphs.prepare(q, res, width, 0.1) == 3
-    assert graphs.prepare(q, res, width, 0.1) == 0  # done already
+    assert graphs.prepare(q, res, 0.1) == 3
+    assert graphs.prepare(q, res, 0.1) == 0  # done already
     assert captures == [False] * 3
-    pt = torch.randperm(30, generator=gen)[: rows * width].view(rows, width).int()
     lens = torch.tensor([64, 1, 37, 0], dtype=torch.int32)  # the last row: padding
-    for _ in range(2):
+    for width in (4, 7):  # the node's table grew wider: the same graphs
+        pt = torch.randperm(30, generator=gen)[: rows * width].view(rows, width).int()
         run = graphs.stream(range(3), q, res, pt, lens, 0.1)
         for i in (0, 1, 2):
             q[i].normal_(generator=gen)
@@ -263,7 +264,9 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
             _close(out, lse, *_ref(q[i], kp, vp, i, pt, lens, 0.1), lens, torch.float32)
         assert graphs.capture_pending(limit=8) == 0
     assert captures == [False] * 3  # no per-shape graph was needed
-    assert graphs.prepare(q, res, 2 * width, 0.1) == 3
+    q2, res2 = torch.zeros_like(q), torch.zeros_like(res)  # another place, later
+    assert graphs.prepare(q2, res2, 0.1, now=False) == 0
+    assert graphs.capture_pending(limit=2) == 2 and graphs.capture_pending(limit=2) == 1
 
 
 @pytest.mark.cuda
@@ -271,16 +274,17 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
 def test_prepared_cuda_graphs_serve_the_first_stream(group, d, page_size):
     """On a GPU: `prepare` captures every layer of a set before its first stream (no
     per-shape graph, nothing left pending), and those graphs compute the reference on
-    the streams' lengths and page tables, padding rows (0, -inf) included."""
+    the streams' lengths and page tables, padding rows (0, -inf) included, as the node's
+    table grows wider."""
     gen = torch.Generator().manual_seed(group * d)
     kp, vp = _pools(3, 48, page_size, 2, d, torch.bfloat16, "cuda", gen)
     graphs = AttendGraphs(kp, vp)
-    hq, rows, width = 2 * group, 4, 7
+    hq, rows = 2 * group, 4
     q = torch.zeros(3, rows, hq, d, dtype=torch.bfloat16, device="cuda")
     res = torch.zeros(3, rows, state_row_bytes(hq, d, torch.bfloat16), dtype=torch.uint8,
                       device="cuda")
-    assert graphs.prepare(q, res, width, d**-0.5) == 3 and graphs.captured == 3
-    for step in range(2):
+    assert graphs.prepare(q, res, d**-0.5) == 3 and graphs.captured == 3
+    for step, width in enumerate((5, 11)):
         pt = torch.randperm(48, generator=gen)[: rows * width].view(rows, width)
         lens = torch.tensor([width * page_size - 1, 1 + step, 0, 0])  # odd, short, padding
         pt, lens = pt.to("cuda", torch.int32), lens.to("cuda", torch.int32)
