@@ -221,7 +221,7 @@ class CapturedRemoteAttention:
         self._reserved: set[str] = set()  # node slots of prepared nodes not in a plan yet
         self._unsettled: list[Pending] = []  # answers to _register's preparations
         if self._boxes:
-            remote.on_join(self.prepare)
+            remote.on_join(self.prepare, self.forget)
 
     # ---- host half: between steps ------------------------------------------------------
     def load(self, plan: StepPlan) -> None:
@@ -295,12 +295,20 @@ class CapturedRemoteAttention:
                             "%d): not prepared", name, self.max_nodes)
                 return [registered]
             self.node_slots[self.node_slots.index("")] = name
-            self._reserved.add(name)
+        self._reserved.add(name)  # until a plan names it (load)
         i, r = self.node_slots.index(name), self.remote
         return [registered] + [client.prepare_stream(range(self.num_layers), self._rows(m),
                                                      r.hq, r.d, self.dtype, r.scale,
                                                      **self._place(i, m))
                                for m in range(len(self.ranges))]
+
+    def forget(self, name: str) -> None:
+        """Node `name` was prepared but will not join (or has left): its reserved slot
+        is free again, its registration forgotten."""
+        if name in self._reserved:
+            self._reserved.discard(name)
+            self.node_slots[self.node_slots.index(name)] = ""
+        self._delivers.pop(name, None)
 
     def _rows(self, m: int) -> int:
         return self.ranges[m].stop - self.ranges[m].start
@@ -452,7 +460,9 @@ class CapturedRemoteAttention:
         self._open.clear()
 
     def close(self) -> None:
-        """Give the mailboxes' shared memory back (the graph must not run again)."""
+        """Give the mailboxes' shared memory back (the graph must not run again). Nodes
+        that join later are not prepared for it any more: close a graph you are done
+        with."""
         for b in self._boxes:
             b.close()
         self._boxes = []

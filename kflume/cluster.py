@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .client import NodeClient
-from .comm.base import Transport
+from .comm.base import RemoteError, Transport
 from .node import NodeConfig
 from .plan import StepPlan
 from .remote import RemoteAttention
@@ -203,30 +203,38 @@ class Cluster:
 
     def _connect(self, name: str, address: str, cap: int, proc, wait: bool) -> None:
         """Connect to a ready node, check it, have it prepared; admit it now (`wait`, or
-        nothing to prepare) or at the first boundary after its answers (`begin_step`)."""
+        nothing to prepare) or at the first boundary after its answers (`begin_step`).
+        Raises (having closed the connection) if it cannot be connected or prepared."""
         client = NodeClient.connect(name, self.transport, address, self.timeout)
-        self._check(name, client)
-        cap = int(client.info.get("capacity_tokens", cap))
-        j = _Joining(name, proc, cap, client, deadline=time.monotonic() + self.timeout)
-        j.prepared = self.remote.prepare_node(name, client) if self.remote is not None else []
-        if wait:
-            for p in j.prepared:
-                try:
-                    p.result(self.timeout)
-                except Exception as e:  # noqa: BLE001 - see _prepared
-                    if not p.done:
-                        raise
-                    log.warning("node %s was not prepared (it serves, its first steps "
-                                "slower): %s", name, e)
-            j.prepared = []
+        try:
+            self._check(name, client)
+            cap = int(client.info.get("capacity_tokens", cap))
+            j = _Joining(name, proc, cap, client, deadline=time.monotonic() + self.timeout)
+            if self.remote is not None:
+                j.prepared = self.remote.prepare_node(name, client)
+            if wait:
+                for p in j.prepared:
+                    try:
+                        p.result(self.timeout)
+                    except RemoteError as e:
+                        self._unprepared(name, e)
+                j.prepared = []
+        except BaseException:
+            client.close()
+            raise
         if j.prepared:
             self._joining.append(j)
         else:
             self._admit(j)
 
     def _prepared(self, j: _Joining) -> bool | None:
-        """Whether a node being prepared may enter the routing (True), waits (False), or
-        must be dropped (None: no answer in time)."""
+        """Whether a node being prepared may enter the routing (True: it answered, or
+        refused), waits (False), or must be dropped (None: its connection failed, or no
+        answer in time)."""
+        self.transport.progress(0.0)  # (answers complete only as the transport is driven)
+        if not j.client.conn.alive:
+            log.error("node %s went away while being prepared: dropped", j.name)
+            return None
         if not all(p.done for p in j.prepared):
             if time.monotonic() < j.deadline:
                 return False
@@ -236,10 +244,17 @@ class Cluster:
         for p in j.prepared:
             try:
                 p.result(0)
-            except Exception as e:  # noqa: BLE001 - it still serves, uncaptured at first
-                log.warning("node %s was not prepared (it serves, its first steps slower): "
-                            "%s", j.name, e)
+            except RemoteError as e:
+                self._unprepared(j.name, e)
+            except Exception as e:  # noqa: BLE001 - the connection failed
+                log.error("node %s failed while being prepared: %s; dropped", j.name, e)
+                return None
         return True
+
+    @staticmethod
+    def _unprepared(name: str, e: RemoteError) -> None:
+        log.warning("node %s refused to be prepared (it serves, its first steps slower): %s",
+                    name, e)
 
     def _add_in_process(self, cap: int, name: str | None) -> str:
         from .node import AttentionNode
@@ -261,6 +276,14 @@ class Cluster:
                 client.close()
                 raise ValueError(f"node {name} holds {key}={info[key]!r} but this cluster "
                                  f"needs {want!r}")
+
+    def _forget(self, name: str) -> None:
+        """A node that did not join: its process stopped, captured steps told."""
+        proc = self.processes.pop(name, None)
+        if proc is not None:
+            proc.stop()
+        if self.remote is not None:
+            self.remote.forget_node(name)
 
     def _admit(self, j: _Joining) -> None:
         self.clients[j.name] = j.client
@@ -286,8 +309,12 @@ class Cluster:
             if j.client is None:  # starting
                 if j.process.ready():
                     self._joining.remove(j)
-                    self._connect(j.name, j.process.address, j.capacity, j.process,
-                                  wait=False)
+                    try:
+                        self._connect(j.name, j.process.address, j.capacity, j.process,
+                                      wait=False)
+                    except Exception as e:  # noqa: BLE001 - the steps go on without it
+                        log.error("node %s could not join: %s; stopped", j.name, e)
+                        self._forget(j.name)
                 continue
             ready = self._prepared(j)
             if ready is not None and not ready:
@@ -297,9 +324,7 @@ class Cluster:
                 self._admit(j)
             else:
                 j.client.close()
-                proc = self.processes.pop(j.name, None)
-                if proc is not None:
-                    proc.stop()
+                self._forget(j.name)
         plan = self.router.begin_step()
         if self.remote is not None:
             self.remote.begin_step(plan)
@@ -311,6 +336,8 @@ class Cluster:
         client = self.clients.pop(name, None)
         if client is not None:
             client.close()
+        if self.remote is not None:
+            self.remote.forget_node(name)
         proc = self.processes.pop(name, None)
         if proc is not None:
             proc.stop()

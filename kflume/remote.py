@@ -62,26 +62,30 @@ class RemoteAttention:
         self._shares: dict[tuple[int, int], list[_Share]] = {}
         # per row range: [k, row] -> the row's k-th partial's place in the replies, -1
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
-        self._preparers: list[weakref.WeakMethod] = []
+        self._preparers: list[tuple[weakref.WeakMethod, weakref.WeakMethod]] = []
 
     # ---- nodes joining -------------------------------------------------------------------
-    def on_join(self, prepare: Callable[[str, NodeClient], list[Pending]]) -> None:
-        """Have `prepare(name, client)` (a bound method, held weakly) called for every node
-        about to join, before any plan names it; it returns the node's pending answers,
-        which the node enters the routing after (kflume/cluster.py). A captured step
+    def on_join(self, prepare: Callable[[str, NodeClient], list[Pending]],
+                forget: Callable[[str], None]) -> None:
+        """Have `prepare(name, client)` called for every node about to join, before any
+        plan names it (it returns the node's pending answers, which the node enters the
+        routing after: kflume/cluster.py), and `forget(name)` for one that then did not
+        join. Both bound methods of one object, held weakly. A captured step
         (kflume/captured.py) gets a node's graphs captured this way."""
-        self._preparers.append(weakref.WeakMethod(prepare))
+        self._preparers.append((weakref.WeakMethod(prepare), weakref.WeakMethod(forget)))
+
+    def _hooks(self, which: int) -> list[Callable]:
+        self._preparers = [r for r in self._preparers if r[which]() is not None]
+        return [f for r in self._preparers if (f := r[which]()) is not None]
 
     def prepare_node(self, name: str, client: NodeClient) -> list[Pending]:
         """What `on_join` registered, for node `name`: their pending answers."""
-        out: list[Pending] = []
-        for ref in list(self._preparers):
-            prepare = ref()
-            if prepare is None:  # its object is gone
-                self._preparers.remove(ref)
-            else:
-                out += prepare(name, client)
-        return out
+        return [p for prepare in self._hooks(0) for p in prepare(name, client)]
+
+    def forget_node(self, name: str) -> None:
+        """Node `name`, prepared, will not join (or has left)."""
+        for forget in self._hooks(1):
+            forget(name)
 
     def _client(self, node: str) -> NodeClient:
         try:

@@ -210,7 +210,7 @@ def test_a_joining_node_is_prepared_before_it_takes_rows(refuse):
     with make_cluster(PROMPTS, 13, local=True) as cl:
         rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
         cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
-                                      row_ranges=rows, max_nodes=3, mechanism="host",
+                                      row_ranges=rows, max_nodes=4, mechanism="host",
                                       dtype=torch.float32)
         pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
         g = torch.Generator().manual_seed(14)
@@ -231,6 +231,12 @@ def test_a_joining_node_is_prepared_before_it_takes_rows(refuse):
         assert seen[-1] == (True, True, False)
         assert cap.delivers(name) != refuse and cap.delivers("node0")
         assert any(s.requests for s in cap.plan_slots[cap.node_slots.index(name)])
+        if not refuse:  # one prepared that then does not join gives its slot back
+            for p in cl.remote.prepare_node("ghost", cl.clients["node1"]):
+                p.result()
+            assert "ghost" in cap.node_slots
+            cl.remote.forget_node("ghost")
+            assert "ghost" not in cap.node_slots and not cap.delivers("ghost")
         cap.close()
 
 
