@@ -307,14 +307,16 @@ class Cluster:
         the plan to RemoteAttention (frees, migrations)."""
         for j in list(self._joining):
             if j.client is None:  # starting
-                if j.process.ready():
-                    self._joining.remove(j)
-                    try:
+                try:
+                    if j.process.ready():
+                        self._joining.remove(j)
                         self._connect(j.name, j.process.address, j.capacity, j.process,
                                       wait=False)
-                    except Exception as e:  # noqa: BLE001 - the steps go on without it
-                        log.error("node %s could not join: %s; stopped", j.name, e)
-                        self._forget(j.name)
+                except Exception as e:  # noqa: BLE001 - the steps go on without it
+                    log.error("node %s could not join: %s; stopped", j.name, e)
+                    if j in self._joining:
+                        self._joining.remove(j)
+                    self._forget(j.name)
                 continue
             ready = self._prepared(j)
             if ready is not None and not ready:

@@ -240,6 +240,37 @@ def test_a_joining_node_is_prepared_before_it_takes_rows(refuse):
         cap.close()
 
 
+@pytest.mark.timeout(300)
+def test_nodes_that_die_while_joining_are_dropped_and_the_steps_go_on(caplog):
+    """add_node(wait=False) twice: one process dies before it listens, the other after
+    (before it is connected). Each is logged, forgotten and stopped at a boundary; the
+    steps stay right and the routing never names them."""
+    pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
+    model = TinyModel(15)
+    ref_cl = make_cluster(PROMPTS, 16)
+    with make_cluster(PROMPTS, 16, local=True) as cl:
+        rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
+        cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
+                                      row_ranges=rows, max_nodes=4, mechanism="host",
+                                      dtype=torch.float32)
+        pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+        g = torch.Generator().manual_seed(17)
+        with StepServer(cap, timeout=60) as server:
+            early, late = cl.add_node(wait=False), cl.add_node(wait=False)
+            cl.processes[early].proc.kill()
+            cl.processes[late].wait_ready()
+            cl.processes[late].proc.kill()
+            cl.processes[late].proc.wait()
+            for _ in range(3):
+                served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
+        for name in (early, late):
+            assert name not in cl.router.nodes() and name not in cl.processes
+            assert name not in cap.node_slots
+            assert f"node {name} could not join" in caplog.text
+        assert not cl._joining
+        cap.close()
+
+
 def test_a_node_that_does_not_take_the_mailboxes_answers_with_messages(monkeypatch):
     """In one process the nodes can map the mailboxes too (shared memory); one whose
     registration fails (here: no answer in time) is served with messages, and load()
