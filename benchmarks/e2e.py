@@ -225,6 +225,18 @@ def slot_breakdown(trace) -> dict:
     return {"send_us": med(1), "remote_us": med(2), "release_us": med(3), "n": len(trace)}
 
 
+def per_step_slots(trace) -> dict:
+    """Per step (a trace's slots, in order, start again at 0 each step): the median and
+    the largest remote time of its slots, in microseconds."""
+    steps: list[list[float]] = []
+    for t in trace:
+        if t[0] == 0 or not steps:
+            steps.append([])
+        steps[-1].append(t[2] * 1e6)
+    return {"remote_us_median": [round(statistics.median(s), 1) for s in steps],
+            "remote_us_max": [round(max(s), 1) for s in steps]}
+
+
 def one_way(trace, node_trace) -> dict:
     """Median per slot served by one node stream (micro-batches of one node), in
     microseconds, from both sides' clocks (one clock on a Linux host): q on the way
@@ -453,6 +465,12 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 cap.trace_steps = args.steps
                 out[key] = stats(time_steps(args.steps, one))
                 out[key]["slots"] = slot_breakdown(cap.trace)
+                # each timed step's host parts and slot times (which steps were slow, and
+                # where: in the e2e.json output)
+                out[key]["per_step"] = {
+                    **{f"{k}_ms": [round(x, 3) for x in v[-args.steps:]]
+                       for k, v in parts.items()},
+                    **per_step_slots(cap.trace)}
                 out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:])
                                         for k, v in parts.items()}
                 out[key]["boundary_ms"] = {k: round(statistics.median(v[-args.steps:]), 3)
