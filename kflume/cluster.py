@@ -278,7 +278,7 @@ class Cluster:
                                  f"needs {want!r}")
 
     def _forget(self, name: str) -> None:
-        """A node that did not join: its process stopped, captured steps told."""
+        """A node that did not join, or left: its process stopped, captured steps told."""
         proc = self.processes.pop(name, None)
         if proc is not None:
             proc.stop()
@@ -338,11 +338,7 @@ class Cluster:
         client = self.clients.pop(name, None)
         if client is not None:
             client.close()
-        if self.remote is not None:
-            self.remote.forget_node(name)
-        proc = self.processes.pop(name, None)
-        if proc is not None:
-            proc.stop()
+        self._forget(name)
         log.info("node %s left the cluster", name)
 
     def table(self) -> str:

@@ -203,18 +203,26 @@ def test_attend_batch_pads_rows_past_the_requests():
         assert o[2:].eq(0).all() and lse[2:].eq(float("-inf")).all()
 
 
-def test_stream_layers_wait_for_capture_pending_and_skip_misaligned_buffers(monkeypatch):
-    """The bookkeeping a CUDA node runs, on CPU: a "capture" here returns the eager launch
-    (the real one needs a GPU). Layers go through the per-shape path until
-    capture_pending() took them, at most `limit` a call; a layer whose buffers are not
-    16-byte aligned is never captured and keeps being served right."""
-    gen = torch.Generator().manual_seed(3)
+def _capturing_on_cpu(monkeypatch, gen):
+    """AttendGraphs over CPU pools that runs a CUDA node's bookkeeping: a "capture"
+    returns the eager launch (the real one needs a GPU); `captures` lists each one's
+    `warm` flag."""
     kp, vp = _pools(3, 30, 16, 2, 128, torch.float32, "cpu", gen)
     graphs = AttendGraphs(kp, vp)
     graphs.capture = True
     captures = []
     monkeypatch.setattr(graphs, "_captured",
                         lambda launch, warm=True: captures.append(warm) or launch)
+    return kp, vp, graphs, captures
+
+
+def test_stream_layers_wait_for_capture_pending_and_skip_misaligned_buffers(monkeypatch):
+    """The bookkeeping a CUDA node runs, on CPU: a "capture" here returns the eager launch
+    (the real one needs a GPU). Layers go through the per-shape path until
+    capture_pending() took them, at most `limit` a call; a layer whose buffers are not
+    16-byte aligned is never captured and keeps being served right."""
+    gen = torch.Generator().manual_seed(3)
+    kp, vp, graphs, captures = _capturing_on_cpu(monkeypatch, gen)
     b, hq, width = 3, 2, 4  # a reply row of 1032 bytes: layer 1's buffers sit 8 bytes off
     row = state_row_bytes(hq, 128, torch.float32)
     q = torch.zeros(3, b, hq, 128)
@@ -241,12 +249,7 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
     the per-layer kernel, however wide the node's page table has grown since (a set's
     table is as wide as a layer's pages). `now=False` leaves them to capture_pending."""
     gen = torch.Generator().manual_seed(5)
-    kp, vp = _pools(3, 30, 16, 2, 128, torch.float32, "cpu", gen)
-    graphs = AttendGraphs(kp, vp)
-    graphs.capture = True
-    captures = []
-    monkeypatch.setattr(graphs, "_captured",
-                        lambda launch, warm=True: captures.append(warm) or launch)
+    kp, vp, graphs, captures = _capturing_on_cpu(monkeypatch, gen)
     rows, hq = 4, 4  # 2064-byte reply rows: every layer 16-byte aligned
     q = torch.zeros(3, rows, hq, 128)
     res = torch.zeros(3, rows, state_row_bytes(hq, 128, torch.float32), dtype=torch.uint8)

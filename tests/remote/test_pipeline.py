@@ -78,6 +78,16 @@ def served_step(model, ref_cl, cl, cap, pipe, rows, server, g, advance=True):
                 c.router.advance(rid)
 
 
+def captured_pipeline(cl, model, **kwargs):
+    """Two micro-batches of PROMPTS through a CapturedRemoteAttention on `cl` (host
+    signals, float32): (row ranges, the captured attention, the pipeline)."""
+    rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
+    cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
+                                  row_ranges=rows, mechanism="host", dtype=torch.float32,
+                                  **kwargs)
+    return rows, cap, LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+
+
 @pytest.mark.parametrize("microbatches", [1, 2, 3])
 def test_pipeline_matches_sequential(microbatches):
     model = TinyModel()
@@ -208,11 +218,7 @@ def test_a_joining_node_is_prepared_before_it_takes_rows(refuse):
     model = TinyModel(12)
     ref_cl = make_cluster(PROMPTS, 13)
     with make_cluster(PROMPTS, 13, local=True) as cl:
-        rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
-        cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
-                                      row_ranges=rows, max_nodes=4, mechanism="host",
-                                      dtype=torch.float32)
-        pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+        rows, cap, pipe = captured_pipeline(cl, model, max_nodes=4)
         g = torch.Generator().manual_seed(14)
         seen = []
         with StepServer(cap, timeout=60) as server:
@@ -249,11 +255,7 @@ def test_nodes_that_die_while_joining_are_dropped_and_the_steps_go_on(caplog):
     model = TinyModel(15)
     ref_cl = make_cluster(PROMPTS, 16)
     with make_cluster(PROMPTS, 16, local=True) as cl:
-        rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
-        cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
-                                      row_ranges=rows, max_nodes=4, mechanism="host",
-                                      dtype=torch.float32)
-        pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+        rows, cap, pipe = captured_pipeline(cl, model, max_nodes=4)
         g = torch.Generator().manual_seed(17)
         with StepServer(cap, timeout=60) as server:
             early, late = cl.add_node(wait=False), cl.add_node(wait=False)
