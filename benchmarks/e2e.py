@@ -237,6 +237,11 @@ def per_step_slots(trace) -> dict:
             "remote_us_max": [round(max(s), 1) for s in steps]}
 
 
+def step_tails(step_trace) -> list[float]:
+    """Per step, ms from its last slot released to its appends and streams acknowledged."""
+    return [round((end - last) * 1e3, 3) for _, last, end in step_trace]
+
+
 def one_way(trace, node_trace) -> dict:
     """Median per slot served by one node stream (micro-batches of one node), in
     microseconds, from both sides' clocks (one clock on a Linux host): q on the way
@@ -470,7 +475,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 out[key]["per_step"] = {
                     **{f"{k}_ms": [round(x, 3) for x in v[-args.steps:]]
                        for k, v in parts.items()},
-                    **per_step_slots(cap.trace)}
+                    **per_step_slots(cap.trace), "tail_ms": step_tails(cap.step_trace)}
                 out[key]["parts_ms"] = {k: statistics.median(v[-args.steps:])
                                         for k, v in parts.items()}
                 out[key]["boundary_ms"] = {k: round(statistics.median(v[-args.steps:]), 3)
@@ -507,6 +512,9 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                     # where the join steps' time went (host parts, boundary split), ms
                     join_parts = {k: [round(x, 2) for x in v[first : first + len(joined)]]
                                   for k, v in {**parts, **split}.items()}
+                    n = min(len(joined), 20)  # (the trace keeps 20 steps)
+                    join_parts.update({k: v[-n:] for k, v in per_step_slots(cap.trace).items()},
+                                      tail_ms=step_tails(cap.step_trace)[-n:])
                     after = time_steps(20, one)
                     slots_after = slot_breakdown(cap.trace)
                     cap.trace_steps = 0

@@ -217,6 +217,10 @@ class CapturedRemoteAttention:
         # micro-batch's stream sequence numbers (to match a node's `stats(trace=n)`), for
         # the last `trace_steps` steps (0: off).
         self.trace: list[tuple] = []
+        # Per traced step: (serving began, last slot released, appends and streams
+        # acknowledged) in time.perf_counter() seconds: the last part is the step's wait
+        # for its nodes' acknowledgements after its last reply.
+        self.step_trace: list[tuple] = []
         self.trace_steps = 0
         self._reserved: set[str] = set()  # node slots of prepared nodes not in a plan yet
         self._unsettled: list[Pending] = []  # answers to _register's preparations
@@ -511,6 +515,7 @@ class CapturedRemoteAttention:
         sent = released = 0
         transport = next(iter(self.remote.clients.values())).transport
         tr = self.trace_steps > 0
+        began = last = time.perf_counter() if tr else 0.0
         times: dict[int, list[float]] = {}
         appends: list[Pending] = []
         try:
@@ -533,8 +538,8 @@ class CapturedRemoteAttention:
                         a, b, c = times.pop(released)
                         layer, m = divmod(released, len(self.ranges))
                         seqs = tuple(st.seq for (_, mm), st in self._open.items() if mm == m)
-                        self.trace.append((released, b - a, c - b, time.perf_counter() - c,
-                                           b, c, layer, seqs))
+                        last = time.perf_counter()
+                        self.trace.append((released, b - a, c - b, last - c, b, c, layer, seqs))
                     released += 1
                 else:
                     transport.progress(0.0)
@@ -572,6 +577,8 @@ class CapturedRemoteAttention:
         self.steps += 1
         if tr:
             self.trace = self.trace[-self.trace_steps * total :]
+            self.step_trace.append((began, last, time.perf_counter()))
+            del self.step_trace[: -self.trace_steps]
 
 
 class StepServer:
