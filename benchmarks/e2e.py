@@ -483,6 +483,11 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 node = cl.clients["node0"].stats(reset_timings=True, trace=512)
                 out[key]["node_us"] = {k: node.get(f"attend_{k}_us", 0.0)
                                        for k in ("handle", "reply")}
+                appends = [e for e in node.get("op_trace", []) if e[1] == "append"]
+                if appends:  # an append's host handling, and its kernel's wait to the ack
+                    out[key]["node_us"].update(
+                        append_handle=statistics.median(e[3] - e[2] for e in appends) * 1e6,
+                        append_reply=statistics.median(e[4] - e[3] for e in appends) * 1e6)
                 out[key]["one_way"] = one_way(cap.trace, node.get("attend_trace", []))
                 if args.profile and stage == args.stages[0] and graph is not None:
                     out[key]["gpu_per_step"] = profile_steps(one, 3, f"{batch}x{context}-{key}",
@@ -515,6 +520,15 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                     n = min(len(joined), 20)  # (the trace keeps 20 steps)
                     join_parts.update({k: v[-n:] for k, v in per_step_slots(cap.trace).items()},
                                       tail_ms=step_tails(cap.step_trace)[-n:])
+                    # the new node's first messages, against the first-append step's
+                    # timeline (ms from its start: last reply released, acknowledged)
+                    began, last, end = cap.step_trace[-1]
+                    ops = cl.clients[name].stats(trace=16).get("op_trace", [])
+                    join_parts["last_step_ms"] = [round((last - began) * 1e3, 2),
+                                                  round((end - began) * 1e3, 2)]
+                    join_parts["new_node_ops_ms"] = [
+                        [op, *(round((t - began) * 1e3, 2) for t in e)]
+                        for _, op, *e in ops]
                     after = time_steps(20, one)
                     slots_after = slot_breakdown(cap.trace)
                     cap.trace_steps = 0

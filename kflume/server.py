@@ -137,6 +137,7 @@ class NodeServer:
         # launched, reply sent) in time.perf_counter() seconds, the message's sequence
         # number and layer ("stats": medians, and the entries themselves on request).
         self.timings: deque[tuple] = deque(maxlen=4096)
+        self.op_timings: deque[tuple] = deque(maxlen=512)  # the other messages' (op for layer)
         self._next_accept = 0.0
 
     @property
@@ -264,7 +265,7 @@ class NodeServer:
             self._reply_error(peer, h, e)
             return
         reply.seq = h.seq
-        timing = (t0, time.perf_counter(), h.seq, h.layer) if h.op == "attend" else None
+        timing = (t0, time.perf_counter(), h.seq, h.layer, h.op)
         self._defer(lambda: peer.conn.send(reply, out, ready=True), (tensors, staged), timing,
                     peer)
 
@@ -275,7 +276,7 @@ class NodeServer:
         (`keep`) until the stream passes the event, since a received CUDA buffer that went
         back to the allocator could take the next message (written by UCX, outside
         stream order) while a kernel still reads it. `timing`: (arrival seen, launched,
-        seq, layer) of an attend, recorded with the send. `event`: one to reuse (free
+        seq, layer, op) of a message, recorded with the send. `event`: one to reuse (free
         once its last send went out)."""
         if self.node.device.type == "cuda":
             event = event or torch.cuda.Event()
@@ -288,8 +289,9 @@ class NodeServer:
         if peer.conn.alive:
             send()
         if timing is not None:
-            t0, t1, seq, layer = timing
-            self.timings.append((t0, t1, time.perf_counter(), seq, layer))
+            t0, t1, seq, layer, op = timing
+            (self.timings if op == "attend" else self.op_timings).append(
+                (t0, t1, time.perf_counter(), seq, op if op != "attend" else layer))
 
     def _send_deferred(self) -> None:
         while self._deferred and self._deferred[0][0].query():
@@ -328,7 +330,8 @@ class NodeServer:
                     continue
                 self._defer(lambda s=st.seq, p=i + 1, r=res: peer.conn.send_part(
                     s, p, r, ready=True, static=True), None,
-                    (t0, time.perf_counter(), st.seq, st.layers[i]), peer, st.bufs[4][i])
+                    (t0, time.perf_counter(), st.seq, st.layers[i], "attend"), peer,
+                    st.bufs[4][i])
             if st.next == len(st.recvs):
                 peer.streams.remove(st)
                 self._defer(lambda st=st: self._stream_done(peer, st), None, None, peer)
@@ -666,8 +669,13 @@ class NodeServer:
         if n:  # the last n entries: [seq, layer, seen, launched, sent] (perf_counter s)
             info["attend_trace"] = [[e[3], e[4], e[0], e[1], e[2]]
                                     for e in list(self.timings)[-n:]]
+            # and of the other messages answered (appends, control): [seq, op, seen,
+            # launched, sent]
+            info["op_trace"] = [[e[3], e[4], e[0], e[1], e[2]]
+                                for e in list(self.op_timings)[-n:]]
         if h.info.get("reset_timings"):
             self.timings.clear()
+            self.op_timings.clear()
         return Header("ok", info=info), []
 
     def _op_shutdown(self, peer, h: Header, tensors):

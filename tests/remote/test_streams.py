@@ -453,5 +453,15 @@ def test_node_trace_names_each_stream_layer_in_order():
     for _, _, seen, launched, sent in trace:
         assert t0 <= seen <= launched <= sent <= time.perf_counter()
     assert info["attend_streams"] == 1 and info["attend_messages"] == 3
+    # the other messages answered since the reset (which is one of them)
+    assert [e[1] for e in info["op_trace"]] == ["stats"]
+    t1 = time.perf_counter()
+    k = torch.randn(1, 1, 2, 64)
+    seq = c.client.append(0, rids, [12], [12], k, k).result().header.seq
+    with pytest.raises(RemoteError, match="gap"):  # refused: not answered, not traced
+        c.client.append(0, rids, [20], [20], k, k).result()
+    *_, (s, op, seen, launched, sent) = c.client.stats(trace=5)["op_trace"]
+    assert (s, op) == (seq, "append")
+    assert t1 <= seen <= launched <= sent <= time.perf_counter()
     with pytest.raises(RemoteError, match="trace must be an int"):
         c.client.stats(trace=513)
