@@ -144,3 +144,23 @@ def test_a_step_of_every_layer_in_one_append_message():
     assert [one.requests[r].lengths for r in reqs] == [[21, 22, 22], [25, 26, 26]]
     with pytest.raises(ValueError, match="range of consecutive layers"):
         one.append_layers(range(0, 3, 2), reqs, [0, 0], [0, 0], prompt[:, :2], prompt[:, :2])
+
+
+@pytest.mark.parametrize("capacity,page_size", [(4096, 16), (16, 16), (48, 8)])
+def test_warmup_leaves_the_node_as_it_found_it(capacity, page_size):
+    """`kflume node` runs `warmup()` before it listens (its kernels and torch ops loaded):
+    afterwards the node holds nothing and serves as a fresh one does."""
+    cfg = NodeConfig(layers=3, kv_heads=2, head_dim=64, capacity_tokens=capacity,
+                     page_size=page_size, q_heads=4, dtype="float32")
+    warm, fresh = AttentionNode(cfg), AttentionNode(cfg)
+    warm.warmup()
+    assert warm.stats() == fresh.stats()
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 3, 5, 2, 64, generator=g)
+    q = torch.randn(1, 4, 64, generator=g)
+    for node in (warm, fresh):
+        node.append_layers(range(3), ["r"], [0], [0], k, -k)
+    assert warm.requests["r"].pages == fresh.requests["r"].pages
+    for layer in range(3):
+        torch.testing.assert_close(warm.attend(layer, ["r"], [5], q),
+                                   fresh.attend(layer, ["r"], [5], q), rtol=0, atol=0)
