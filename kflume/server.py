@@ -129,9 +129,10 @@ class NodeServer:
         self.stopped = False
         self.handled = 0
         self.streams_served = 0
-        # On a GPU node, replies wait for their event (kernels done with the message's
-        # tensors and the reply's), while the loop goes on receiving: the next message's
-        # overhead hides the kernel. Entries: (event, send, what it keeps alive, timing).
+        # On a GPU node, replies that carry results wait for their event (kernels done with
+        # the message's tensors and the reply's), while the loop goes on receiving: the
+        # next message's overhead hides the kernel. Entries: (event, send, what it keeps
+        # alive, timing).
         self._deferred: list[tuple] = []
         # Per attend message or stream layer (the last 4096): (arrival seen, kernels
         # launched, reply sent) in time.perf_counter() seconds, the message's sequence
@@ -266,8 +267,16 @@ class NodeServer:
             return
         reply.seq = h.seq
         timing = (t0, time.perf_counter(), h.seq, h.layer, h.op)
-        self._defer(lambda: peer.conn.send(reply, out, ready=True), (tensors, staged), timing,
-                    peer)
+        if out:  # results: sent once the kernels that write them are done
+            self._defer(lambda: peer.conn.send(reply, out, ready=True), (tensors, staged),
+                        timing, peer)
+            return
+        # An acknowledgement (append, import, control) goes at once: nothing after this
+        # can refuse the message, and the peer's next messages run behind its kernels on
+        # this node's stream. Its tensors stay referenced until those kernels are done.
+        self._send_now(lambda: peer.conn.send(reply, out), timing, peer)
+        if tensors and self.node.device.type == "cuda":
+            self._defer(lambda: None, (tensors, staged), None, peer)
 
     def _defer(self, send: Callable[[], None], keep, timing: tuple | None,
                peer: _Peer, event: torch.cuda.Event | None = None) -> None:
