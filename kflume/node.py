@@ -373,7 +373,7 @@ class AttentionNode:
                              f"{self.config.kv_heads} KV heads; got Hq={q.shape[2]}")
         if self._graphs is None or not self.config.stream_graphs:
             return 0
-        return self._graphs.prepare(q, out, self._scale(scale), around, now=now)
+        return self._graphs.prepare(layers.start, q, out, self._scale(scale), around, now=now)
 
     def _check_stream_buffers(self, layers: range, q: torch.Tensor, out: torch.Tensor,
                               b: int) -> None:

@@ -23,18 +23,18 @@ so few shapes ever exist.
 An attend stream (kflume/server.py) brings its own buffers, one query and one reply per
 layer, reused from stream to stream: `stream()` serves each layer with a graph captured
 on them, which reads the layer's query where it lands and writes the reply where it is
-sent from, with the layer's shifted page-table rows in a per-layer table filled once a
-stream: one replay a layer and nothing else (the node's host time per layer is on the
-step's critical path). A stream into a mailbox also captures, around each layer's
-kernels, the fetch of its query from the weight node's GPU (pulling) and the delivery
-of its reply there (`around`), so that a layer is still one replay. A layer without its
-graph yet goes through the per-shape graph (copies in and out). Graphs are captured
-by `capture_pending()`, a few at a time, which a server calls when a stream ends
-(between the peer's steps): a capture costs a node a fraction of a millisecond, and 32
-of them in one step would stall that step (seen: a 79 ms step right after a node
-joined). Or all at once by `prepare()`, before any stream comes, for a node that does
-not serve yet (one joining: kflume/cluster.py). Sets are kept while they stay among the
-`max_streams` most recently used.
+sent from, over that layer's pool, with the batch's page-table rows in one table all the
+layers' graphs read (filled once a stream): one replay a layer and nothing else (the
+node's host time per layer is on the step's critical path). A stream into a mailbox also
+captures, around each layer's kernels, the fetch of its query from the weight node's GPU
+(pulling) and the delivery of its reply there (`around`), so that a layer is still one
+replay. A layer without its graph yet goes through the per-shape graph (copies in and
+out). Graphs are captured by `capture_pending()`, a few at a time, which a server calls
+when a stream ends (between the peer's steps): a capture costs a node a fraction of a
+millisecond, and 32 of them in one step would stall that step (seen: a 79 ms step right
+after a node joined). Or all at once by `prepare()`, before any stream comes, for a node
+that does not serve yet (one joining: kflume/cluster.py). Sets are kept while they stay
+among the `max_streams` most recently used.
 
 Graphs share one memory pool: they replay one after another on one stream. Capture
 uses thread-local mode, so that UCX's threads may call CUDA meanwhile, runs the kernels
@@ -81,8 +81,10 @@ class _StreamGraphs:
 
     q: torch.Tensor  # [L, b, Hq, D]: layer i's query lands in q[i]
     result: torch.Tensor  # [L, b, row]: layer i's reply, in the reply layout
-    page_table: torch.Tensor  # [L, b, pages]: the batch's rows shifted to each layer (as
-    # wide as a layer's pages, so that it fits however wide the node's table grows)
+    page_table: torch.Tensor  # [b, pages]: the batch's rows, read by every layer's graph
+    # with that layer's pool (as wide as a layer's pages: it fits however wide the
+    # node's table grows)
+    first: int  # the stream's first layer: graph i attends over layer first + i
     start: torch.Tensor
     kv_len: torch.Tensor
     scale: float
@@ -107,6 +109,7 @@ class AttendGraphs:
             raise ValueError("AttendGraphs needs contiguous pools (one allocation per pool)")
         self.k = k_pool.view(layers * pages, page_size, hkv, d)
         self.v = v_pool.view(layers * pages, page_size, hkv, d)
+        self.k_layers, self.v_layers = k_pool, v_pool  # [layer]: that layer's pool
         self.layers, self.pages, self.page_size, self.kv_heads = layers, pages, page_size, hkv
         self.device = k_pool.device
         self.capture = k_pool.is_cuda
@@ -114,8 +117,6 @@ class AttendGraphs:
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._streams: OrderedDict[tuple, _StreamGraphs] = OrderedDict()
         self._retired: list[tuple] = []  # (evicted set, its replays' end event)
-        self._base = torch.arange(layers, dtype=torch.int32, device=self.device).mul_(
-            pages).view(layers, 1, 1)  # page offset of each layer in the flattened pools
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.captured = 0  # graphs captured so far (a counter for tests and logs)
 
@@ -159,10 +160,8 @@ class AttendGraphs:
         query and delivering the reply: one replay a layer). They are captured, so they
         must launch the same kernels on the same memory every time (a value that changes
         goes in device memory); `key` (hashable) names them among the graph sets."""
-        s = self._set(q, result, scale, around)
-        width = page_table.shape[1]
-        torch.add(page_table, self._base[layers.start : layers.stop],
-                  out=s.page_table[:, :, :width])
+        s = self._set(layers.start, q, result, scale, around)
+        s.page_table[:, : page_table.shape[1]].copy_(page_table)
         if s.kv_len_src is not kv_len:
             s.kv_len.copy_(kv_len)
             s.kv_len_src = kv_len
@@ -182,14 +181,15 @@ class AttendGraphs:
                     s.after(i)
         return run
 
-    def prepare(self, q: torch.Tensor, result: torch.Tensor, scale: float,
+    def prepare(self, first: int, q: torch.Tensor, result: torch.Tensor, scale: float,
                 around: tuple | None = None, now: bool = True) -> int:
         """Capture every layer of the stream set that `stream()` would use for these
-        buffers, now (its kernels run once first, on lengths of 0, so that they are
+        buffers and a stream from layer `first`, now (its kernels run once first, on
+        lengths of 0, so that they are
         loaded; `around`'s kernels must be loaded already). Returns how many graphs were
         captured. `now=False`: make the set and leave its layers to `capture_pending`
         (a node serving other peers, whose steps a burst of captures would stall)."""
-        s = self._set(q, result, scale, around)
+        s = self._set(first, q, result, scale, around)
         if not now:
             s.used = [None if u is None else (u or r is None) for u, r in zip(s.used, s.runs)]
             return 0
@@ -200,8 +200,9 @@ class AttendGraphs:
         out, lse = unpack_states(result[todo[0]], hq, d, q.dtype)
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
             # the kernels loaded (lengths of 0: nothing is read)
-            split_kv_attention(q[todo[0]], self.k, self.v, s.page_table[todo[0]], s.start,
-                               torch.zeros_like(s.kv_len), scale=s.scale,
+            layer = first + todo[0]
+            split_kv_attention(q[todo[0]], self.k_layers[layer], self.v_layers[layer],
+                               s.page_table, s.start, torch.zeros_like(s.kv_len), scale=s.scale,
                                num_splits=s.splits, out=out, lse=lse, check=False)
         done = 0
         for i in todo:
@@ -209,11 +210,12 @@ class AttendGraphs:
             done += self._stream_layer(s, i)
         return done
 
-    def _set(self, q: torch.Tensor, result: torch.Tensor, scale: float,
+    def _set(self, first: int, q: torch.Tensor, result: torch.Tensor, scale: float,
              around: tuple | None) -> _StreamGraphs:
-        """The stream set of these buffers (made if new; the most recently used)."""
+        """The stream set of these buffers from layer `first` (made if new; the most
+        recently used)."""
         n, b, hq, d = q.shape
-        key = (q.data_ptr(), result.data_ptr(), n, b, hq, d, q.dtype, float(scale),
+        key = (q.data_ptr(), result.data_ptr(), first, n, b, hq, d, q.dtype, float(scale),
                None if around is None else around[0])
         s = self._streams.get(key)
         if s is None:
@@ -237,12 +239,11 @@ class AttendGraphs:
 
     def _stream_set(self, key: tuple, q: torch.Tensor, result: torch.Tensor,
                     before: Callable | None, after: Callable | None) -> _StreamGraphs:
-        n, b, hq, d, dtype, scale = key[2:8]
+        first, n, b, hq, d, dtype, scale = key[2:9]
         dev = self.device
         zeros = torch.zeros(b, dtype=torch.int32, device=dev)
-        s = _StreamGraphs(q=q, result=result, scale=scale,
-                          page_table=torch.zeros(n, b, self.pages, dtype=torch.int32,
-                                                 device=dev),
+        s = _StreamGraphs(q=q, result=result, scale=scale, first=first,
+                          page_table=torch.zeros(b, self.pages, dtype=torch.int32, device=dev),
                           start=zeros, kv_len=zeros.clone(), runs=[None] * n,
                           used=[False] * n, before=before, after=after,
                           splits=default_num_splits(b, self.kv_heads,
@@ -270,12 +271,13 @@ class AttendGraphs:
         compile of the kernels; the per-shape path keeps serving that layer)."""
         hq, d = s.q.shape[2], s.q.shape[3]
         out, lse = unpack_states(s.result[i], hq, d, s.q.dtype)
-        q, pt = s.q[i], s.page_table[i]
+        q, pt, layer = s.q[i], s.page_table, s.first + i
+        k, v = self.k_layers[layer], self.v_layers[layer]
 
         def launch() -> None:
             if s.before is not None:
                 s.before(i)
-            split_kv_attention(q, self.k, self.v, pt, s.start, s.kv_len, scale=s.scale,
+            split_kv_attention(q, k, v, pt, s.start, s.kv_len, scale=s.scale,
                                num_splits=s.splits, out=out, lse=lse, check=False)
             if s.after is not None:
                 s.after(i)

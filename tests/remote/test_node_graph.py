@@ -149,11 +149,11 @@ def test_stream_graphs_read_and_write_the_stream_buffers(device, group, d, page_
             _close(out, lse, *_ref(q[i], kp, vp, span[i], pt, lens, scale), lens, dtype)
         captured.append(graphs.capture_pending(limit=2))
     if device == "cuda":
-        # 2 of set 0's layers after its first stream, its last one after the second;
-        # none left after the third; set 1 evicts set 0 (2 of its layers), then set 0
-        # comes back and starts over. Plus one per-shape graph for the uncaptured layers.
-        assert captured == [2, 1, 0, 2, 2]
-        assert graphs.captured == 7 + 1
+        # A set is buffers and a first layer: each stream here is a set the one before
+        # evicted (max_streams=1), so it starts over, 2 of its layers captured after it.
+        # Plus one per-shape graph for the uncaptured layers.
+        assert captured == [2, 2, 2, 2, 2]
+        assert graphs.captured == 10 + 1
     else:
         assert captured == [0] * 5  # eager from the start
 
@@ -253,8 +253,8 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
     rows, hq = 4, 4  # 2064-byte reply rows: every layer 16-byte aligned
     q = torch.zeros(3, rows, hq, 128)
     res = torch.zeros(3, rows, state_row_bytes(hq, 128, torch.float32), dtype=torch.uint8)
-    assert graphs.prepare(q, res, 0.1) == 3
-    assert graphs.prepare(q, res, 0.1) == 0  # done already
+    assert graphs.prepare(0, q, res, 0.1) == 3
+    assert graphs.prepare(0, q, res, 0.1) == 0  # done already
     assert captures == [False] * 3
     lens = torch.tensor([64, 1, 37, 0], dtype=torch.int32)  # the last row: padding
     for width in (4, 7):  # the node's table grew wider: the same graphs
@@ -268,7 +268,7 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
         assert graphs.capture_pending(limit=8) == 0
     assert captures == [False] * 3  # no per-shape graph was needed
     q2, res2 = torch.zeros_like(q), torch.zeros_like(res)  # another place, later
-    assert graphs.prepare(q2, res2, 0.1, now=False) == 0
+    assert graphs.prepare(0, q2, res2, 0.1, now=False) == 0
     assert graphs.capture_pending(limit=2) == 2 and graphs.capture_pending(limit=2) == 1
 
 
@@ -286,7 +286,7 @@ def test_prepared_cuda_graphs_serve_the_first_stream(group, d, page_size):
     q = torch.zeros(3, rows, hq, d, dtype=torch.bfloat16, device="cuda")
     res = torch.zeros(3, rows, state_row_bytes(hq, d, torch.bfloat16), dtype=torch.uint8,
                       device="cuda")
-    assert graphs.prepare(q, res, d**-0.5) == 3 and graphs.captured == 3
+    assert graphs.prepare(0, q, res, d**-0.5) == 3 and graphs.captured == 3
     for step, width in enumerate((5, 11)):
         pt = torch.randperm(48, generator=gen)[: rows * width].view(rows, width)
         lens = torch.tensor([width * page_size - 1, 1 + step, 0, 0])  # odd, short, padding
