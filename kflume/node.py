@@ -277,14 +277,13 @@ class AttentionNode:
                                  f"{c.head_dim}]; got {list(t.shape)}")
             if t.dtype != self.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype}; this node holds {c.dtype} KV")
-        t = k.shape[2]
-        for rid, off in zip(requests, offsets):
-            held = self.requests[rid].lengths if rid in self.requests else [0] * c.layers
-            for layer in layers:
-                if not 0 <= off <= held[layer]:
-                    raise ValueError(f"append offset {off} for request {rid!r} leaves a gap in "
-                                     f"layer {layer}: the node holds {held[layer]} of its "
-                                     "tokens")
+        t, a, z = k.shape[2], layers.start, layers.stop
+        for rid, off in zip(requests, offsets):  # (per request, not per layer: host time)
+            held = self.requests[rid].lengths[a:z] if rid in self.requests else [0] * n_layers
+            if not 0 <= off <= min(held):
+                i = next(i for i, h in enumerate(held) if not 0 <= off <= h)
+                raise ValueError(f"append offset {off} for request {rid!r} leaves a gap in "
+                                 f"layer {a + i}: the node holds {held[i]} of its tokens")
         self._reserve([(rid, off + t) for rid, off in zip(requests, offsets)])
         pt, offs, _ = self._batch(requests, offsets)
         if n_layers > 1 or layers.start:  # rows of every layer in the flattened pools
@@ -293,9 +292,8 @@ class AttentionNode:
         append_kv(self._k_flat, self._v_flat, pt, offs,
                   k.to(self.device).flatten(0, 1), v.to(self.device).flatten(0, 1), check=False)
         for rid, off, pos in zip(requests, offsets, positions):
-            req = self.requests[rid]
-            for layer in layers:
-                req.lengths[layer] = max(req.lengths[layer], off + t)
+            req, end = self.requests[rid], off + t
+            req.lengths[a:z] = [h if h > end else end for h in req.lengths[a:z]]
             if layers.start == 0:  # where global positions sit is the same in every layer
                 add_segment(req.segments, int(pos), int(pos) + t, int(off))
 

@@ -133,7 +133,11 @@ def test_a_step_of_every_layer_in_one_append_message():
     # match the layer count, layers past the node's.
     free = one.stats()["pages_free"]
     for layer, offs, k, match in (
-        (0, [22, 26], new[:, :1].expand(2, 3, 1, 2, 64).contiguous(), "leaves a gap"),
+        (0, [22, 26], new[:, :1].expand(2, 3, 1, 2, 64).contiguous(),
+         "offset 22 for request 'a' leaves a gap in layer 0: the node holds 21"),
+        (1, [22, 27], torch.randn(2, 2, 1, 2, 64),
+         "offset 27 for request 'b' leaves a gap in layer 1: the node holds 26"),
+        (1, [-1, 26], torch.randn(2, 2, 1, 2, 64), "offset -1 for request 'a' leaves a gap"),
         (1, [22, 26], torch.randn(2, 3, 1, 2, 64), "out of range"),
         (0, [21, 25], torch.randn(2, 2, 1, 2, 32), "must be"),
     ):
