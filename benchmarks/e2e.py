@@ -227,14 +227,16 @@ def slot_breakdown(trace) -> dict:
 
 def per_step_slots(trace) -> dict:
     """Per step (a trace's slots, in order, start again at 0 each step): the median and
-    the largest remote time of its slots, in microseconds."""
+    the largest remote time of its slots, in microseconds, and which slot that was
+    (layer * micro-batches + micro-batch)."""
     steps: list[list[float]] = []
     for t in trace:
         if t[0] == 0 or not steps:
             steps.append([])
         steps[-1].append(t[2] * 1e6)
     return {"remote_us_median": [round(statistics.median(s), 1) for s in steps],
-            "remote_us_max": [round(max(s), 1) for s in steps]}
+            "remote_us_max": [round(max(s), 1) for s in steps],
+            "remote_max_slot": [max(range(len(s)), key=s.__getitem__) for s in steps]}
 
 
 def step_tails(step_trace) -> list[float]:
