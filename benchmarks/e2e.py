@@ -486,7 +486,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 out[key]["node_us"] = {k: node.get(f"attend_{k}_us", 0.0)
                                        for k in ("handle", "reply")}
                 appends = [e for e in node.get("op_trace", []) if e[1] == "append"]
-                if appends:  # an append's host handling, and its kernel's wait to the ack
+                if appends:  # an append's host handling, then its launch to its ack sent
                     out[key]["node_us"].update(
                         append_handle=statistics.median(e[3] - e[2] for e in appends) * 1e6,
                         append_reply=statistics.median(e[4] - e[3] for e in appends) * 1e6)

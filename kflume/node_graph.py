@@ -161,7 +161,10 @@ class AttendGraphs:
         must launch the same kernels on the same memory every time (a value that changes
         goes in device memory); `key` (hashable) names them among the graph sets."""
         s = self._set(layers.start, q, result, scale, around)
-        s.page_table[:, : page_table.shape[1]].copy_(page_table)
+        # (a node's table may be wider than a layer's pages, as it doubles: the columns
+        # past them are never used, a request holding at most that many pages)
+        w = min(page_table.shape[1], self.pages)
+        s.page_table[:, :w].copy_(page_table[:, :w])
         if s.kv_len_src is not kv_len:
             s.kv_len.copy_(kv_len)
             s.kv_len_src = kv_len

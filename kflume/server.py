@@ -274,9 +274,9 @@ class NodeServer:
         # An acknowledgement (append, import, control) goes at once: nothing after this
         # can refuse the message, and the peer's next messages run behind its kernels on
         # this node's stream. Its tensors stay referenced until those kernels are done.
-        self._send_now(lambda: peer.conn.send(reply, out), timing, peer)
         if tensors and self.node.device.type == "cuda":
             self._defer(lambda: None, (tensors, staged), None, peer)
+        self._send_now(lambda: peer.conn.send(reply, out), timing, peer)
 
     def _defer(self, send: Callable[[], None], keep, timing: tuple | None,
                peer: _Peer, event: torch.cuda.Event | None = None) -> None:

@@ -257,8 +257,11 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
     assert graphs.prepare(0, q, res, 0.1) == 0  # done already
     assert captures == [False] * 3
     lens = torch.tensor([64, 1, 37, 0], dtype=torch.int32)  # the last row: padding
-    for width in (4, 7):  # the node's table grew wider: the same graphs
-        pt = torch.randperm(30, generator=gen)[: rows * width].view(rows, width).int()
+    for width in (4, 7, 48):  # the node's table grew wider (48: than a layer's 30 pages,
+        # as a table that doubles can): the same graphs
+        pt = torch.zeros(rows, width, dtype=torch.int32)
+        pt[:, : min(width, 7)] = torch.randperm(30, generator=gen)[: rows * min(width, 7)].view(
+            rows, -1)
         run = graphs.stream(range(3), q, res, pt, lens, 0.1)
         for i in (0, 1, 2):
             q[i].normal_(generator=gen)

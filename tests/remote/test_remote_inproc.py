@@ -151,13 +151,20 @@ def test_a_step_of_every_layer_in_one_append_message():
 
 
 @pytest.mark.parametrize("capacity,page_size", [(4096, 16), (16, 16), (48, 8)])
-def test_warmup_leaves_the_node_as_it_found_it(capacity, page_size):
-    """`kflume node` runs `warmup()` before it listens (its kernels and torch ops loaded):
-    afterwards the node holds nothing and serves as a fresh one does."""
+def test_warmup_leaves_the_node_as_it_found_it(capacity, page_size, monkeypatch):
+    """`kflume node` runs `warmup()` before it listens (its kernels and torch ops loaded,
+    a weight node's append of every layer in one call among them): afterwards the node
+    holds nothing and serves as a fresh one does."""
     cfg = NodeConfig(layers=3, kv_heads=2, head_dim=64, capacity_tokens=capacity,
                      page_size=page_size, q_heads=4, dtype="float32")
     warm, fresh = AttentionNode(cfg), AttentionNode(cfg)
+    calls, append_layers = [], AttentionNode.append_layers
+    monkeypatch.setattr(AttentionNode, "append_layers",
+                        lambda self, layers, *a: calls.append(layers) or append_layers(
+                            self, layers, *a))
     warm.warmup()
+    assert range(3) in calls  # the path a weight node's appends take
+    monkeypatch.undo()
     assert warm.stats() == fresh.stats()
     g = torch.Generator().manual_seed(4)
     k = torch.randn(1, 3, 5, 2, 64, generator=g)
