@@ -20,6 +20,7 @@ Every figure is a per-step wall time (host bookkeeping, graph replay and transpo
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import math
 import os
@@ -39,6 +40,7 @@ from common import header, save_json  # noqa: E402
 
 from kflume.captured import CapturedRemoteAttention, StepServer  # noqa: E402
 from kflume.cluster import Cluster  # noqa: E402
+from kflume.gcwatch import gc_pauses  # noqa: E402
 from kflume.graph import warm_and_capture  # noqa: E402
 from kflume.pipeline import LayerPipeline  # noqa: E402
 
@@ -244,6 +246,20 @@ def step_tails(step_trace) -> list[float]:
     return [round((end - last) * 1e3, 3) for _, last, end in step_trace]
 
 
+def gc_in_steps(pauses, step_trace) -> list:
+    """The collector pauses (began, seconds, generation) that began during a traced step
+    (from its serving to the next one's, boundary included): [step, ms, generation]."""
+    if not step_trace:
+        return []
+    starts, end = [b for b, _, _ in step_trace], step_trace[-1][2]
+    out = []
+    for began, secs, gen in pauses:
+        i = bisect.bisect_right(starts, began) - 1
+        if i >= 0 and (i < len(starts) - 1 or began <= end):
+            out.append([i, round(secs * 1e3, 3), gen])
+    return out
+
+
 def one_way(trace, node_trace) -> dict:
     """Median per slot served by one node stream (micro-batches of one node), in
     microseconds, from both sides' clocks (one clock on a Linux host): q on the way
@@ -435,6 +451,7 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                 server = StepServer(cap, timeout=60.0)
                 gc.collect()  # what a serving loop does once warm: the long-lived objects
                 gc.freeze()  # leave the collector's reach (no full collection mid-step)
+                gc_pauses()  # (watched from here on: which steps a collection fell in)
                 print(f"  {batch}x{context} stage={stage} micro-batches={mb}: captured",
                       flush=True)
 
@@ -491,6 +508,10 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                         append_handle=statistics.median(e[3] - e[2] for e in appends) * 1e6,
                         append_reply=statistics.median(e[4] - e[3] for e in appends) * 1e6)
                 out[key]["one_way"] = one_way(cap.trace, node.get("attend_trace", []))
+                # collector pauses in the timed steps, here and on the node: [step, ms, gen]
+                out[key]["gc"] = {"weight": gc_in_steps(gc_pauses().recent, cap.step_trace),
+                                  "node": gc_in_steps(node.get("gc_trace", []),
+                                                      cap.step_trace)}
                 if args.profile and stage == args.stages[0] and graph is not None:
                     out[key]["gpu_per_step"] = profile_steps(one, 3, f"{batch}x{context}-{key}",
                                                              cap)

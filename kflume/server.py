@@ -36,6 +36,7 @@ import torch
 from .comm.base import MAX_PART, Connection, Listener, Recv, Transport
 from .comm.mailbox import MailboxView
 from .comm.wire import DTYPES, Header, WireError, state_row_bytes, transfer_empty
+from .gcwatch import gc_pauses
 from .node import AttentionNode, NodeCapacityError, UnknownRequestError
 
 __all__ = ["NodeServer"]
@@ -139,6 +140,7 @@ class NodeServer:
         # number and layer ("stats": medians, and the entries themselves on request).
         self.timings: deque[tuple] = deque(maxlen=4096)
         self.op_timings: deque[tuple] = deque(maxlen=512)  # the other messages' (op for layer)
+        self.gc = gc_pauses()  # the process's collector pauses (stats)
         self._next_accept = 0.0
 
     @property
@@ -667,6 +669,7 @@ class NodeServer:
     def _op_stats(self, peer, h: Header, tensors):
         info = self.node.stats()
         info["attend_streams"] = self.streams_served
+        info["gc_collections"] = self.gc.count
         if self.timings:  # medians over the last attend messages, microseconds
             t = self.timings
             info["attend_handle_us"] = statistics.median(e[1] - e[0] for e in t) * 1e6
@@ -682,6 +685,8 @@ class NodeServer:
             # launched, sent]
             info["op_trace"] = [[e[3], e[4], e[0], e[1], e[2]]
                                 for e in list(self.op_timings)[-n:]]
+            # and the process's last collector pauses: [began, seconds, generation]
+            info["gc_trace"] = [list(p) for p in list(self.gc.recent)[-n:]]
         if h.info.get("reset_timings"):
             self.timings.clear()
             self.op_timings.clear()

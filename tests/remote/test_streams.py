@@ -4,6 +4,7 @@ float64 reference, refusals reach the caller and the node keeps serving."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -463,5 +464,13 @@ def test_node_trace_names_each_stream_layer_in_order():
     *_, (s, op, seen, launched, sent) = c.client.stats(trace=5)["op_trace"]
     assert (s, op) == (seq, "append")
     assert t1 <= seen <= launched <= sent <= time.perf_counter()
+    # the process's collector pauses: a full collection here is the last one
+    n = c.client.stats()["gc_collections"]
+    t2 = time.perf_counter()
+    gc.collect()
+    info = c.client.stats(trace=5)
+    began, secs, gen = info["gc_trace"][-1]
+    assert info["gc_collections"] >= n + 1 and gen == 2
+    assert t2 <= began and 0 <= secs <= time.perf_counter() - t2
     with pytest.raises(RemoteError, match="trace must be an int"):
         c.client.stats(trace=513)
