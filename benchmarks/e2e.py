@@ -663,6 +663,25 @@ def main() -> None:
     save_json("e2e.json", results)
 
 
+def slow_steps(d: dict, over: float = 1.05, most: int = 6) -> list[str]:
+    """A timed run's slowest steps above `over` x its p50 (at most `most`), each with what
+    its per-step records say about it."""
+    steps, ps, gcs = d.get("steps_ms", []), d.get("per_step", {}), d.get("gc", {})
+    slow = sorted((i for i, t in enumerate(steps) if t > over * d["p50_ms"]),
+                  key=lambda i: -steps[i])[:most]
+
+    def at(name, i):
+        v = ps.get(name, [])
+        return v[i] if i < len(v) else "?"
+
+    def paused(side, i):
+        return [ms for step, ms, _ in gcs.get(side, []) if step == i] or "-"
+
+    return [f"step {i}: {steps[i]:.2f} (slot {at('remote_max_slot', i)}: "
+            f"{at('remote_us_max', i)}; {at('tail_ms', i)}; {paused('weight', i)} / "
+            f"{paused('node', i)})" for i in sorted(slow)]
+
+
 def report(results, args) -> None:
     print(header("End-to-end TPOT, Llama-3.1-8B shape" + (" (tiny)" if args.tiny else "")))
     print(f"weights made, saved as safetensors and loaded in {results['weights_s']:.1f} s")
@@ -701,6 +720,15 @@ def report(results, args) -> None:
                       f"{pa.get('sync', 0):.2f} / {pa.get('boundary', 0):.2f} | "
                       + (f"{ow['q_us']:.0f} / {ow['reply_us']:.0f} |"
                          if (ow := d.get("one_way")) else "n/a |"))
+    slow = [(cfg, key, line) for cfg, r in results["configs"].items() for key, d in r.items()
+            if key.startswith("kflume") and isinstance(d, dict)
+            for line in slow_steps(d)]
+    if slow:
+        print("\nSteps more than 5 % above their run's p50: ms; slowest slot (index: us); "
+              "wait for acknowledgements after the last reply, ms; collector pauses, "
+              "weight / node, ms")
+        for cfg, key, line in slow:
+            print(f"- {cfg} {key}: {line}")
     for cfg, r in results["configs"].items():
         if "add_node" in r:
             a = r["add_node"]
