@@ -246,6 +246,24 @@ def step_tails(step_trace) -> list[float]:
     return [round((end - last) * 1e3, 3) for _, last, end in step_trace]
 
 
+def tail_split(ops, step_trace) -> dict:
+    """Where a step's wait for acknowledgements goes, from the node's op trace ([seq, op,
+    seen, launched, sent]): per step, ms after its last reply released, of each append
+    (seen, launched, acknowledged) and each stream acknowledged, in the order the node
+    answered them; medians over the steps with the same ops, and the wait itself."""
+    per: dict[str, list[list[float]]] = {}
+    for began, last, end in step_trace:
+        mine = [e for e in ops if began <= e[2] <= end]
+        for op in ("append", "stream"):
+            ts = [[(t - last) * 1e3 for t in e[2:]] for e in mine if e[1] == op]
+            for i, t in enumerate(ts):
+                per.setdefault(f"{op}{i}", []).append(t if op == "append" else t[-1:])
+    out = {k: [round(statistics.median(x[j] for x in v), 3) for j in range(len(v[0]))]
+           for k, v in per.items()}
+    out["tail"] = round(statistics.median(step_tails(step_trace)), 3) if step_trace else 0.0
+    return out
+
+
 def gc_in_steps(pauses, step_trace) -> list:
     """The collector pauses (began, seconds, generation) that began during a traced step
     (from its serving to the next one's, boundary included): [step, ms, generation]."""
@@ -507,6 +525,8 @@ def run_kflume(shape, W, batch, context, device, node_device, args, add_node: bo
                     out[key]["node_us"].update(
                         append_handle=statistics.median(e[3] - e[2] for e in appends) * 1e6,
                         append_reply=statistics.median(e[4] - e[3] for e in appends) * 1e6)
+                out[key]["tail_split_ms"] = tail_split(node.get("op_trace", []),
+                                                       cap.step_trace)
                 out[key]["one_way"] = one_way(cap.trace, node.get("attend_trace", []))
                 # collector pauses in the timed steps, here and on the node: [step, ms, gen]
                 out[key]["gc"] = {"weight": gc_in_steps(gc_pauses().recent, cap.step_trace),
@@ -720,6 +740,17 @@ def report(results, args) -> None:
                       f"{pa.get('sync', 0):.2f} / {pa.get('boundary', 0):.2f} | "
                       + (f"{ow['q_us']:.0f} / {ow['reply_us']:.0f} |"
                          if (ow := d.get("one_way")) else "n/a |"))
+    splits = [(cfg, key, d["tail_split_ms"]) for cfg, r in results["configs"].items()
+              for key, d in r.items() if key.startswith("kflume") and isinstance(d, dict)
+              and d.get("tail_split_ms")]
+    if splits:
+        print("\nThe wait for acknowledgements, ms after a step's last reply (medians): "
+              "each append seen / launched / acknowledged, each stream acknowledged, and "
+              "the acknowledgements all in")
+        for cfg, key, t in splits:
+            print(f"- {cfg} {key}: " + "; ".join(
+                f"{k} {' / '.join(f'{x:.2f}' for x in v)}" for k, v in t.items()
+                if k != "tail") + f"; in {t['tail']:.2f}")
     slow = [(cfg, key, line) for cfg, r in results["configs"].items() for key, d in r.items()
             if key.startswith("kflume") and isinstance(d, dict)
             for line in slow_steps(d)]

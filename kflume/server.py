@@ -345,7 +345,9 @@ class NodeServer:
                     st.bufs[4][i])
             if st.next == len(st.recvs):
                 peer.streams.remove(st)
-                self._defer(lambda st=st: self._stream_done(peer, st), None, None, peer)
+                t = time.perf_counter()
+                self._defer(lambda st=st: self._stream_done(peer, st), None,
+                            (t, t, st.seq, None, "stream"), peer)
             elif time.monotonic() > st.deadline:
                 peer.streams.remove(st)
                 for r in st.recvs:
@@ -386,7 +388,9 @@ class NodeServer:
                 f"stream {st.seq}: {len(st.layers) - st.next} queries never posted"))
         if st.run is None or st.next == len(st.layers):  # pooled (acknowledged if not
             peer.streams.remove(st)  # failed) once the kernels enqueued are done
-            self._defer(lambda: self._stream_done(peer, st), None, None, peer)
+            t = time.perf_counter()  # (op_trace: its last layer launched, ack sent)
+            self._defer(lambda: self._stream_done(peer, st), None,
+                        (t, t, st.seq, None, "stream"), peer)
         return handled
 
     def _stream_failed(self, peer: _Peer, st: _Stream, e: BaseException) -> None:
@@ -681,8 +685,9 @@ class NodeServer:
         if n:  # the last n entries: [seq, layer, seen, launched, sent] (perf_counter s)
             info["attend_trace"] = [[e[3], e[4], e[0], e[1], e[2]]
                                     for e in list(self.timings)[-n:]]
-            # and of the other messages answered (appends, control): [seq, op, seen,
-            # launched, sent]
+            # and of the other messages answered (appends, control), and of the streams'
+            # acknowledgements (op "stream": its last layer launched twice, then the ack
+            # sent): [seq, op, seen, launched, sent]
             info["op_trace"] = [[e[3], e[4], e[0], e[1], e[2]]
                                 for e in list(self.op_timings)[-n:]]
             # and the process's last collector pauses: [began, seconds, generation]

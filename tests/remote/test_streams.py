@@ -454,8 +454,12 @@ def test_node_trace_names_each_stream_layer_in_order():
     for _, _, seen, launched, sent in trace:
         assert t0 <= seen <= launched <= sent <= time.perf_counter()
     assert info["attend_streams"] == 1 and info["attend_messages"] == 3
-    # the other messages answered since the reset (which is one of them)
-    assert [e[1] for e in info["op_trace"]] == ["stats"]
+    # the other messages answered since the reset (which is one of them), and the
+    # stream's acknowledgement: after its last layer was launched
+    assert [e[1] for e in info["op_trace"]] == ["stats", "stream"]
+    assert info["op_trace"][1][0] == st.seq
+    *_, last_launched, acked = info["op_trace"][-1]
+    assert trace[-1][3] <= last_launched <= acked <= time.perf_counter()
     t1 = time.perf_counter()
     k = torch.randn(1, 1, 2, 64)
     seq = c.client.append(0, rids, [12], [12], k, k).result().header.seq
