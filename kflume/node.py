@@ -167,9 +167,8 @@ class AttentionNode:
         hit = self._batches.get(key)
         if hit is None:
             pad = rows - len(requests)
-            slots = torch.tensor([self.requests[r].slot for r in requests], dtype=torch.long,
-                                 device=self.device)
-            vals = torch.tensor(list(ints) + [0] * pad, dtype=torch.int32, device=self.device)
+            slots = self._upload([self.requests[r].slot for r in requests], torch.long)
+            vals = self._upload(list(ints) + [0] * pad, torch.int32)
             pt = self._pt.index_select(0, slots)
             if pad:
                 pt = torch.cat((pt, pt.new_zeros(pad, pt.shape[1])))
@@ -178,6 +177,17 @@ class AttentionNode:
                 self._batches.pop(next(iter(self._batches)))
             self._batches[key] = hit
         return hit
+
+    def _upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """A few host ints on this node's device, without the host waiting for the GPU.
+        A copy from pageable host memory waits for every kernel queued on the stream
+        before it (CUDA's rule), so the node's host would sit behind the attention it
+        queued for another micro-batch while handling an append; from pinned memory
+        the copy is queued like a kernel (torch keeps the pinned block until it ran)."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _reserve(self, reqs: Sequence[tuple[object, int]]) -> None:
         """Make sure each (request, tokens) has pages for `tokens` local slots; all or none."""
@@ -200,7 +210,7 @@ class AttentionNode:
             if new:
                 col = len(req.pages)
                 req.pages.extend(new)
-                self._pt[req.slot, col : col + len(new)] = torch.tensor(new, dtype=torch.int32)
+                self._pt[req.slot, col : col + len(new)] = self._upload(new, torch.int32)
                 self._pt_version += 1
 
     def open(self, requests: Sequence, tokens: Sequence[int]) -> None:
