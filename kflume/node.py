@@ -163,16 +163,36 @@ class AttentionNode:
         a step sends the same requests, so the host-to-device copies happen once a step.
         `rows` (>= len(requests)): padded with zero rows and values up to that many."""
         rows = len(requests) if rows is None else rows
-        key = (tuple(requests), tuple(ints), rows, self._pt_version)
-        hit = self._batches.get(key)
-        if hit is None:
+
+        def make():
             pad = rows - len(requests)
-            slots = self._upload([self.requests[r].slot for r in requests], torch.long)
             vals = self._upload(list(ints) + [0] * pad, torch.int32)
-            pt = self._pt.index_select(0, slots)
+            pt = self._rows(requests)
             if pad:
                 pt = torch.cat((pt, pt.new_zeros(pad, pt.shape[1])))
-            hit = (pt, vals, torch.zeros_like(vals))
+            return pt, vals, torch.zeros_like(vals)
+
+        return self._cached((tuple(requests), tuple(ints), rows, self._pt_version), make)
+
+    def _layer_rows(self, requests: Sequence, layers: range) -> torch.Tensor:
+        """The requests' page-table rows in each of `layers`, shifted to that layer's pages
+        in the flattened pools: `[b * L, pages]`, request-major (an append's page table),
+        cached until the table changes (a new page every page_size tokens), so that a
+        step's append uploads only its offsets."""
+        return self._cached(
+            ("layers", tuple(requests), layers.start, layers.stop, self._pt_version),
+            lambda: (self._rows(requests)[:, None, :]
+                     + self._layer_base[layers.start : layers.stop, None]).flatten(0, 1))
+
+    def _rows(self, requests: Sequence) -> torch.Tensor:
+        slots = self._upload([self.requests[r].slot for r in requests], torch.long)
+        return self._pt.index_select(0, slots)
+
+    def _cached(self, key: tuple, make: Callable[[], object]):
+        """Device index tensors of the recent batches (the last 16 keys made)."""
+        hit = self._batches.get(key)
+        if hit is None:
+            hit = make()
             if len(self._batches) >= 16:
                 self._batches.pop(next(iter(self._batches)))
             self._batches[key] = hit
@@ -295,10 +315,8 @@ class AttentionNode:
                 raise ValueError(f"append offset {off} for request {rid!r} leaves a gap in "
                                  f"layer {a + i}: the node holds {held[i]} of its tokens")
         self._reserve([(rid, off + t) for rid, off in zip(requests, offsets)])
-        pt, offs, _ = self._batch(requests, offsets)
-        if n_layers > 1 or layers.start:  # rows of every layer in the flattened pools
-            pt = (pt[:, None, :] + self._layer_base[layers.start : layers.stop, None]).flatten(0, 1)
-            offs = offs.repeat_interleave(n_layers)
+        pt = self._layer_rows(requests, layers)  # rows of every layer in the flattened pools
+        offs = self._upload([int(off) for off in offsets for _ in layers], torch.int32)
         append_kv(self._k_flat, self._v_flat, pt, offs,
                   k.to(self.device).flatten(0, 1), v.to(self.device).flatten(0, 1), check=False)
         for rid, off, pos in zip(requests, offsets, positions):
