@@ -75,7 +75,7 @@ def main() -> None:
     hq, hkv, d, layers = 32, 8, 128, 2
     dtype = "bfloat16" if dev == "cuda" else "float32"
     node = AttentionNode(NodeConfig(layers=layers, kv_heads=hkv, head_dim=d, dtype=dtype,
-                                    capacity_tokens=b * (n + 64 + 2 * args.iters + 8),
+                                    capacity_tokens=b * (n + 128 + 2 * args.iters) + 1024,
                                     device=dev, q_heads=hq))
     reqs = list(range(b))
     node.open(reqs, [n] * b)
