@@ -15,8 +15,10 @@ The pieces: the NodeServer's handling of one attend message and `AttentionNode.a
 (each with graphs and without); inside the latter, the batch's page-table lookup
 (cached per step), `split_kv_attention` with its checks off and the bare Triton
 launches (split kernel, merge of the splits); `AttentionNode.append` of one new token
-per request; recording the reply's CUDA event; and what a new batch shape costs the
-first message that has it (capture, then replay).
+per request, and `append_layers` of a step's tokens of every layer (a weight node's
+append), also behind GPU work queued ahead, which the host should not wait for;
+recording the reply's CUDA event; and what a new batch shape costs the first message
+that has it (capture, then replay).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def main() -> None:
     hq, hkv, d, layers = 32, 8, 128, 2
     dtype = "bfloat16" if dev == "cuda" else "float32"
     node = AttentionNode(NodeConfig(layers=layers, kv_heads=hkv, head_dim=d, dtype=dtype,
-                                    capacity_tokens=b * (n + 64), device=dev, q_heads=hq))
+                                    capacity_tokens=b * (n + 128 + 2 * args.iters) + 1024,
+                                    device=dev, q_heads=hq))
     reqs = list(range(b))
     node.open(reqs, [n] * b)
     for layer in range(layers):
@@ -95,6 +98,18 @@ def main() -> None:
     def append():
         o = next(offs, n)
         node.append(1, reqs, [o] * b, [o] * b, k1, k1)
+
+    step_reqs, step_kv = [f"s{r}" for r in reqs], torch.randn(b, layers, 1, hkv, d,
+                                                              device=dev).to(node.dtype)
+    step_off = iter(range(1 << 30))
+
+    def append_step(queued: bool):  # a weight node's append: every layer, new offsets
+        def run():
+            if queued:  # the attention of another micro-batch still running on the GPU
+                torch.cuda._sleep(1_000_000)
+            o = next(step_off)
+            node.append_layers(range(layers), step_reqs, [o] * b, [o] * b, step_kv, step_kv)
+        return run
 
     def handle():
         srv._handle(_Peer, h, [q], time.perf_counter())
@@ -129,11 +144,15 @@ def main() -> None:
             q, node.k_pool[0], node.v_pool[0], pt, start, lens, num_splits=splits,
             out=out, lse=lse, check=False),
         "AttentionNode.append (1 token per request)": append,
+        "AttentionNode.append_layers (a step's tokens, every layer)": append_step(False),
     })
     if dev == "cuda":  # (on CPU the node runs the torch reference instead)
         parts["Triton launches alone (split + merge)"] = lambda: launch_split_kv(
             q, node.k_pool[0], node.v_pool[0], pt, start, lens, out, lse, d**-0.5, splits)
         parts["CUDA event record"] = event
+        # the host's time when GPU work is queued ahead (0.5-1 ms of sleep kernel): it
+        # should not wait for that work
+        parts["AttentionNode.append_layers behind queued GPU work"] = append_step(True)
     for fn in parts.values():  # warm up: compile, load modules
         fn()
     res = {name: host_us(fn, args.iters) for name, fn in parts.items()}

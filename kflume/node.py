@@ -163,21 +163,51 @@ class AttentionNode:
         a step sends the same requests, so the host-to-device copies happen once a step.
         `rows` (>= len(requests)): padded with zero rows and values up to that many."""
         rows = len(requests) if rows is None else rows
-        key = (tuple(requests), tuple(ints), rows, self._pt_version)
-        hit = self._batches.get(key)
-        if hit is None:
+
+        def make():
             pad = rows - len(requests)
-            slots = torch.tensor([self.requests[r].slot for r in requests], dtype=torch.long,
-                                 device=self.device)
-            vals = torch.tensor(list(ints) + [0] * pad, dtype=torch.int32, device=self.device)
-            pt = self._pt.index_select(0, slots)
+            vals = self._upload(list(ints) + [0] * pad, torch.int32)
+            pt = self._rows(requests)
             if pad:
                 pt = torch.cat((pt, pt.new_zeros(pad, pt.shape[1])))
-            hit = (pt, vals, torch.zeros_like(vals))
+            return pt, vals, torch.zeros_like(vals)
+
+        return self._cached((tuple(requests), tuple(ints), rows, self._pt_version), make)
+
+    def _layer_rows(self, requests: Sequence, layers: range) -> torch.Tensor:
+        """The requests' page-table rows in each of `layers`, shifted to that layer's pages
+        in the flattened pools: `[b * L, pages]`, request-major (an append's page table),
+        cached until the table changes (a new page every page_size tokens), so that a
+        step's append uploads only its offsets."""
+        return self._cached(
+            ("layers", tuple(requests), layers.start, layers.stop, self._pt_version),
+            lambda: (self._rows(requests)[:, None, :]
+                     + self._layer_base[layers.start : layers.stop, None]).flatten(0, 1))
+
+    def _rows(self, requests: Sequence) -> torch.Tensor:
+        slots = self._upload([self.requests[r].slot for r in requests], torch.long)
+        return self._pt.index_select(0, slots)
+
+    def _cached(self, key: tuple, make: Callable[[], object]):
+        """Device index tensors of the recent batches (the last 16 keys made)."""
+        hit = self._batches.get(key)
+        if hit is None:
+            hit = make()
             if len(self._batches) >= 16:
                 self._batches.pop(next(iter(self._batches)))
             self._batches[key] = hit
         return hit
+
+    def _upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """A few host ints on this node's device, without the host waiting for the GPU.
+        A copy from pageable host memory waits for every kernel queued on the stream
+        before it (CUDA's rule), so the node's host would sit behind the attention it
+        queued for another micro-batch while handling an append; from pinned memory
+        the copy is queued like a kernel (torch keeps the pinned block until it ran)."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _reserve(self, reqs: Sequence[tuple[object, int]]) -> None:
         """Make sure each (request, tokens) has pages for `tokens` local slots; all or none."""
@@ -200,7 +230,7 @@ class AttentionNode:
             if new:
                 col = len(req.pages)
                 req.pages.extend(new)
-                self._pt[req.slot, col : col + len(new)] = torch.tensor(new, dtype=torch.int32)
+                self._pt[req.slot, col : col + len(new)] = self._upload(new, torch.int32)
                 self._pt_version += 1
 
     def open(self, requests: Sequence, tokens: Sequence[int]) -> None:
@@ -285,10 +315,8 @@ class AttentionNode:
                 raise ValueError(f"append offset {off} for request {rid!r} leaves a gap in "
                                  f"layer {a + i}: the node holds {held[i]} of its tokens")
         self._reserve([(rid, off + t) for rid, off in zip(requests, offsets)])
-        pt, offs, _ = self._batch(requests, offsets)
-        if n_layers > 1 or layers.start:  # rows of every layer in the flattened pools
-            pt = (pt[:, None, :] + self._layer_base[layers.start : layers.stop, None]).flatten(0, 1)
-            offs = offs.repeat_interleave(n_layers)
+        pt = self._layer_rows(requests, layers)  # rows of every layer in the flattened pools
+        offs = self._upload([int(off) for off in offsets for _ in layers], torch.int32)
         append_kv(self._k_flat, self._v_flat, pt, offs,
                   k.to(self.device).flatten(0, 1), v.to(self.device).flatten(0, 1), check=False)
         for rid, off, pos in zip(requests, offsets, positions):
