@@ -33,10 +33,10 @@ node slot, and captures the graphs of that slot's streams then, not while it ser
 
 The step's new k, v are not on any slot's critical path: the node does not need them
 until the next step (each layer merges its new token locally). The graph gathers them
-into a buffer of every layer, and once the step's last slot is posted, each tail node
-gets every micro-batch's in one message (one handling and one kernel at the node),
-instead of one message per layer or per micro-batch. `serve_step` returns once the
-nodes have acknowledged them, so the next replay may overwrite the buffer.
+into a buffer of every layer, and once a micro-batch's last layer is posted, each tail
+node gets them in one message (one kernel at the node), instead of one message per
+layer. `serve_step` returns once the nodes have acknowledged them, so the next replay
+may overwrite the buffer.
 
 Every buffer has a fixed address and shape (per micro-batch, sized for its rows, with a
 part per node slot); `load(plan)` rewrites their index buffers in place between steps, so
@@ -428,24 +428,15 @@ class CapturedRemoteAttention:
                     pend.append(self.remote.clients[name].attend(
                         layer, self.epoch, s.requests, s.kv_len, self.outgoing[i][m][:b],
                         self.incoming[i][m][:b], self.remote.scale, ready=True))
-        if layer == self.num_layers - 1 and m == len(self.ranges) - 1:
-            # The step's last slot: every micro-batch's new k, v, one message per tail
-            # node (one handling there, which the step waits for, not one per micro-batch)
+        if layer == self.num_layers - 1:
             for i, name in enumerate(self.node_slots):
-                reqs, offs, pos, ks, vs = [], [], [], [], []
-                for mm in range(len(self.ranges)):
-                    s = self.plan_slots[i][mm]
-                    if name and s.append_requests:
-                        a = len(s.append_requests)
-                        k, v = self.outgoing_kv[i][mm]
-                        reqs += s.append_requests
-                        offs += s.append_offsets
-                        pos += s.positions
-                        ks.append(k[:a])
-                        vs.append(v[:a])
-                if ks:
+                s = self.plan_slots[i][m]
+                if name and s.append_requests:
+                    a = len(s.append_requests)
+                    k, v = self.outgoing_kv[i][m]
                     appends.append(self.remote.clients[name].append(
-                        0, reqs, offs, pos, ks, vs, ready=True))
+                        0, s.append_requests, s.append_offsets, s.positions, k[:a], v[:a],
+                        ready=True))
         return pend
 
     def reset(self) -> None:

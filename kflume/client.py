@@ -458,23 +458,15 @@ class NodeClient:
         return None if wait else pending
 
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
-               positions: Sequence[int], k: torch.Tensor | Sequence[torch.Tensor],
-               v: torch.Tensor | Sequence[torch.Tensor], ready: bool = False) -> Pending:
+               positions: Sequence[int], k: torch.Tensor, v: torch.Tensor,
+               ready: bool = False) -> Pending:
         """k, v `[b, T, Hkv, D]` of `layer` at local offsets, or `[b, L, T, Hkv, D]` of
         layers `layer .. layer + L - 1` (one message and one kernel for a step's new
-        tokens of every layer). k and v may also be lists of such tensors (chunks: the
-        requests' rows in order, from several buffers, e.g. each micro-batch's), sent in
-        one message. The acknowledgement is kept outstanding."""
-        ks, vs = ([k], [v]) if isinstance(k, torch.Tensor) else (list(k), list(v))
-        if not ks or len(ks) != len(vs):
-            raise ValueError(f"append: k and v must be tensors or lists of as many tensors; "
-                             f"got {len(ks)} and {len(vs)}")
-        info = {"layers": ks[0].shape[1]} if ks[0].dim() == 5 else {}
-        if len(ks) > 1:
-            info["chunks"] = len(ks)
+        tokens of every layer). The acknowledgement is kept outstanding."""
+        info = {"layers": k.shape[1]} if k.dim() == 5 else {}
         p = self.call(Header("append", layer=layer, requests=list(requests),
                              ints={"offsets": list(offsets), "positions": list(positions)},
-                             info=info), [*ks, *vs], ready=ready)
+                             info=info), [k, v], ready=ready)
         self.outstanding.append(p)
         return p
 

@@ -106,14 +106,6 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return h.copy_(t, non_blocking=True)
 
 
-def _cat(chunks: list[torch.Tensor], name: str) -> torch.Tensor:
-    """An append's chunks as one tensor (rows in order); their other dims must agree."""
-    if len({(t.shape[1:], t.dtype, t.device) for t in chunks}) != 1:
-        raise ValueError(f"append: the {name} chunks differ past their first dim: "
-                         f"{[(list(t.shape), str(t.dtype)) for t in chunks]}")
-    return torch.cat(chunks)
-
-
 def _error_kind(e: BaseException) -> str:
     if isinstance(e, NodeCapacityError):
         return "capacity"
@@ -596,13 +588,7 @@ class NodeServer:
                 after)
 
     def _op_append(self, peer, h: Header, tensors):
-        chunks = h.info.get("chunks", 1)
-        if type(chunks) is not int or not 1 <= chunks <= 64:
-            raise ValueError(f"append: info['chunks'] must be an int in [1, 64]; got {chunks!r}")
-        ks, vs = (lambda t: (t[:chunks], t[chunks:]))(self._tensors(h, tensors, 2 * chunks))
-        # chunks: the requests' rows from several of the peer's buffers, in order (one
-        # message and one kernel for every micro-batch's new tokens)
-        k, v = (ks[0], vs[0]) if chunks == 1 else (_cat(ks, "k"), _cat(vs, "v"))
+        k, v = self._tensors(h, tensors, 2)
         n, layers = len(h.requests), h.info.get("layers")
         new = [r for r in h.requests if r not in self.node.requests]
         args = (h.requests, self._ints(h, "offsets", n), self._ints(h, "positions", n), k, v)

@@ -105,17 +105,14 @@ def test_node_refusal_reaches_the_caller_and_node_keeps_serving():
 
 def test_a_step_of_every_layer_in_one_append_message():
     """What CapturedRemoteAttention sends once a step: k, v [b, layers, T, Hkv, D]."""
-    cl = LocalCluster(["one", "per_layer", "chunks"], layers=3)
+    cl = LocalCluster(["one", "per_layer"], layers=3)
     g = torch.Generator().manual_seed(3)
     reqs = ["a", "b"]
 
-    def append(layers, rids, offs, k, v):  # to "one" in one message, to the other per
-        cl.clients["one"].append(layers[0], rids, offs, offs, k, v)  # layer, and to the
-        for i, layer in enumerate(layers):  # third in chunks of rows (each micro-batch's)
+    def append(layers, rids, offs, k, v):  # to "one" in one message, to the other per layer
+        cl.clients["one"].append(layers[0], rids, offs, offs, k, v)
+        for i, layer in enumerate(layers):
             cl.clients["per_layer"].append(layer, rids, offs, offs, k[:, i], v[:, i])
-        cut = [1] if len(rids) > 1 else []
-        cl.clients["chunks"].append(layers[0], rids, offs, offs, k.tensor_split(cut),
-                                    v.tensor_split(cut))
 
     prompt = torch.randn(2, 3, 21, 2, 64, generator=g)
     append([0, 1, 2], reqs, [0, 0], prompt, -prompt)
@@ -130,16 +127,8 @@ def test_a_step_of_every_layer_in_one_append_message():
     q = torch.randn(2, 8, 64, generator=g)
     for layer, lens in ((0, [21, 25]), (1, [22, 26]), (2, [22, 26])):
         o1, s1 = one.attend(layer, reqs, lens, q)
-        for other in (per_layer, cl.nodes["chunks"]):
-            o2, s2 = other.attend(layer, reqs, lens, q)
-            torch.testing.assert_close((o1, s1), (o2, s2), rtol=0, atol=0)
-    # chunks that do not fit together, or not as many v as k: refused by name
-    chunks = cl.clients["chunks"]
-    chunks.append(1, reqs, [22, 26], [22, 26], [new[:1], new[1:, :1]], [new[:1], new[1:, :1]])
-    with pytest.raises(RemoteError, match="k chunks differ past their first dim"):
-        chunks.flush()
-    with pytest.raises(ValueError, match="as many tensors"):
-        chunks.append(1, reqs, [22, 26], [22, 26], [new[:1], new[1:]], [new])
+        o2, s2 = per_layer.attend(layer, reqs, lens, q)
+        torch.testing.assert_close((o1, s1), (o2, s2), rtol=0, atol=0)
     # Refused, and the node unchanged: a gap in one of the layers, a shape that does not
     # match the layer count, layers past the node's.
     free = one.stats()["pages_free"]
