@@ -198,13 +198,17 @@ class AttentionNode:
             self._batches[key] = hit
         return hit
 
-    def _upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """A few host ints on this node's device, without the host waiting for the GPU.
-        A copy from pageable host memory waits for every kernel queued on the stream
-        before it (CUDA's rule), so the node's host would sit behind the attention it
-        queued for another micro-batch while handling an append; from pinned memory
-        the copy is queued like a kernel (torch keeps the pinned block until it ran)."""
+    def _upload(self, values: list[int], dtype: torch.dtype,
+                repeat: int = 1) -> torch.Tensor:
+        """A few host ints (each `repeat` times in a row) on this node's device, without
+        the host waiting for the GPU. A copy from pageable host memory waits for every
+        kernel queued on the stream before it (CUDA's rule), so the node's host would sit
+        behind the attention it queued for another micro-batch while handling an append;
+        from pinned memory the copy is queued like a kernel (torch keeps the pinned block
+        until it ran)."""
         t = torch.tensor(values, dtype=dtype)
+        if repeat > 1:  # (on the host: a list of every repeat costs more than the copy)
+            t = t.repeat_interleave(repeat)
         if self.device.type != "cuda":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
@@ -316,7 +320,7 @@ class AttentionNode:
                                  f"layer {a + i}: the node holds {held[i]} of its tokens")
         self._reserve([(rid, off + t) for rid, off in zip(requests, offsets)])
         pt = self._layer_rows(requests, layers)  # rows of every layer in the flattened pools
-        offs = self._upload([int(off) for off in offsets for _ in layers], torch.int32)
+        offs = self._upload(list(offsets), torch.int32, repeat=n_layers)  # [b * L]
         append_kv(self._k_flat, self._v_flat, pt, offs,
                   k.to(self.device).flatten(0, 1), v.to(self.device).flatten(0, 1), check=False)
         for rid, off, pos in zip(requests, offsets, positions):
