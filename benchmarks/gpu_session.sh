@@ -2,7 +2,7 @@
 # One call on the GPU machine (see /work/.library/device): install the carried ucxx
 # wheels, then run the named phases, each with a time limit, logs under $OUT.
 #   bash benchmarks/gpu_session.sh tests signal transport e2e-smoke
-# Phases: tests kernels signal node-host transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
+# Phases: tests kernels signal node-host node-append transport demo e2e-smoke e2e-smoke1 e2e-8x32k e2e-eager
 #         e2e-big e2e-stress transport-gpu transport-stream e2e-join4 (4 GPUs) e2e-rndv transport-busy e2e-profile
 #         e2e-final e2e-compile e2e-mailbox e2e-pull e2e-join-mps e2e-ab (against ./old: git worktree add old COMMIT, carried, its .git removed)
 # (stops at the first phase that fails)
@@ -25,12 +25,19 @@ run() {  # run NAME SECONDS CMD...
   tail -n 25 "$OUT/$name.log"
   [ $rc -eq 0 ] || { echo "stopping: $name failed"; exit $rc; }  # save the device time
 }
+mps_start() {  # the processes started from here on: clients of one MPS server
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/kflume-mps CUDA_MPS_LOG_DIRECTORY=/tmp/kflume-mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d || { echo "no MPS here"; exit 1; }
+  trap 'echo quit | nvidia-cuda-mps-control; cp -r $CUDA_MPS_LOG_DIRECTORY/control.log $OUT/mps-control.log 2>/dev/null' EXIT
+}
 for phase in "$@"; do
   case $phase in
     tests) run tests 240 python3 -m pytest -q -x -s -p no:cacheprovider -o timeout=180 tests/gpu tests/remote/test_node_graph.py tests/remote/test_streams.py ;;
     kernels) run kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k cuda ;;
     signal) run signal 120 python3 benchmarks/graph_signal.py ;;
     node-host) run node-host 120 python3 benchmarks/node_host.py ;;
+    node-append) run node-append 120 python3 benchmarks/node_append.py --profile ;;
     transport)
       run transport-cuda 150 python3 benchmarks/transport.py --device cuda --iters 2000 --modes poll blocking
       run transport-cuda-b4 100 python3 benchmarks/transport.py --device cuda --batch 4 --iters 2000 --modes poll
@@ -54,10 +61,12 @@ for phase in "$@"; do
       run transport-busy-none 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream
       run transport-busy-spin 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy spin
       run transport-busy-gemm 120 python3 benchmarks/transport.py --device cuda --batch 8 --iters 1000 --modes --stream --busy gemm ;;
-    e2e-ab)  # this tree against ./old (a worktree of an older commit), alternated, one call
+    e2e-ab)  # this tree against ./old (a worktree of an older commit), alternated, one call;
+      # MPS=1: every process a client of one MPS server (e.g. E2E_ARGS="--node-gpu 0" on one GPU)
+      [ "${MPS:-0}" = 1 ] && mps_start
       for i in $(seq "${AB_RUNS:-2}"); do
-        run e2e-new-$i 200 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 ${E2E_ARGS:-}
-        run e2e-old-$i 200 env PYTHONPATH=$PWD/old:$PWD/.site bash -c "cd old && python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 ${E2E_ARGS:-}"
+        run e2e-new-$i 200 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup ${AB_WARMUP:-5} ${E2E_ARGS:-}
+        run e2e-old-$i 200 env PYTHONPATH=$PWD/old:$PWD/.site bash -c "cd old && python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup ${AB_WARMUP:-5} ${E2E_ARGS:-}"
       done ;;
     e2e-final)  # the headline runs of the current code: default and compiled model, each
       # with a node joining mid-run, then the larger sizes
@@ -69,10 +78,7 @@ for phase in "$@"; do
     e2e-pull)  # queries pulled by the node (default) against queries as messages and replies as messages
       run e2e-pull 420 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 --stages device push replies ${E2E_ARGS:-} ;;
     e2e-join-mps)  # the join with both nodes of GPU1 as clients of one MPS server (no context switches)
-      export CUDA_MPS_PIPE_DIRECTORY=/tmp/kflume-mps CUDA_MPS_LOG_DIRECTORY=/tmp/kflume-mps-log
-      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-      nvidia-cuda-mps-control -d || { echo "no MPS here"; exit 1; }
-      trap 'echo quit | nvidia-cuda-mps-control; cp -r $CUDA_MPS_LOG_DIRECTORY/control.log $OUT/mps-control.log 2>/dev/null' EXIT
+      mps_start
       run e2e-join-mps 300 python3 benchmarks/e2e.py --configs 8x32768 --steps 40 --warmup 20 --stages device ${E2E_ARGS:-} ;;
     e2e-compile) run e2e-compile 300 python3 benchmarks/e2e.py --configs 8x32768 --add-node none --steps 40 --warmup 5 --compile ;;
     e2e-big) run e2e-big 400 python3 benchmarks/e2e.py --configs 32x32768 8x131072 --add-node none --stages device messages --steps 40 --warmup 5 ;;
