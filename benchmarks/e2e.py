@@ -14,7 +14,9 @@ Every figure is a per-step wall time (host bookkeeping, graph replay and transpo
 `--steps` steps after `--warmup`, p50 and p99.
 
     python benchmarks/e2e.py                       # GPU host with 2 GPUs
-    python benchmarks/e2e.py --tiny --device cpu   # a few-second smoke run of the code path
+    python benchmarks/e2e.py --tiny --device cpu --configs 2x512 --steps 5 --warmup 2
+                                                   # a 10-second smoke run of the code path
+                                                   # (the default sizes take minutes on CPU)
 """
 
 from __future__ import annotations
