@@ -82,6 +82,20 @@ def copy_bandwidth_tbs(nbytes: int = 2 * 2**30) -> float:
     return 2 * nbytes / (best_us * 1e-6) / 1e12
 
 
+class StubPeer:
+    """What `NodeServer._handle` touches of a peer, to time a node's handling of a message
+    in this process (node_host.py, node_append.py): its replies go nowhere."""
+
+    class conn:
+        peer, alive = "bench", True
+
+        @staticmethod
+        def send(*args, **kwargs) -> None:
+            pass
+
+    requests: set = set()
+
+
 def save_json(name: str, payload: dict) -> None:
     out = os.environ.get("OUT")
     if out:

@@ -25,22 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, save_json  # noqa: E402
+from common import StubPeer, header, save_json  # noqa: E402
 
 from kflume.comm.wire import Header  # noqa: E402
 from kflume.node import AttentionNode, NodeConfig  # noqa: E402
 from kflume.server import NodeServer  # noqa: E402
-
-
-class _Peer:  # what NodeServer._handle touches of a peer
-    class conn:
-        peer, alive = "bench", True
-
-        @staticmethod
-        def send(*args, **kwargs) -> None:
-            pass
-
-    requests: set = set()
 
 
 def main() -> None:
@@ -77,7 +66,7 @@ def main() -> None:
         h = Header("append", layer=0, requests=reqs, ints={"offsets": [o] * b,
                    "positions": [o] * b}, info={"layers": layers})
         t0 = time.perf_counter()
-        srv._handle(_Peer, h, [k, v], t0)
+        srv._handle(StubPeer, h, [k, v], t0)
         dt = time.perf_counter() - t0
         srv._deferred.clear()
         return dt * 1e6

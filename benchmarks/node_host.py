@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, save_json  # noqa: E402
+from common import StubPeer, header, save_json  # noqa: E402
 
 from kflume.comm.wire import Header  # noqa: E402
 from kflume.kernels.split_kv import default_num_splits, launch_split_kv  # noqa: E402
@@ -52,16 +52,6 @@ def host_us(fn, n: int) -> float:
         out.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(out)
 
-
-class _Peer:  # what NodeServer._handle touches of a peer
-    class conn:
-        peer, alive = "bench", True
-
-        @staticmethod
-        def send(*_a, **_k):
-            pass
-
-    requests: set = set()
 
 
 def main() -> None:
@@ -112,7 +102,7 @@ def main() -> None:
         return run
 
     def handle():
-        srv._handle(_Peer, h, [q], time.perf_counter())
+        srv._handle(StubPeer, h, [q], time.perf_counter())
         srv._deferred.clear()
 
     def event():
