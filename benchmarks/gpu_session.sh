@@ -25,7 +25,8 @@ run() {  # run NAME SECONDS CMD...
   tail -n 25 "$OUT/$name.log"
   [ $rc -eq 0 ] || { echo "stopping: $name failed"; exit $rc; }  # save the device time
 }
-mps_start() {  # the processes started from here on: clients of one MPS server
+mps_start() {  # the processes started from here on: clients of one MPS server (once)
+  [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && return 0
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/kflume-mps CUDA_MPS_LOG_DIRECTORY=/tmp/kflume-mps-log
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
   nvidia-cuda-mps-control -d || { echo "no MPS here"; exit 1; }

@@ -211,8 +211,10 @@ class AttentionNode:
         until it ran)."""
         a = np.asarray(values, dtype=_NP[dtype])  # (numpy: a few us where torch takes 10+)
         t = torch.from_numpy(np.repeat(a, repeat) if repeat > 1 else a)
-        if self.device.type != "cuda":
+        if self.device.type == "cpu":
             return t
+        if self.device.type != "cuda":
+            return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def _reserve(self, reqs: Sequence[tuple[object, int]]) -> None:

@@ -686,8 +686,8 @@ class NodeServer:
             info["attend_trace"] = [[e[3], e[4], e[0], e[1], e[2]]
                                     for e in list(self.timings)[-n:]]
             # and of the other messages answered (appends, control), and of the streams'
-            # acknowledgements (op "stream": its last layer launched twice, then the ack
-            # sent): [seq, op, seen, launched, sent]
+            # acknowledgements (op "stream": seen = launched = its last layer's launch,
+            # then the ack sent): [seq, op, seen, launched, sent]
             info["op_trace"] = [[e[3], e[4], e[0], e[1], e[2]]
                                 for e in list(self.op_timings)[-n:]]
             # and the process's last collector pauses: [began, seconds, generation]
