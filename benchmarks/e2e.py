@@ -251,8 +251,10 @@ def step_tails(step_trace) -> list[float]:
 def tail_split(ops, step_trace) -> dict:
     """Where a step's wait for acknowledgements goes, from the node's op trace ([seq, op,
     seen, launched, sent]): per step, ms after its last reply released, of each append
-    (seen, launched, acknowledged) and each stream acknowledged, in the order the node
-    answered them; medians over the steps with the same ops, and the wait itself."""
+    (seen, launched, acknowledged) and each stream acknowledged, named by the order the
+    node answered them in its step (`append0`, `append1`, ...: medians over the steps that
+    had one, so a run whose steps differ in their appends mixes them), and the wait
+    itself."""
     per: dict[str, list[list[float]]] = {}
     for began, last, end in step_trace:
         mine = [e for e in ops if began <= e[2] <= end]
