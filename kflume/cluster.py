@@ -112,13 +112,16 @@ class Cluster:
                    dtype: str = "float32", capacity_tokens: int = 1 << 16,
                    device: str = "cpu", page_size: int = 16, **kwargs) -> Cluster:
         """`n` AttentionNodes served in this process (no network; for tests and laptops).
-        On CUDA they share this process's GPU, so they capture no graphs while a step runs
+        On CUDA they share this process's GPU, so they capture no graphs while a step runs:
+        `begin_step()` captures what they served uncaptured
+        (`NodeConfig.capture_while_serving`); one graph per batch shape
         (`NodeConfig.stream_graphs`)."""
         from .comm.inproc import InProcHub, InProcTransport
 
         geometry = NodeConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                               capacity_tokens=capacity_tokens, dtype=dtype, device=device,
-                              page_size=page_size, stream_graphs=False)
+                              page_size=page_size, stream_graphs=False,
+                              capture_while_serving=False)
         cluster = cls(InProcTransport(InProcHub()), geometry, spawn={"inproc": True}, **kwargs)
         for _ in range(n):
             cluster.add_node(capacity_tokens)
@@ -304,7 +307,11 @@ class Cluster:
 
     def begin_step(self) -> StepPlan:
         """A token boundary: admit nodes that became ready, apply routing edits, and hand
-        the plan to RemoteAttention (frees, migrations)."""
+        the plan to RemoteAttention (frees, migrations). In-process nodes capture here
+        the graphs of the batch shapes they served uncaptured (no step of this process
+        waits on them now)."""
+        for node, _ in self._inproc.values():
+            node.capture_pending(None)
         for j in list(self._joining):
             if j.client is None:  # starting
                 try:

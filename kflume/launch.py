@@ -189,8 +189,8 @@ def build_parser():
                         "--no-graphs launches the kernels per message")
     p.add_argument("--stream-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="with graphs, capture each attend stream's layers on its buffers "
-                        "(default); turn off where this node shares its GPU with the weight "
-                        "node's captured step (NodeConfig.stream_graphs)")
+                        "(default); --no-stream-graphs keeps one graph per batch shape "
+                        "(NodeConfig.stream_graphs)")
     p.add_argument("--stream-deadline", type=float, default=60.0,
                    help="seconds an attend stream may wait for its queries before the node "
                         "gives it up (and reports it to the peer)")

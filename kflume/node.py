@@ -59,12 +59,15 @@ class NodeConfig:
     # launches the kernels from Python every message (slower; kept to compare against).
     graphs: bool = True
     # With graphs, an attend stream's layers replay graphs captured on the stream's own
-    # buffers, at their first use, i.e. while the peer's step runs. Capturing in the
-    # process whose GPU runs that step (an in-process node on the weight node's GPU) was
-    # seen to hang in capture_end while the step's graph waited on its signal, so
-    # Cluster.in_process turns this off on CUDA; such nodes take one graph per batch
-    # shape, copying q in and the reply out.
+    # buffers (captured a few at a time at a stream's end); False: one graph per batch
+    # shape, copying q in and the reply out (Cluster.in_process on CUDA).
     stream_graphs: bool = True
+    # False: capture nothing while serving; shapes first seen then run uncaptured until
+    # `capture_pending()`, which the node's owner calls between steps. For a node in the
+    # process whose captured step waits on the thread serving it (Cluster.in_process on
+    # CUDA): the driver may synchronise the device while it instantiates a graph, and
+    # that step then never ends (kflume/node_graph.py).
+    capture_while_serving: bool = True
 
     def __post_init__(self) -> None:
         for name in ("layers", "kv_heads", "head_dim", "capacity_tokens", "page_size"):
@@ -118,7 +121,8 @@ class AttentionNode:
         self._batches: dict[tuple, tuple] = {}  # device index tensors of recent batches
         self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if self.device.type == "cuda" else 132)
-        self._graphs = (AttendGraphs(self.k_pool, self.v_pool, num_sms=self._sms)
+        self._graphs = (AttendGraphs(self.k_pool, self.v_pool, num_sms=self._sms,
+                                     capture_while_serving=c.capture_while_serving)
                         if c.graphs and self.device.type == "cuda" else None)
 
     # ---- bookkeeping ----------------------------------------------------------------
@@ -430,11 +434,13 @@ class AttentionNode:
     def _scale(self, scale: float | None) -> float:
         return float(self.config.head_dim**-0.5 if scale is None else scale)
 
-    def capture_pending(self, limit: int = 2) -> int:
-        """Capture up to `limit` of the graphs that streams' layers were served without
-        (kflume/node_graph.py); a server calls this between a peer's steps. Returns how
-        many were captured (0 without stream graphs)."""
-        if self._graphs is None or not self.config.stream_graphs:
+    def capture_pending(self, limit: int | None = 2) -> int:
+        """Capture up to `limit` (None: all) of the graphs that batches were served
+        without (stream layers; with `capture_while_serving=False`, new batch shapes too:
+        kflume/node_graph.py). A server calls this at a peer's stream's end, an
+        in-process node's owner between steps. Returns how many were captured (0 on
+        CPU or without graphs)."""
+        if self._graphs is None:
             return 0
         return self._graphs.capture_pending(limit)
 

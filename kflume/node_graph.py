@@ -36,6 +36,15 @@ after a node joined). Or all at once by `prepare()`, before any stream comes, fo
 that does not serve yet (one joining: kflume/cluster.py). Sets are kept while they stay
 among the `max_streams` most recently used.
 
+A node in the process whose captured step waits on the thread serving it (an in-process
+node on the weight node's GPU: kflume/cluster.py) must not capture while serving: the
+driver may synchronise the device while it instantiates a graph, and the step's graph
+then waits forever for a release that thread would send (seen on an H200: a hang in
+`capture_end` at replay ~600 of tests/gpu/test_graph.py's 1,000-replay test, run after
+another test in the same process). `capture_while_serving=False` runs a new shape's
+kernels uncaptured on its static buffers and leaves its capture, and any eviction, to
+`capture_pending()`, which such a node's owner calls between steps.
+
 Graphs share one memory pool: they replay one after another on one stream. Capture
 uses thread-local mode, so that UCX's threads may call CUDA meanwhile, runs the kernels
 once first, so that no module loads during capture, and does not synchronise the
@@ -103,7 +112,8 @@ class AttendGraphs:
     through one captured graph per batch shape (eagerly on CPU)."""
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, *, num_sms: int = 132,
-                 max_graphs: int = 32, max_streams: int = 8) -> None:
+                 max_graphs: int = 32, max_streams: int = 8,
+                 capture_while_serving: bool = True) -> None:
         layers, pages, page_size, hkv, d = k_pool.shape
         if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
             raise ValueError("AttendGraphs needs contiguous pools (one allocation per pool)")
@@ -119,6 +129,9 @@ class AttendGraphs:
         self._retired: list[tuple] = []  # (evicted set, its replays' end event)
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.captured = 0  # graphs captured so far (a counter for tests and logs)
+        self.capture_while_serving = capture_while_serving  # False: new shapes run
+        # uncaptured until capture_pending() (module docstring)
+        self._uncaptured: list[tuple] = []  # per-shape graphs that run uncaptured
 
     def attend(self, layer: int, q: torch.Tensor, page_table: torch.Tensor,
                kv_len: torch.Tensor, scale: float, out: torch.Tensor | None = None,
@@ -226,10 +239,19 @@ class AttendGraphs:
         self._streams.move_to_end(key)
         return s
 
-    def capture_pending(self, limit: int = 2) -> int:
-        """Capture up to `limit` graphs of stream layers served so far without one (most
-        recently used sets first). Nothing runs: no buffer is written. Returns how many."""
+    def capture_pending(self, limit: int | None = 2) -> int:
+        """Capture up to `limit` (None: all) graphs of per-shape batches and stream
+        layers served so far without one (the per-shape ones first, then the most
+        recently used stream sets). Nothing runs: no buffer is written. Returns how
+        many."""
         done = 0
+        limit = float("inf") if limit is None else limit
+        while self._uncaptured and done < limit:
+            g = self._graphs.get(self._uncaptured.pop())
+            if g is not None:  # (None: evicted meanwhile)
+                g.run = self._captured(g.run, warm=False)  # (its kernels ran: loaded)
+                done += 1
+        self._evict()
         for s in reversed(self._streams.values()):
             for i, used in enumerate(s.used):
                 if done >= limit:
@@ -331,10 +353,20 @@ class AttendGraphs:
                                scale=scale, num_splits=splits, out=g.out, lse=g.lse,
                                check=False)
 
-        g.run = self._captured(launch) if self.capture else launch
-        if len(self._graphs) >= self.max_graphs:
-            if self.capture:  # its last replay may still run: let it finish first
-                torch.cuda.current_stream(dev).synchronize()
-            self._graphs.popitem(last=False)
+        if self.capture and self.capture_while_serving:
+            g.run = self._captured(launch)
+        else:
+            g.run = launch
+            if self.capture:
+                self._uncaptured.append(key)
         self._graphs[key] = g
+        if self.capture_while_serving:
+            self._evict()
         return g
+
+    def _evict(self) -> None:
+        """Drop the least recently used per-shape graphs past `max_graphs`."""
+        while len(self._graphs) > self.max_graphs:
+            if self.capture:  # its last replay may still run: let it finish first
+                torch.cuda.current_stream(self.device).synchronize()
+            self._graphs.popitem(last=False)

@@ -421,6 +421,9 @@ class NodeServer:
             peer.stream_bufs.pop(next(iter(peer.stream_bufs)))
         # Between the peer's steps: a few graphs for the layers served without one (a
         # capture that fails leaves its layer on the per-shape graph; serving goes on).
+        # Not for a node that captures only when its owner says (NodeConfig).
+        if not self.node.config.capture_while_serving:
+            return
         try:
             self.node.capture_pending(self.captures_per_stream)
         except Exception:  # noqa: BLE001
