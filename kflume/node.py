@@ -86,6 +86,7 @@ class _Request:
     slot: int  # row of the node's page-table tensor
     lengths: list[int]  # per layer: tokens written (local slots 0..n-1)
     pages: list[int] = field(default_factory=list)
+    stamp: int = 0  # the node's `_stamp` when this row last changed (device-row cache key)
     segments: list[list[int]] = field(default_factory=list)  # [global_start, global_end, local]
 
     @property
@@ -117,7 +118,13 @@ class AttentionNode:
         self.requests: dict[object, _Request] = {}
         self._free_slots: list[int] = []
         self._pt = torch.zeros(8, 8, dtype=torch.int32, device=self.device)  # [slots, pages]
-        self._pt_version = 0  # bumped whenever the page table changes
+        # Cached device rows (`_batch`, `_layer_rows`) are keyed by the table's epoch
+        # (bumped when it is reallocated) and each request's stamp (a fresh value of the
+        # counter whenever its row changes, so a freed id that comes back with the same
+        # slot and page count is still a new key): a page taken by one request leaves the
+        # others' rows cached.
+        self._pt_epoch = 0
+        self._stamp = 0
         self._batches: dict[tuple, tuple] = {}  # device index tensors of recent batches
         self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if self.device.type == "cuda" else 132)
@@ -154,7 +161,8 @@ class AttentionNode:
         slot = self._free_slots.pop() if self._free_slots else len(self.requests)
         if slot >= self._pt.shape[0]:
             self._grow_table(rows=max(2 * self._pt.shape[0], slot + 1))
-        req = self.requests[rid] = _Request(slot, [0] * self.config.layers)
+        self._stamp += 1
+        req = self.requests[rid] = _Request(slot, [0] * self.config.layers, stamp=self._stamp)
         return req
 
     def _grow_table(self, rows: int | None = None, cols: int | None = None) -> None:
@@ -162,7 +170,7 @@ class AttentionNode:
         pt = torch.zeros(rows or r0, cols or c0, dtype=torch.int32, device=self.device)
         pt[:r0, :c0] = self._pt
         self._pt = pt
-        self._pt_version += 1
+        self._pt_epoch += 1
 
     def _batch(self, requests: Sequence, ints: Sequence[int],
                rows: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -179,7 +187,7 @@ class AttentionNode:
                 pt = torch.cat((pt, pt.new_zeros(pad, pt.shape[1])))
             return pt, vals, torch.zeros_like(vals)
 
-        return self._cached((tuple(requests), tuple(ints), rows, self._pt_version), make)
+        return self._cached((self._rows_key(requests), tuple(ints), rows), make)
 
     def _layer_rows(self, requests: Sequence, layers: range) -> torch.Tensor:
         """The requests' page-table rows in each of `layers`, shifted to that layer's pages
@@ -187,9 +195,14 @@ class AttentionNode:
         cached until the table changes (a new page every page_size tokens), so that a
         step's append uploads only its offsets."""
         return self._cached(
-            ("layers", tuple(requests), layers.start, layers.stop, self._pt_version),
+            ("layers", self._rows_key(requests), layers.start, layers.stop),
             lambda: (self._rows(requests)[:, None, :]
                      + self._layer_base[layers.start : layers.stop, None]).flatten(0, 1))
+
+    def _rows_key(self, requests: Sequence) -> tuple:
+        """What the requests' device rows depend on (the table's epoch, their stamps)."""
+        held = self.requests
+        return (self._pt_epoch, tuple(requests), tuple(held[r].stamp for r in requests))
 
     def _rows(self, requests: Sequence) -> torch.Tensor:
         slots = self._upload([self.requests[r].slot for r in requests], torch.long)
@@ -246,7 +259,8 @@ class AttentionNode:
                 col = len(req.pages)
                 req.pages.extend(new)
                 self._pt[req.slot, col : col + len(new)] = self._upload(new, torch.int32)
-                self._pt_version += 1
+                self._stamp += 1
+                req.stamp = self._stamp
 
     def open(self, requests: Sequence, tokens: Sequence[int]) -> None:
         """Reserve room for `tokens[i]` tokens of `requests[i]` (creating it if new)."""
@@ -264,8 +278,7 @@ class AttentionNode:
                 continue
             freed += max(req.lengths)
             self.free_pages.extend(reversed(req.pages))
-            self._free_slots.append(req.slot)
-            self._pt_version += 1  # the slot and its pages may be handed out again
+            self._free_slots.append(req.slot)  # (a request made there gets a new stamp)
         return freed
 
     # ---- data path ----------------------------------------------------------------------
