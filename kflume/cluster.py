@@ -285,6 +285,7 @@ class Cluster:
         proc = self.processes.pop(name, None)
         if proc is not None:
             proc.stop()
+        self._inproc.pop(name, None)
         if self.remote is not None:
             self.remote.forget_node(name)
 
@@ -310,8 +311,11 @@ class Cluster:
         the plan to RemoteAttention (frees, migrations). In-process nodes capture here
         the graphs of the batch shapes they served uncaptured (no step of this process
         waits on them now)."""
-        for node, _ in self._inproc.values():
-            node.capture_pending(None)
+        for name, (node, _) in self._inproc.items():
+            try:
+                node.capture_pending(None)
+            except Exception:  # noqa: BLE001 - those shapes stay uncaptured; steps go on
+                log.exception("node %s: capturing its graphs failed", name)
         for j in list(self._joining):
             if j.client is None:  # starting
                 try:

@@ -419,8 +419,8 @@ class AttentionNode:
         KV read, no `around` work: nothing is delivered). A node about to take traffic
         calls this (kflume/server.py, "prepare"): each capture holds the node for
         ~0.5 ms. `now=False` leaves them to `capture_pending` instead (a node serving
-        others). Returns how many graphs were captured (0 on CPU, or without stream
-        graphs)."""
+        others; always, with `capture_while_serving=False`). Returns how many graphs
+        were captured (0 on CPU, or without stream graphs)."""
         self._check_stream_buffers(layers, q, out, 0)
         self._check_layer(layers.start)
         self._check_layer(layers[-1])
@@ -429,7 +429,8 @@ class AttentionNode:
                              f"{self.config.kv_heads} KV heads; got Hq={q.shape[2]}")
         if self._graphs is None or not self.config.stream_graphs:
             return 0
-        return self._graphs.prepare(layers.start, q, out, self._scale(scale), around, now=now)
+        return self._graphs.prepare(layers.start, q, out, self._scale(scale), around,
+                                    now=now and self.config.capture_while_serving)
 
     def _check_stream_buffers(self, layers: range, q: torch.Tensor, out: torch.Tensor,
                               b: int) -> None:

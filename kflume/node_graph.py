@@ -131,7 +131,7 @@ class AttendGraphs:
         self.captured = 0  # graphs captured so far (a counter for tests and logs)
         self.capture_while_serving = capture_while_serving  # False: new shapes run
         # uncaptured until capture_pending() (module docstring)
-        self._uncaptured: list[tuple] = []  # per-shape graphs that run uncaptured
+        self._uncaptured: dict[tuple, None] = {}  # per-shape graphs that run uncaptured
 
     def attend(self, layer: int, q: torch.Tensor, page_table: torch.Tensor,
                kv_len: torch.Tensor, scale: float, out: torch.Tensor | None = None,
@@ -247,11 +247,11 @@ class AttendGraphs:
         done = 0
         limit = float("inf") if limit is None else limit
         while self._uncaptured and done < limit:
-            g = self._graphs.get(self._uncaptured.pop())
-            if g is not None:  # (None: evicted meanwhile)
-                g.run = self._captured(g.run, warm=False)  # (its kernels ran: loaded)
-                done += 1
-        self._evict()
+            g = self._graphs[self._uncaptured.popitem()[0]]  # (evicting drops a key)
+            g.run = self._captured(g.run, warm=False)  # (its kernels ran: loaded)
+            done += 1
+        if not self.capture_while_serving:
+            self._evict()
         for s in reversed(self._streams.values()):
             for i, used in enumerate(s.used):
                 if done >= limit:
@@ -358,15 +358,21 @@ class AttendGraphs:
         else:
             g.run = launch
             if self.capture:
-                self._uncaptured.append(key)
+                self._uncaptured[key] = None
         self._graphs[key] = g
         if self.capture_while_serving:
             self._evict()
         return g
 
     def _evict(self) -> None:
-        """Drop the least recently used per-shape graphs past `max_graphs`."""
+        """Drop the least recently used per-shape graphs past `max_graphs`. Its last
+        replay may still run: while serving, the serving stream (where it ran) is
+        waited for; between steps (`capture_while_serving=False`), the device, since
+        this runs on whichever stream the owner has current."""
         while len(self._graphs) > self.max_graphs:
-            if self.capture:  # its last replay may still run: let it finish first
+            if self.capture and self.capture_while_serving:
                 torch.cuda.current_stream(self.device).synchronize()
-            self._graphs.popitem(last=False)
+            elif self.capture:
+                torch.cuda.synchronize(self.device)
+            key, _ = self._graphs.popitem(last=False)
+            self._uncaptured.pop(key, None)

@@ -203,17 +203,58 @@ def test_attend_batch_pads_rows_past_the_requests():
         assert o[2:].eq(0).all() and lse[2:].eq(float("-inf")).all()
 
 
-def _capturing_on_cpu(monkeypatch, gen):
+def _capturing_on_cpu(monkeypatch, gen, **kwargs):
     """AttendGraphs over CPU pools that runs a CUDA node's bookkeeping: a "capture"
-    returns the eager launch (the real one needs a GPU); `captures` lists each one's
-    `warm` flag."""
+    returns the eager launch (the real one needs a GPU), and refuses a replay (a graph
+    captured twice); `captures` lists each one's `warm` flag."""
     kp, vp = _pools(3, 30, 16, 2, 128, torch.float32, "cpu", gen)
-    graphs = AttendGraphs(kp, vp)
+    graphs = AttendGraphs(kp, vp, **kwargs)
     graphs.capture = True
     captures = []
-    monkeypatch.setattr(graphs, "_captured",
-                        lambda launch, warm=True: captures.append(warm) or launch)
+
+    def captured(launch, warm=True):
+        assert not getattr(launch, "replay", False), "a graph captured twice"
+        captures.append(warm)
+
+        def replay():
+            launch()
+        replay.replay = True
+        return replay
+
+    monkeypatch.setattr(graphs, "_captured", captured)
     return kp, vp, graphs, captures
+
+
+def test_shapes_first_seen_while_serving_wait_for_capture_pending(monkeypatch):
+    """`capture_while_serving=False` (an in-process node on the GPU of a step that waits
+    on it): new batch shapes run uncaptured and right, and are captured only by
+    capture_pending(), each once, the pending ones evicted past `max_graphs` included
+    (dropped, then made again when they come back); evicting waits for the device."""
+    gen = torch.Generator().manual_seed(7)
+    kp, vp, graphs, captures = _capturing_on_cpu(monkeypatch, gen, max_graphs=2,
+                                                 capture_while_serving=False)
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    b, hq = 3, 4
+    lens = torch.tensor([40, 0, 17], dtype=torch.int32)
+
+    def serve(width):
+        pt = torch.randperm(30, generator=gen)[: b * width].view(b, width).int()
+        q = torch.randn(b, hq, 128, generator=gen)
+        for layer in (0, 2):
+            out, lse = graphs.attend(layer, q, pt, lens, 0.1)
+            _close(out, lse, *_ref(q, kp, vp, layer, pt, lens, 0.1), lens, torch.float32)
+
+    for width in (3, 5, 7):
+        serve(width)
+    assert captures == [] and syncs == []  # nothing while serving, nothing evicted yet
+    assert graphs.capture_pending(limit=1) == 1  # width 7; then 3 evicted (pending)
+    assert len(syncs) == 1
+    serve(3)  # back: made again, uncaptured
+    assert graphs.capture_pending(None) == 2  # widths 5 and 3, once each
+    assert graphs.capture_pending(None) == 0 and captures == [False] * 3
+    for width in (3, 7):  # replays of the captured ones, still right
+        serve(width)
 
 
 def test_stream_layers_wait_for_capture_pending_and_skip_misaligned_buffers(monkeypatch):

@@ -70,8 +70,8 @@ def _append(node, model, gen, rid_offs, layers, t):
     return True
 
 
-@settings(max_examples=80, deadline=None)
-@given(st.lists(OPS, min_size=1, max_size=40), st.integers(0, 2**16))
+@settings(max_examples=150, deadline=None)
+@given(st.lists(OPS, min_size=8, max_size=40), st.integers(0, 2**16))
 def test_random_operation_sequences_attend_over_what_was_written(ops, seed):
     node = AttentionNode(NodeConfig(layers=LAYERS, kv_heads=HKV, head_dim=D,
                                     capacity_tokens=24 * PAGE, page_size=PAGE, dtype="float32"))
@@ -138,3 +138,19 @@ def test_an_id_back_in_its_old_slot_with_other_pages_attends_over_its_own():
     for i, (rid, n) in enumerate((("r1", PAGE + 1), ("r0", PAGE))):
         ref = model.attend(rid, 1, n, q2[i])
         assert (out[i].double() - ref).norm() <= 1e-5 * ref.norm(), rid
+
+
+def test_a_request_that_takes_a_page_attends_over_it():
+    """A request's rows cached before it took a new page are not used after: its next
+    token, in the new page, must not overwrite its first."""
+    node = AttentionNode(NodeConfig(layers=LAYERS, kv_heads=HKV, head_dim=D,
+                                    capacity_tokens=24 * PAGE, page_size=PAGE, dtype="float32"))
+    model, gen = _Model(), torch.Generator().manual_seed(1)
+    every = range(LAYERS)
+    assert _append(node, model, gen, [("r0", 0)], every, PAGE)  # one full page
+    q = torch.randn(1, HQ, D, generator=gen)
+    node.attend(1, ["r0"], [PAGE], q)
+    assert _append(node, model, gen, [("r0", PAGE)], every, 1)  # a second page
+    out, _ = node.attend(1, ["r0"], [PAGE + 1], q)
+    ref = model.attend("r0", 1, PAGE + 1, q[0])
+    assert (out[0].double() - ref).norm() <= 1e-5 * ref.norm()
