@@ -77,7 +77,6 @@ def test_random_operation_sequences_attend_over_what_was_written(ops, seed):
                                     capacity_tokens=24 * PAGE, page_size=PAGE, dtype="float32"))
     model, gen = _Model(), torch.Generator().manual_seed(seed)
     every = range(LAYERS)
-    attended = 0
     for op in ops:
         live = [r for r in IDS if r in model.kv]
         if op[0] == "new" and op[1] not in model.kv:
@@ -110,7 +109,6 @@ def test_random_operation_sequences_attend_over_what_was_written(ops, seed):
                 ref = model.attend(rid, layer, n, q[i])
                 assert torch.isfinite(out[i]).all()
                 assert (out[i].double() - ref).norm() <= 1e-5 * ref.norm(), (rid, layer, n)
-            attended += 1
     held = sum(-(-max(model.length(r, x) for x in every) // PAGE) for r in model.kv)
     assert node.stats()["pages_free"] == 24 - held
 
