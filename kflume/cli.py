@@ -21,7 +21,7 @@ def main(argv=None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "node":
-        from .launch import main as node_main
+        from .node.main import main as node_main
 
         return node_main(rest)
     if cmd == "demo":

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from .cluster import Cluster
-from .patch import patch, unpatch
+from .hf import patch, unpatch
+from .weight.cluster import Cluster
 
 
 def build_model(args):

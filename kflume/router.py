@@ -5,8 +5,9 @@ each owned by one node, covering `[0, length)`; the last (tail) range takes new 
 Edits (add/drain/remove a node, add/finish a request, advance a request by one token)
 are queued and applied at the next token boundary, in `begin_step()`, which returns an
 immutable `StepPlan` (kflume/plan.py) with a new epoch. Tensors appear only when a plan
-is materialised: small index tensors per step in kflume/remote.py, fixed device buffers
-rewritten in place for a captured graph in kflume/captured.py.
+is materialised: small index tensors per step in kflume/weight/remote.py, fixed device
+buffers rewritten in place for a captured step in kflume/graph/buffers.py. Where new
+tokens go is the placement policy's choice (kflume/placement.py).
 
 A decode step, as the weight node sees it:
 
@@ -20,8 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
 
+from .placement import (
+    CapacityError,
+    FillThenLeastLoaded,
+    Placement,
+    PlacementPolicy,
+    RouterError,
+)
 from .plan import Migration, NodeWork, RequestId, StepPlan, TokenRange
 
 __all__ = [
@@ -38,14 +45,6 @@ __all__ = [
 ]
 
 
-class RouterError(ValueError):
-    """An edit the router cannot apply (unknown node or request, duplicate id...)."""
-
-
-class CapacityError(RouterError):
-    """No attention node has room for another token."""
-
-
 @dataclass(slots=True)
 class _Node:
     capacity: int  # tokens, a multiple of page_size
@@ -59,64 +58,6 @@ class _Request:
     ranges: list[TokenRange]
     length: int = 0  # tokens whose KV the nodes hold (history)
     held: dict[str, int] = field(default_factory=dict)  # tokens per node
-
-
-class Placement(NamedTuple):
-    """Put the next `tokens` tokens on `node`: extend the tail range, or open a new one."""
-
-    node: str
-    tokens: int
-    extend_tail: bool
-
-
-class PlacementPolicy(Protocol):
-    """Decides where a request's next tokens go.
-
-    `place` gets the request's tail range (None for a request with no range yet) and the
-    number of tokens still to place, and returns a `Placement` of `1 <= n <= tokens` of
-    them, at most `router.room(node, request)`. It reads the router only through
-    `placeable_nodes()`, `least_loaded()`, `is_draining(node)`, `free_tokens(node)`,
-    `room(node, request)` and `node_load(node)`; it raises `CapacityError` when no node
-    fits.
-    """
-
-    def place(
-        self, router: TokenRangeRouter, request: RequestId, tail: TokenRange | None, tokens: int
-    ) -> Placement:
-        ...
-
-
-@dataclass(slots=True)
-class FillThenLeastLoaded:
-    """Fill the tail range up to `range_tokens`, then open a range on the least-loaded node.
-
-    The least-loaded node is the one with the most free tokens (ties: the node that
-    joined first). A tail whose node is draining or full is closed early.
-    """
-
-    range_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.range_tokens < 1:
-            raise ValueError(f"range_tokens must be >= 1; got {self.range_tokens}")
-
-    def place(
-        self, router: TokenRangeRouter, request: RequestId, tail: TokenRange | None, tokens: int
-    ) -> Placement:
-        if tail is not None and len(tail) < self.range_tokens and not router.is_draining(
-            tail.node
-        ):
-            room = min(self.range_tokens - len(tail), router.room(tail.node, request))
-            if room > 0:
-                return Placement(tail.node, min(tokens, room), extend_tail=True)
-        node = router.least_loaded()
-        room = 0 if node is None else router.room(node, request)
-        if room <= 0:
-            raise CapacityError(
-                f"no attention node has room for request {request!r}: add a node or finish "
-                "requests"
-            )
-        return Placement(node, min(tokens, room, self.range_tokens), False)
 
 
 class TokenRangeRouter:
@@ -236,7 +177,7 @@ class TokenRangeRouter:
             if req.ranges and req.ranges[-1].end > req.length:
                 continue  # already reserved by an earlier plan not yet advanced
             self._grow(rid, req, 1)
-        self._last_plan = self._make_plan(prefill, migrations, freed, removed)
+        self._last_plan = _make_plan(self, prefill, migrations, freed, removed)
         return self._last_plan
 
     # ---- internals --------------------------------------------------------------------
@@ -349,31 +290,6 @@ class TokenRangeRouter:
             req.ranges = _coalesce(new_ranges)
         del self._nodes[node]
 
-    def _make_plan(self, prefill, migrations, freed, removed) -> StepPlan:
-        rows: dict[str, list[int]] = {n: [] for n in self._nodes}
-        lens: dict[str, list[int]] = {n: [] for n in self._nodes}
-        arows: dict[str, list[int]] = {n: [] for n in self._nodes}
-        aoffs: dict[str, list[int]] = {n: [] for n in self._nodes}
-        requests, positions, routes = [], [], {}
-        for row, (rid, req) in enumerate(self._requests.items()):
-            requests.append(rid)
-            positions.append(req.length)
-            routes[rid] = tuple(req.ranges)
-            history = _history_per_node(req.ranges, req.length)
-            for node, n in history.items():
-                if n > 0:
-                    rows[node].append(row)
-                    lens[node].append(n)
-            tail = req.ranges[-1].node
-            arows[tail].append(row)
-            aoffs[tail].append(history.get(tail, 0))
-        work = tuple(
-            NodeWork(n, tuple(rows[n]), tuple(lens[n]), tuple(arows[n]), tuple(aoffs[n]))
-            for n in self._nodes
-        )
-        return StepPlan(self._epoch, tuple(requests), tuple(positions), work, routes,
-                        tuple(prefill), tuple(migrations), tuple(freed), tuple(removed))
-
 
 def _history_per_node(ranges: Iterable[TokenRange], length: int) -> dict[str, int]:
     held: dict[str, int] = {}
@@ -392,3 +308,30 @@ def _coalesce(ranges: list[TokenRange]) -> list[TokenRange]:
         else:
             out.append(r)
     return out
+
+
+def _make_plan(router: TokenRangeRouter, prefill, migrations, freed, removed) -> StepPlan:
+    """The plan of the router's current state (module docstring)."""
+    rows: dict[str, list[int]] = {n: [] for n in router._nodes}
+    lens: dict[str, list[int]] = {n: [] for n in router._nodes}
+    arows: dict[str, list[int]] = {n: [] for n in router._nodes}
+    aoffs: dict[str, list[int]] = {n: [] for n in router._nodes}
+    requests, positions, routes = [], [], {}
+    for row, (rid, req) in enumerate(router._requests.items()):
+        requests.append(rid)
+        positions.append(req.length)
+        routes[rid] = tuple(req.ranges)
+        history = _history_per_node(req.ranges, req.length)
+        for node, n in history.items():
+            if n > 0:
+                rows[node].append(row)
+                lens[node].append(n)
+        tail = req.ranges[-1].node
+        arows[tail].append(row)
+        aoffs[tail].append(history.get(tail, 0))
+    work = tuple(
+        NodeWork(n, tuple(rows[n]), tuple(lens[n]), tuple(arows[n]), tuple(aoffs[n]))
+        for n in router._nodes
+    )
+    return StepPlan(router._epoch, tuple(requests), tuple(positions), work, routes,
+                    tuple(prefill), tuple(migrations), tuple(freed), tuple(removed))

@@ -29,6 +29,12 @@ def test_decode_loop(flags):
 
 
 @pytest.mark.timeout(300)
+def test_captured_decode():
+    out = run("examples/captured_decode.py")
+    assert "same tokens as model.generate without kflume: True" in out
+
+
+@pytest.mark.timeout(300)
 def test_hf_generate():
     assert "same tokens as the model without kflume: True" in run("examples/hf_generate.py")
 

@@ -78,6 +78,8 @@ class _InProcRecv(Recv):
 
     def message(self) -> Message:
         header, tensors = self._take()
+        if header.op == "error":  # an error reply carries no tensors: nothing lands
+            return Message(header, [])
         into = check_into(header, self.into, self.conn.peer)
         if into is not None:
             for dst, src in zip(into, tensors):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from kflume.comm import mailbox as mb
+from kflume.comm import shm as mb
 from kflume.comm.mailbox import Mailbox, MailboxView
 
 

@@ -29,7 +29,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .cluster import Cluster
+from .weight.cluster import Cluster
 
 __all__ = ["patch", "unpatch", "KflumeCache"]
 
@@ -78,8 +78,7 @@ class _Session:
         self.decoding = True
 
     def _boundary(self) -> None:
-        if self.cluster.remote is not None:
-            self.cluster.remote.end_step()  # raise any refusal of the last step's appends
+        self.cluster.end_step()  # raise any refusal of the last step's appends
         plan = self.cluster.begin_step()
         if list(plan.requests) != self.requests:
             raise RuntimeError(
@@ -92,8 +91,7 @@ class _Session:
             self.closed = True
             return
         self.closed = True
-        if self.cluster.remote is not None:
-            self.cluster.remote.end_step(wait=True)
+        self.cluster.end_step(wait=True)
         for rid in self.requests:
             self.cluster.router.finish_request(rid)
         self.cluster.begin_step()

@@ -13,7 +13,8 @@ For a decode step planned by the router (kflume/router.py):
 
 Prefill: a prompt's KV, computed on the weight node, is scattered by range to the nodes.
 Output equals attention over the whole KV (docs/conventions.md); tests check it over the
-in-process transport and over UCX between processes.
+in-process transport and over UCX between processes. Captured steps use the same plan
+cut (kflume/weight/rows.py) through kflume/graph/.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..comm.base import RemoteError
+from ..comm.wire import state_row_bytes, transfer_empty, unpack_states
+from ..kernels import merge_new_token
+from ..plan import StepPlan
 from .client import NodeClient, Pending, wait_all
-from .comm.base import RemoteError
-from .comm.wire import state_row_bytes, transfer_empty, unpack_states
-from .kernels import merge_new_token
-from .plan import StepPlan
+from .rows import NodeRows, node_rows
 
 __all__ = ["RemoteAttention"]
 
@@ -69,9 +71,9 @@ class RemoteAttention:
                 forget: Callable[[str], None]) -> None:
         """Have `prepare(name, client)` called for every node about to join, before any
         plan names it (it returns the node's pending answers, which the node enters the
-        routing after: kflume/cluster.py), and `forget(name)` for one that then did not
+        routing after: kflume/weight/joining.py), and `forget(name)` for one that then did not
         join. Both bound methods of one object, held weakly. A captured step
-        (kflume/captured.py) gets a node's graphs captured this way."""
+        (kflume/graph/lanes.py) gets a node's graphs captured this way."""
         self._preparers.append((weakref.WeakMethod(prepare), weakref.WeakMethod(forget)))
 
     def _hooks(self, which: int) -> list[Callable]:
@@ -96,21 +98,8 @@ class RemoteAttention:
 
     # ---- step boundaries ---------------------------------------------------------------
     def begin_step(self, plan: StepPlan) -> None:
-        """Take the plan of this step: carry out its frees and migrations.
-
-        Migrations move KV through the weight node (export from the old node, import into
-        the new one); the node handles them before this step's attends (messages on one
-        connection are handled in order).
-        """
-        for node, rids in _group(plan.freed).items():
-            if node in self.clients:
-                self._client(node).free(rids)
-        for m in plan.migrations:
-            k, v = self._client(m.src).export_range(m.request, m.start, m.end)
-            self._client(m.dst).import_range(m.request, m.start, k, v)
-        for node in plan.removed_nodes:
-            if node in self.clients:
-                self._client(node).flush(self.timeout)
+        """Take the plan of this step (its frees and migrations are the cluster's to carry
+        out first: kflume/weight/boundary.py)."""
         if len(plan.requests) > self.max_batch:
             raise ValueError(f"the plan has {len(plan.requests)} requests; max_batch is "
                              f"{self.max_batch}")
@@ -165,27 +154,13 @@ class RemoteAttention:
                               self.device)
 
     def shares(self, start: int, stop: int) -> list[_Share]:
-        """Each node's part of plan rows [start, stop), with row indices local to the range.
-
-        Built once per step and range (the plan does not change within a step).
-        """
-        plan = self._plan()
+        """Each node's part of plan rows [start, stop), with their row indices on the
+        device; built once per step and range (the plan does not change within a step)."""
         key = (start, stop)
         if key not in self._shares:
-            out = []
-            for w in plan.nodes:
-                att = [(r - start, n) for r, n in zip(w.rows, w.kv_len) if start <= r < stop]
-                app = [(r - start, o) for r, o in zip(w.append_rows, w.append_offsets)
-                       if start <= r < stop]
-                if not att and not app:
-                    continue
-                idx = lambda rs: torch.tensor(rs, dtype=torch.long, device=self.device)  # noqa
-                out.append(_Share(
-                    w.node, idx([r for r, _ in att]), [plan.requests[r + start] for r, _ in att],
-                    [n for _, n in att], idx([r for r, _ in app]),
-                    [plan.requests[r + start] for r, _ in app], [o for _, o in app],
-                    [plan.positions[r + start] for r, _ in app]))
-            self._shares[key] = out
+            idx = lambda rs: torch.tensor(rs, dtype=torch.long, device=self.device)  # noqa
+            self._shares[key] = [_Share(r, idx(list(r.rows)), idx(list(r.append_rows)))
+                                 for r in node_rows(self._plan(), slice(start, stop))]
         return self._shares[key]
 
     def start(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -206,21 +181,23 @@ class RemoteAttention:
             raise ValueError(f"k_new and v_new must be {list(want)}; got {list(k_new.shape)} "
                              f"and {list(v_new.shape)}")
         shares = self.shares(a, b)
-        attend = [s for s in shares if s.requests]
+        attend = [s for s in shares if s.rows.requests]
         # one reply buffer, the nodes' replies one after another
-        buf = self._recv_buffer(sum(len(s.requests) for s in attend), q.dtype)
+        buf = self._recv_buffer(sum(len(s.rows.requests) for s in attend), q.dtype)
         sent, off = [], 0
         for s in attend:  # query first
-            sent.append(self._client(s.node).attend(
-                layer, plan.epoch, s.requests, s.kv_len, q.index_select(0, s.rows),
-                buf[off : off + len(s.requests)], self.scale))
-            off += len(s.requests)
+            r = s.rows
+            sent.append(self._client(r.node).attend(
+                layer, plan.epoch, r.requests, r.kv_len, q.index_select(0, s.index),
+                buf[off : off + len(r.requests)], self.scale))
+            off += len(r.requests)
         for s in shares:  # then the new tokens, off the critical path
-            if s.append_requests:
-                k = k_new.index_select(0, s.append_rows)[:, None]  # [a, 1, Hkv, D]
-                v = v_new.index_select(0, s.append_rows)[:, None]
-                self._client(s.node).append(layer, s.append_requests, s.append_offsets,
-                                            s.positions, k, v)
+            r = s.rows
+            if r.append_requests:
+                k = k_new.index_select(0, s.append_index)[:, None]  # [a, 1, Hkv, D]
+                v = v_new.index_select(0, s.append_index)[:, None]
+                self._client(r.node).append(layer, r.append_requests, r.append_offsets,
+                                            r.positions, k, v)
         return _Handle(sent, buf, self._position(a, b, attend), q, k_new, v_new)
 
     def _position(self, a: int, b: int, attend: list[_Share]) -> torch.Tensor:
@@ -232,9 +209,9 @@ class RemoteAttention:
             places: list[list[int]] = [[] for _ in range(b - a)]
             off = 0
             for s in attend:
-                for j, row in enumerate(s.rows.tolist()):
+                for j, row in enumerate(s.rows.rows):
                     places[row].append(off + j)
-                off += len(s.requests)
+                off += len(s.rows.requests)
             pos = torch.full((max(map(len, places), default=0), b - a), -1, dtype=torch.long)
             for row, ps in enumerate(places):
                 pos[: len(ps), row] = torch.tensor(ps, dtype=torch.long)
@@ -264,16 +241,11 @@ class RemoteAttention:
 
 @dataclass(slots=True)
 class _Share:
-    """One node's part of a range of plan rows (row indices local to the range)."""
+    """One node's part of a range of plan rows, with its row indices on the device."""
 
-    node: str
-    rows: torch.Tensor
-    requests: list
-    kv_len: list
-    append_rows: torch.Tensor
-    append_requests: list
-    append_offsets: list
-    positions: list
+    rows: NodeRows
+    index: torch.Tensor  # rows.rows
+    append_index: torch.Tensor  # rows.append_rows
 
 
 @dataclass(slots=True)
@@ -284,10 +256,3 @@ class _Handle:
     q: torch.Tensor
     k_new: torch.Tensor
     v_new: torch.Tensor
-
-
-def _group(pairs) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for rid, node in pairs:
-        out.setdefault(node, []).append(rid)
-    return out
