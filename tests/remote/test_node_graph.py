@@ -325,7 +325,7 @@ def test_cuda_graphs_captured_ahead_serve_the_first_stream(group, d, page_size):
         pt = torch.randperm(48, generator=gen)[: rows * width].view(rows, width)
         lens = torch.tensor([width * page_size - 1, 1 + step, 0, 0])  # odd, short, padding
         pt, lens = pt.to("cuda", torch.int32), lens.to("cuda", torch.int32)
-        run = graphs.stream(range(3), q, res, pt, lens, d**-0.5)
+        run = graphs.stream(range(3), q, res, _batch(pt, lens), d**-0.5)
         for i in (1, 2, 0):
             q[i].copy_(torch.randn(rows, hq, d, generator=gen).to("cuda", torch.bfloat16))
             res[i].fill_(255)
