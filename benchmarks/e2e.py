@@ -139,7 +139,8 @@ def run_kflume(s: Shape, W: dict, batch: int, context: int, device: str, args,
                add_node: bool) -> dict:
     cuda = device == "cuda"
     env = {"CUDA_VISIBLE_DEVICES": "1,0"} if cuda and args.node_gpu == 1 else {}
-    capacity = batch * (context + 4 * (args.warmup + args.steps + 64))
+    # room for every run's tokens; a join also steps while the node starts (50 a second)
+    capacity = batch * (context + 4 * (args.warmup + args.steps + 64) + 8192 * add_node)
     cl = Cluster.local(1, layers=s.layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
                        dtype="bfloat16" if cuda else "float32", capacity_tokens=capacity,
                        device="cuda" if cuda else "cpu", env=env, q_heads=s.heads,
@@ -206,6 +207,7 @@ def join(cl: Cluster, one, capacity: int, args) -> dict:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not join in 120 s")
         joined += timed(1, one)
+        time.sleep(0.02)
     cl.router.drain_node("node0")
     joined += timed(2, one)
     after = timed(20, one)
