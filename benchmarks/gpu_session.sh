@@ -11,7 +11,8 @@
 #   transport    benchmarks/transport.py (CUDA buffers)
 #   example      examples/captured_decode.py on the GPU (captured)
 #   demo         kflume demo --device cuda
-#   e2e-1gpu     benchmarks/e2e.py with the node on the weight node's GPU (functional)
+#   e2e-1gpu     benchmarks/e2e.py with the node on the weight node's GPU (functional;
+#                with MPS=1 the processes share the GPU at once instead of in turns)
 #   e2e          benchmarks/e2e.py on 2 GPUs (all sizes, a node joining)
 #   e2e-join4    benchmarks/e2e.py on 4 GPUs: the joining node on a GPU of its own
 set -u
@@ -34,6 +35,14 @@ run() {  # run NAME SECONDS CMD...
   tail -n 25 "$OUT/$name.log"
   [ $rc -eq 0 ] || { echo "stopping: $name failed"; exit $rc; }  # save the device time
 }
+mps_start() {  # the processes started from here on: clients of one MPS server (once)
+  [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && return 0
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/kflume-mps CUDA_MPS_LOG_DIRECTORY=/tmp/kflume-mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d || { echo "no MPS here"; exit 1; }
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+}
+[ "${MPS:-0}" = 1 ] && mps_start  # MPS=1: processes sharing a GPU run at once, not in turns
 for phase in "$@"; do
   case $phase in
     tests) run tests 300 python3 -m pytest -q -x -s -p no:cacheprovider -o timeout=240 \
@@ -49,8 +58,8 @@ for phase in "$@"; do
     transport) run transport 150 python3 benchmarks/transport.py --device cuda --iters 2000 ;;
     example) run example 180 python3 examples/captured_decode.py --device cuda ;;
     demo) run demo 300 python3 -m kflume demo --device cuda --quiet ;;
-    e2e-1gpu) run e2e-1gpu 300 python3 benchmarks/e2e.py --layers 4 --configs 8x8192 \
-        --steps 20 --warmup 5 --node-gpu 0 ${E2E_ARGS:-} ;;
+    e2e-1gpu) run e2e-1gpu 400 python3 benchmarks/e2e.py --configs ${E2E_CONFIGS:-8x8192} \
+        --steps 40 --warmup 10 --node-gpu 0 ${E2E_ARGS:-} ;;
     e2e) run e2e 500 python3 benchmarks/e2e.py --steps 40 --warmup 20 ${E2E_ARGS:-} ;;
     e2e-join4) run e2e-join4 300 python3 benchmarks/e2e.py --configs 8x32768 --steps 40 \
         --warmup 20 --join-gpu 2 ${E2E_ARGS:-} ;;
