@@ -68,12 +68,15 @@ def test_append_rejects_bad_input():
     pool = random_paged_kv(2, 32, 2, 64, 16)
     k = torch.randn(2, 2, 64)
     ok = torch.tensor([0, 5], dtype=torch.int32)
-    with pytest.raises(ValueError, match="beyond"):
+    with pytest.raises(ValueError, match="beyond"):  # value checks: the debug switch
         append_kv(pool.k_cache, pool.v_cache, pool.page_table, torch.tensor([0, 32],
-                  dtype=torch.int32), k, k)
+                  dtype=torch.int32), k, k, debug_checks=True)
     with pytest.raises(ValueError, match="offsets must be >= 0"):
         append_kv(pool.k_cache, pool.v_cache, pool.page_table, torch.tensor([0, -1],
-                  dtype=torch.int32), k, k)
+                  dtype=torch.int32), k, k, debug_checks=True)
+    with pytest.raises(ValueError, match="offsets must be contiguous"):
+        append_kv(pool.k_cache, pool.v_cache, pool.page_table,
+                  torch.tensor([[0, 9], [5, 9]], dtype=torch.int32)[:, 0], k, k)
     with pytest.raises(TypeError, match="offsets must have dtype int32"):
         append_kv(pool.k_cache, pool.v_cache, pool.page_table, ok.long(), k, k)
     with pytest.raises(ValueError, match="k has shape"):
