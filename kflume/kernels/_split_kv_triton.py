@@ -42,7 +42,7 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
 @triton.jit
 def _tanh(x):
     """tanh from exp2 (portable to the interpreter): odd, exact at 0, +-1 for large |x|."""
-    t = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    t = tl.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|) = 2^(-2 log2(e) |x|)
     r = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -r, r)
 
