@@ -132,8 +132,8 @@ def split_kv_attention(
         else:
             _split_kv_impl(*args)
         return out, lse
-    plan_for(q, k_cache, page_table, scale, softcap, num_splits).launch(
-        q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse)
+    _launch_cached(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale,
+                   num_splits, softcap)
     return out, lse
 
 
@@ -159,11 +159,20 @@ def plan_for(q, k_cache, page_table, scale, softcap, num_splits) -> SplitKVPlan:
     return plan
 
 
+def _launch_cached(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, splits,
+                   softcap) -> None:
+    """Launch through the cached plan. Under capture the split partials come from the
+    graph's pool, not the plan's scratch, which eager calls on other streams may share."""
+    plan = plan_for(q, k_cache, page_table, scale, softcap, splits)
+    partials = plan.new_partials() if plan.num_splits > 1 and capturing(q) else None
+    plan.launch(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, partials)
+
+
 def _split_kv_impl(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, splits,
                    softcap) -> None:
     if q.is_cuda:
-        plan_for(q, k_cache, page_table, scale, softcap, splits).launch(
-            q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse)
+        _launch_cached(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale,
+                       splits, softcap)
     else:
         o, s = split_kv_attention_ref(q, k_cache, v_cache, page_table, kv_start, kv_len, scale,
                                       softcap=softcap)

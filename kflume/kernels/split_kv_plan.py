@@ -13,7 +13,6 @@ import torch
 from . import _validate
 from ._launcher import Launch, check_grid
 from ._validate import (
-    capturing,
     check_split_kv_args,
     on_device,
     positive_or_none,
@@ -48,13 +47,14 @@ def merge_grid(rows: int) -> tuple[int, int, int]:
 class SplitKVPlan:
     """Split-KV attention for one shape: planned once on the host, then `run` launches.
 
-    As FlashInfer's `plan()` / `run()`: building the plan fixes the launch (splits,
-    grids, kernel constants), allocates the float32 scratch of the split partials and
-    may not be captured in a CUDA graph; `run` only launches the split kernel and, with
-    more than one split, the merge of the splits: no host sync, no allocation when `out`
-    and `lse` are given, capturable. The scratch serves one stream at a time: give each
-    stream (and each graph replayed concurrently with other work) its own plan, and keep
-    the plan alive as long as a graph that captured its `run`.
+    As FlashInfer's `plan()` / `run()`: building the plan is host work (it fixes the
+    launch: splits, grids, kernel constants; and allocates the float32 scratch of the
+    split partials): build it outside CUDA graph capture. `run` only launches the split
+    kernel and, with more than one split, the merge of the splits: no host sync, no
+    allocation when `out` and `lse` are given, capturable (the graph then uses the
+    plan's scratch). The scratch serves one stream at a time: give each stream (and each
+    graph replayed concurrently with other work) its own plan, and keep the plan alive
+    as long as a graph that captured its `run`.
 
     Args:
         batch, q_heads, kv_heads, head_dim: B, Hq, Hkv (Hq % Hkv == 0) and D.
@@ -105,9 +105,11 @@ class SplitKVPlan:
         self._launches: tuple[Launch, Launch] | None = None  # built on first Triton run
         self._identity: torch.Tensor | None = None
         self._partials: tuple[torch.Tensor, torch.Tensor] | None = None
-        if (self.num_splits > 1 and self.device.type == "cuda"
-                and not torch.cuda.is_current_stream_capturing()):
-            self._partials = self.new_partials()
+        if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            if self.num_splits > 1:
+                self._partials = self.new_partials()
+            if max_pages == 1:  # perhaps a contiguous cache
+                self.identity_table()
 
     def new_partials(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh float32 scratch for the split partials: `[S, B, Hq, D]` and `[S, B, Hq]`."""
@@ -119,8 +121,13 @@ class SplitKVPlan:
     def identity_table(self) -> torch.Tensor:
         """The page table of a contiguous cache: request b's one page is page b."""
         if self._identity is None:
-            self._identity = torch.arange(self.shape[0], device=self.device,
-                                          dtype=torch.int32).view(-1, 1)
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # filled only when the graph replays: not one to keep
+                return torch.arange(self.shape[0], device=self.device,
+                                    dtype=torch.int32).view(-1, 1)
+            # built on the host and copied synchronously: ready for any stream
+            self._identity = torch.arange(self.shape[0], dtype=torch.int32).view(-1, 1).to(
+                self.device)
         return self._identity
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -157,8 +164,10 @@ class SplitKVPlan:
                              f"{self.shape}, {self.dtype} on {self.device}; got {got}, "
                              f"{q.dtype} on {q.device}: build a plan for this shape")
 
-    def launch(self, q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse) -> None:
-        """Launch on checked arguments (the CPU runs the torch reference instead)."""
+    def launch(self, q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse,
+               partials: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Launch on checked arguments (the CPU runs the torch reference instead), with
+        this plan's split scratch or the `partials` given (`new_partials()`)."""
         if page_table is None:
             page_table = self.identity_table()
         if not _validate.uses_triton(q):
@@ -167,12 +176,10 @@ class SplitKVPlan:
             out.copy_(o)
             lse.copy_(s)
             return
-        partials = self._partials
-        if self.num_splits > 1:
-            if capturing(q):  # the graph's own pool holds the partials of a captured run
-                partials = self.new_partials()
-            elif partials is None:  # a plan built while capturing allocates here
-                partials = self._partials = self.new_partials()
+        if partials is None and self.num_splits > 1:
+            if self._partials is None:  # a plan built while capturing allocates here
+                self._partials = self.new_partials()
+            partials = self._partials
         with on_device(q):
             self.launch_triton(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse,
                                partials)
