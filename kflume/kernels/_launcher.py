@@ -157,7 +157,8 @@ def cached_launch(fn, device: torch.device, dtypes: tuple, *, num_warps: int,
                   **constexprs) -> Launch:
     """The `Launch` of `fn` for pointer arguments of these `dtypes`, with these
     constexprs, on `device`, kept across calls."""
-    key = (fn, device, dtypes, num_warps, *constexprs.items())
+    # id(fn): kernels are module-level objects; JITFunction's own hash is its source hash
+    key = (id(fn), device, dtypes, num_warps, *constexprs.items())
     launch = _LAUNCHES.get(key)
     if launch is None:
         if len(_LAUNCHES) >= MAX_KEYS:

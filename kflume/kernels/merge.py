@@ -211,7 +211,8 @@ def launch_merge_new_token(q, k, v, outs, lses, index, scale, out, lse, *,
                            (q.dtype, None if sinks is None else sinks.dtype), num_warps=1,
                            HEAD_DIM=d, BLOCK_D=_block_d(d), SOFTCAP=softcap is not None,
                            HAS_SINKS=sinks is not None)
-    floats = (float(scale), 1.0) if softcap is None else (scale / softcap, float(softcap))
+    floats = ((float(scale), 1.0) if softcap is None
+              else (float(scale) / softcap, float(softcap)))  # Python floats: fp32 args
     with on_device(out):
         launch(check_grid((bsz * hq,), "merge_new_token"),
                (q, k, v, outs, lses, index, out, lse, lse if sinks is None else sinks), floats,
