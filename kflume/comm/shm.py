@@ -146,7 +146,7 @@ class SharedWords:
                              f"{sys.platform} on {platform.machine()}")
         self.count = count
         self._shm = _Shared(-(-count * 4 // mmap.PAGESIZE) * mmap.PAGESIZE)  # whole pages
-        self.name = self._shm.name
+        self.name, self.path = self._shm.name, self._shm.path
         self.tensor = self._shm.tensor[:count * 4].view(torch.int32)
         self.tensor.zero_()
         if cuda:

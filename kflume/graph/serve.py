@@ -60,7 +60,7 @@ class Serving:
         self.cap = cap
         self.streams: dict[tuple[int, int], object] = {}  # (lane, micro-batch) -> stream
         self._queries: list[list[tuple]] = []  # [micro-batch] (stream, its q buffer)
-        self._settling: list = []  # given-up mailbox streams (reset waits for them)
+        self.settling: list = []  # given-up mailbox streams, which reset() waits for
         self.steps = 0
         self.trace: list[LayerTrace] = []  # the last `trace_steps` steps' points
         self.step_trace: list[StepTrace] = []
@@ -185,7 +185,7 @@ class Serving:
                 st.cancel()
             except Exception:  # noqa: BLE001 - the link is gone: the ack says so
                 pass
-            self._settling.append(st)
+            self.settling.append(st)
 
     def reset(self) -> None:
         """After `serve` raised and the failed replay has finished (its stream
@@ -195,7 +195,7 @@ class Serving:
         RuntimeError if a node does not answer. The failed step's new k, v may not have
         reached every node: re-plan (and re-run the step) before the next replay."""
         self.cap.signal.reset()
-        settling, self._settling = self._settling, []
+        settling, self.settling = self.settling, []
         for st in settling:  # until acknowledged, a node may still deliver into the rows
             try:
                 st.ack.result()

@@ -127,6 +127,11 @@ class CapturedStep:
         self._closed = False
 
     @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes whose graphs (buffers, on CPU) are kept, oldest first."""
+        return tuple(self._shapes)
+
+    @property
     def captured(self) -> CapturedRemoteAttention | None:
         """The CapturedRemoteAttention of the last batch size served (for diagnostics:
         its `serving.trace`, `lanes`, ...)."""

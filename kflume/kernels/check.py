@@ -7,7 +7,6 @@ Then it times split-KV attention at a decode shape. Exit status 1 if any check f
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -87,9 +86,12 @@ def time_us(fn, dev, repeats=20) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Check the kflume kernels against float64 "
+    from ..cli import parser
+
+    p = parser("kflume check", "Check the kflume kernels against float64 "
                                 "references and time them on this machine.")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run the kernels")
     p.add_argument("--seed", type=int, default=None, help="default: fresh random inputs")
     args = p.parse_args(argv)
     dev = torch.device(args.device)

@@ -17,10 +17,10 @@ log = logging.getLogger("kflume.node")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kflume node", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Start a weightless attention node: it holds token ranges of KV and "
-        "attends over them for weight nodes that present the cluster token.")
+    from ..cli import parser
+
+    p = parser("kflume node", "Start a weightless attention node: it holds token ranges of "
+               "KV and attends over them for weight nodes that present the cluster token.")
     p.add_argument("--listen", default="127.0.0.1:0",
                    help="HOST:PORT to listen on; port 0 takes a free port")
     p.add_argument("--device", default="cpu", help="where the KV pools live: cpu, cuda or cuda:N")

@@ -227,5 +227,5 @@ def test_captured_step_over_a_node_process_with_mailboxes():
                 torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
                 checked += 1
         assert checked == 6 and step.captured.delivers("node0")
-        assert sorted(step._shapes) == [4, 5]  # "e" joined: 5 rows; "b" left: 4 again
+        assert sorted(step.batch_sizes) == [4, 5]  # "e" joined: 5 rows; "b" left: 4 again
         step.close()

@@ -89,7 +89,7 @@ def test_steps_equal_the_eager_loop_while_nodes_and_requests_change(microbatches
         got = step(ids, scale)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert cl.router.last_plan.epoch == plan.epoch  # the step used the plan given
-    assert sorted(step._shapes) == [4, 5]  # "e" joined (5 rows), "b" left (4 again)
+    assert sorted(step.batch_sizes) == [4, 5]  # "e" joined (5 rows), "b" left (4 again)
     assert "node2" in step.captured.lanes.names
     step.boundary()  # the last step's tokens are history from the next boundary
     assert [cl.router.length(r) for r in "ac"] == [30 + 10, 45 + 10]

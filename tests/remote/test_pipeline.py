@@ -179,10 +179,10 @@ def test_captured_attention_over_node_processes(mailboxes):
             server.begin()
             with pytest.raises(SignalTimeout):
                 server.end()
-            given_up = list(cap.serving._settling)  # the mailbox streams
+            given_up = list(cap.serving.settling)  # the mailbox streams
             assert streams and len(given_up) == (len(streams) if mailboxes else 0)
             cap.reset()
-            assert all(st.ack.done for st in given_up) and not cap.serving._settling
+            assert all(st.ack.done for st in given_up) and not cap.serving.settling
             # A step that fails partway (the model raises at layer 1): the first slots
             # were posted, the others not; the next steps still pair posts and waits
             server.begin()
