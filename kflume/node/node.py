@@ -218,13 +218,33 @@ class AttentionNode:
 
     def import_range(self, rid, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Take KV `[layers, n, Hkv, D]` of global positions `[start, start + n)` of a
-        request, after what the node holds of it."""
-        c = self.config
+        request. A node keeps each request's tokens in position order (so that the
+        tokens before any position are a prefix of its local positions): a range that
+        goes before tokens it holds is merged in place, the request's KV rewritten in
+        order (a restore or migration; rare)."""
         checks.imported(self, k, v)
-        n = k.shape[1]
-        if rid in self.requests and len(set(self.requests[rid].lengths)) != 1:
+        req = self.requests.get(rid)
+        if req is not None and len(set(req.lengths)) != 1:
             raise ValueError(f"import into request {rid!r} while its layers hold different "
                              "token counts (a step is in flight)")
+        spans = sorted((g0, g1) for g0, g1, _ in req.segments) if req is not None else []
+        end = start + k.shape[1]
+        if any(g0 < end and start < g1 for g0, g1 in spans):
+            raise ValueError(f"import into request {rid!r}: positions [{start}, {end}) "
+                             "overlap tokens this node holds")
+        if not any(g0 >= end for g0, _ in spans):
+            self._append_span(rid, start, k, v)  # after everything held: appended
+            return
+        parts = [(g0, *self.export_range(rid, g0, g1)) for g0, g1 in spans]
+        parts.append((start, k.to(self.device, self.dtype), v.to(self.device, self.dtype)))
+        self.free([rid])
+        for pos, pk, pv in sorted(parts, key=lambda p: p[0]):
+            self._append_span(rid, pos, pk, pv)
+
+    def _append_span(self, rid, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """KV `[layers, n, Hkv, D]` of positions `[start, start + n)` after what the node
+        holds of the request, every layer in one kernel."""
+        c, n = self.config, k.shape[1]
         off = self.pages.held(rid)
         self.pages.reserve([(rid, off + n)])
         rows = self.pages.layer_rows([rid], range(c.layers))

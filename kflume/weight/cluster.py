@@ -25,6 +25,7 @@ from ..router import FillThenLeastLoaded, PlacementPolicy, TokenRangeRouter
 from .boundary import carry_out
 from .client import NodeClient
 from .joining import Joining
+from .recovery import Recovery, RequestsLost
 from .remote import RemoteAttention
 
 __all__ = ["Cluster"]
@@ -62,6 +63,7 @@ class Cluster:
         self.processes: dict[str, object] = {}  # handles of the nodes it started
         self.provider = provider
         self.joining = Joining(self)
+        self.recovery = Recovery(self)
         self._names = (f"node{i}" for i in itertools.count())
         self._remote: RemoteAttention | None = None
 
@@ -143,20 +145,17 @@ class Cluster:
     def for_model(cls, n: int, model, *, kind: str = "local", **kwargs) -> Cluster:
         """A cluster whose KV geometry matches a Hugging Face model (or its config):
         `kind` is "local" (node processes over UCX) or "in_process"."""
-        config = getattr(model, "config", model)
-        cfg = config.get_text_config(decoder=True)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        g = _model_geometry(model)
         if "dtype" not in kwargs:
             params = getattr(model, "parameters", None)
-            dtype = next(params()).dtype if params else getattr(cfg, "dtype", None)
+            dtype = next(params()).dtype if params else getattr(model, "dtype", None)
             kwargs["dtype"] = str(dtype or "float32").replace("torch.", "")
-        kwargs.setdefault("q_heads", cfg.num_attention_heads)
+        kwargs.setdefault("q_heads", g.pop("q_heads"))
+        g.pop("q_heads", None)
         build = {"local": cls.local, "in_process": cls.in_process}.get(kind)
         if build is None:
             raise ValueError(f"kind must be 'local' or 'in_process'; got {kind!r}")
-        return build(n, layers=cfg.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
-                     **kwargs)
+        return build(n, **g, **kwargs)
 
     # ---- membership ---------------------------------------------------------------------
     def add_node(self, capacity_tokens: int | None = None, *, address: str | None = None,
@@ -191,13 +190,6 @@ class Cluster:
             raise KeyError(f"no node {name!r} in this cluster")
         self.router.remove_node(name)
 
-    def admit(self, name: str, client: NodeClient, capacity: int) -> None:
-        """A ready node enters the routing table (at the next boundary)."""
-        self.clients[name] = client
-        page = int(client.info.get("page_size", self.geometry.page_size))
-        self.router.add_node(name, max(page, capacity), page_size=page)
-        log.info("node %s joins with room for %d tokens", name, capacity)
-
     def forget(self, name: str) -> None:
         """A node that did not join, or left: its process stopped, captured steps told."""
         proc = self.processes.pop(name, None)
@@ -225,26 +217,46 @@ class Cluster:
             self._remote = RemoteAttention(
                 self.clients, num_q_heads=num_q_heads, num_kv_heads=self.geometry.kv_heads,
                 head_dim=self.geometry.head_dim, scale=scale, device=device,
-                max_batch=max_batch, timeout=self.timeout)
+                max_batch=max_batch, timeout=self.timeout, num_layers=self.geometry.layers)
+            self._remote.on_loss = self.recovery.recover
             if self.router.last_plan is not None:
                 self._remote.begin_step(self.router.last_plan)
         return self._remote
 
     def begin_step(self) -> StepPlan:
-        """A token boundary: admit nodes that became ready, apply routing edits, carry
-        out the plan's frees and migrations, and hand the plan to RemoteAttention. The
-        provider's `boundary()` runs first (in-process nodes capture there the graphs
-        they served uncaptured: no step of this process waits on them now)."""
+        """A token boundary: admit nodes that became ready, lose the ones whose link
+        broke, apply routing edits, carry out the plan's frees and migrations, hand the
+        plan to RemoteAttention, and recompute what lost nodes held. The provider's
+        `boundary()` runs first (in-process nodes capture there the graphs they served
+        uncaptured: no step of this process waits on them now). Raises `RequestsLost`
+        (the boundary done) if some requests could not be restored."""
         if hasattr(self.provider, "boundary"):
             self.provider.boundary()
         self.joining.advance()
+        self.recovery.check()
         plan = self.router.begin_step()
         carry_out(plan, self.clients, self.timeout)
         if self._remote is not None:
             self._remote.begin_step(plan)
         for name in plan.removed_nodes:
             self._drop(name)
+        self.recovery.restore(plan)
+        if plan.dropped:
+            raise RequestsLost(plan.dropped, plan.lost_nodes)
         return plan
+
+    @property
+    def recompute(self):
+        """`fn(restore)`, which recomputes a lost span (kflume/weight/recovery.py)."""
+        return self.recovery.recompute
+
+    @recompute.setter
+    def recompute(self, fn) -> None:
+        self.recovery.recompute = fn
+
+    def lose_node(self, name: str) -> None:
+        """Treat node `name` as lost: its KV is restored on the others (next boundary)."""
+        self.recovery.lose(name, "lost on request")
 
     def end_step(self, wait: bool = False) -> None:
         """Check the nodes' acknowledgements of the last step's appends; raise any
@@ -261,15 +273,7 @@ class Cluster:
 
     def table(self) -> str:
         """Nodes and their load, then the routing table of the last plan."""
-        lines = ["nodes:"]
-        for name in self.router.nodes():
-            used, free = self.router.node_load(name), self.router.free_tokens(name)
-            lines.append(f"  {name}: {used} tokens held, {free} free")
-        lines += self.joining.lines()
-        plan = self.router.last_plan
-        if plan is not None:
-            lines.append(plan.table())
-        return "\n".join(lines)
+        return _table(self)
 
     def close(self) -> None:
         """Disconnect and stop every node this cluster started."""
@@ -286,3 +290,26 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _table(c: Cluster) -> str:
+    lines = ["nodes:"]
+    for name in c.router.nodes():
+        used, free = c.router.node_load(name), c.router.free_tokens(name)
+        lines.append(f"  {name}: {used} tokens held, {free} free")
+    lines += c.joining.lines()
+    plan = c.router.last_plan
+    if plan is not None:
+        lines.append(plan.table())
+    return "\n".join(lines)
+
+
+def _model_geometry(model) -> dict:
+    """layers, kv_heads, head_dim and q_heads of a Hugging Face model (or its config)."""
+    config = getattr(model, "config", model)
+    cfg = config.get_text_config(decoder=True)
+    return dict(layers=cfg.num_hidden_layers,
+                kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                head_dim=getattr(cfg, "head_dim", None)
+                or cfg.hidden_size // cfg.num_attention_heads,
+                q_heads=cfg.num_attention_heads)

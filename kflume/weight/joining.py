@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..comm.base import RemoteError
 from .client import NodeClient, Pending
 
-__all__ = ["Joining", "JoiningNode"]
+__all__ = ["JoinHooks", "Joining", "JoiningNode"]
 
 log = logging.getLogger("kflume.cluster")
 
@@ -84,7 +86,15 @@ class Joining:
         if j.prepared:
             self.nodes.append(j)
         else:
-            c.admit(j.name, j.client, j.capacity)
+            self.admit(j.name, j.client, j.capacity)
+
+    def admit(self, name: str, client: NodeClient, capacity: int) -> None:
+        """A ready node enters the routing table (at the next boundary)."""
+        c = self.cluster
+        c.clients[name] = client
+        page = int(client.info.get("page_size", c.geometry.page_size))
+        c.router.add_node(name, max(page, capacity), page_size=page)
+        log.info("node %s joins with room for %d tokens", name, capacity)
 
     def advance(self) -> None:
         """At a token boundary: connect nodes that now listen, admit the prepared ones,
@@ -108,7 +118,7 @@ class Joining:
                 continue
             self.nodes.remove(j)
             if ready:
-                c.admit(j.name, j.client, j.capacity)
+                self.admit(j.name, j.client, j.capacity)
             else:
                 j.client.close()
                 c.forget(j.name)
@@ -145,6 +155,30 @@ class Joining:
     def lines(self) -> list[str]:
         return [f"  {j.name}: " + ("starting" if j.client is None else "preparing")
                 for j in self.nodes]
+
+
+class JoinHooks:
+    """What to call for a node about to join, before any plan names it: `prepare(name,
+    client)` returns its pending answers (the node enters the routing once they are in);
+    `forget(name)` for one that then did not join, or left. Bound methods of one object
+    (a captured step's: kflume/graph/lanes.py), held weakly."""
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[weakref.WeakMethod, weakref.WeakMethod]] = []
+
+    def add(self, prepare: Callable, forget: Callable) -> None:
+        self._pairs.append((weakref.WeakMethod(prepare), weakref.WeakMethod(forget)))
+
+    def _live(self, which: int) -> list[Callable]:
+        self._pairs = [p for p in self._pairs if p[which]() is not None]
+        return [f for p in self._pairs if (f := p[which]()) is not None]
+
+    def prepare(self, name: str, client: NodeClient) -> list[Pending]:
+        return [p for prepare in self._live(0) for p in prepare(name, client)]
+
+    def forget(self, name: str) -> None:
+        for forget in self._live(1):
+            forget(name)
 
 
 def _unprepared(name: str, e: RemoteError) -> None:

@@ -19,18 +19,19 @@ cut (kflume/weight/rows.py) through kflume/graph/.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from ..comm.base import RemoteError
+from ..comm.base import DeadlineExceeded, RemoteError, TransportError
 from ..comm.wire import state_row_bytes, transfer_empty, unpack_states
 from ..kernels import merge_new_token
 from ..plan import StepPlan
 from .client import NodeClient, Pending, wait_all
+from .joining import JoinHooks
 from .rows import NodeRows, node_rows
+from .span import SpanWriter, span_attention
 
 __all__ = ["RemoteAttention"]
 
@@ -50,7 +51,7 @@ class RemoteAttention:
     def __init__(self, clients: Mapping[str, NodeClient], *, num_q_heads: int,
                  num_kv_heads: int, head_dim: int, scale: float | None = None,
                  device: str | torch.device = "cpu", max_batch: int = 256,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, num_layers: int | None = None) -> None:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
                              f"{num_kv_heads}")
@@ -64,30 +65,27 @@ class RemoteAttention:
         self._shares: dict[tuple[int, int], list[_Share]] = {}
         # per row range: [k, row] -> the row's k-th partial's place in the replies, -1
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
-        self._preparers: list[tuple[weakref.WeakMethod, weakref.WeakMethod]] = []
+        self.join_hooks = JoinHooks()
+        self.spans = SpanWriter(num_layers) if num_layers else None
+        # Called with the names of nodes found lost during a layer (their link broken or
+        # silent past the deadline); it makes a new plan without them, whose lost spans
+        # are recomputed, and hands it to `begin_step` (kflume/weight/recovery.py). Then
+        # the layer is run again. None: the failure is raised.
+        self.on_loss: Callable[[list[str]], None] | None = None
+        self._step_tokens: dict[tuple[int, int, int], tuple] = {}  # this step's new k, v
 
-    # ---- nodes joining -------------------------------------------------------------------
+    # ---- nodes joining (kflume/weight/joining.py) -----------------------------------------
     def on_join(self, prepare: Callable[[str, NodeClient], list[Pending]],
                 forget: Callable[[str], None]) -> None:
         """Have `prepare(name, client)` called for every node about to join, before any
-        plan names it (it returns the node's pending answers, which the node enters the
-        routing after: kflume/weight/joining.py), and `forget(name)` for one that then did not
-        join. Both bound methods of one object, held weakly. A captured step
-        (kflume/graph/lanes.py) gets a node's graphs captured this way."""
-        self._preparers.append((weakref.WeakMethod(prepare), weakref.WeakMethod(forget)))
-
-    def _hooks(self, which: int) -> list[Callable]:
-        self._preparers = [r for r in self._preparers if r[which]() is not None]
-        return [f for r in self._preparers if (f := r[which]()) is not None]
+        plan names it, and `forget(name)` for one that then did not join (`JoinHooks`)."""
+        self.join_hooks.add(prepare, forget)
 
     def prepare_node(self, name: str, client: NodeClient) -> list[Pending]:
-        """What `on_join` registered, for node `name`: their pending answers."""
-        return [p for prepare in self._hooks(0) for p in prepare(name, client)]
+        return self.join_hooks.prepare(name, client)
 
     def forget_node(self, name: str) -> None:
-        """Node `name`, prepared, will not join (or has left)."""
-        for forget in self._hooks(1):
-            forget(name)
+        self.join_hooks.forget(name)
 
     def _client(self, node: str) -> NodeClient:
         try:
@@ -97,12 +95,15 @@ class RemoteAttention:
                            "client for") from None
 
     # ---- step boundaries ---------------------------------------------------------------
-    def begin_step(self, plan: StepPlan) -> None:
+    def begin_step(self, plan: StepPlan, same_step: bool = False) -> None:
         """Take the plan of this step (its frees and migrations are the cluster's to carry
-        out first: kflume/weight/boundary.py)."""
+        out first: kflume/weight/boundary.py). `same_step`: a plan made in the middle of
+        a step (a recovery), whose tokens already sent are kept to send again."""
         if len(plan.requests) > self.max_batch:
             raise ValueError(f"the plan has {len(plan.requests)} requests; max_batch is "
                              f"{self.max_batch}")
+        if not same_step:
+            self._step_tokens = {}
         self.plan = plan
         self._shares = {}
         self._positions = {}
@@ -184,53 +185,98 @@ class RemoteAttention:
         attend = [s for s in shares if s.rows.requests]
         # one reply buffer, the nodes' replies one after another
         buf = self._recv_buffer(sum(len(s.rows.requests) for s in attend), q.dtype)
-        sent, off = [], 0
+        self._step_tokens[layer, a, b] = (k_new, v_new)
+        sent, lost, off = [], [], 0
         for s in attend:  # query first
             r = s.rows
-            sent.append(self._client(r.node).attend(
-                layer, plan.epoch, r.requests, r.kv_len, q.index_select(0, s.index),
-                buf[off : off + len(r.requests)], self.scale))
+            try:
+                sent.append(self._client(r.node).attend(
+                    layer, plan.epoch, r.requests, r.kv_len, q.index_select(0, s.index),
+                    buf[off : off + len(r.requests)], self.scale))
+            except TransportError:  # the link is gone: found lost at finish()
+                lost.append(r.node)
             off += len(r.requests)
         for s in shares:  # then the new tokens, off the critical path
             r = s.rows
-            if r.append_requests:
+            if r.append_requests and r.node not in lost:
                 k = k_new.index_select(0, s.append_index)[:, None]  # [a, 1, Hkv, D]
                 v = v_new.index_select(0, s.append_index)[:, None]
-                self._client(r.node).append(layer, r.append_requests, r.append_offsets,
-                                            r.positions, k, v)
-        return _Handle(sent, buf, self._position(a, b, attend), q, k_new, v_new)
+                try:
+                    self._client(r.node).append(layer, r.append_requests, r.append_offsets,
+                                                r.positions, k, v)
+                except TransportError:
+                    lost.append(r.node)
+        return _Handle(sent, buf, self._position(a, b, attend), q, k_new, v_new, layer,
+                       slice(a, b), plan.epoch, lost)
 
     def _position(self, a: int, b: int, attend: list[_Share]) -> torch.Tensor:
-        """`[k, row]`: where in the reply buffer plan row `a + row`'s k-th partial sits
-        (the nodes' replies one after another), -1 past its last; k up to the most nodes
-        any row of the range is spread over."""
         key = (a, b)
         if key not in self._positions:
-            places: list[list[int]] = [[] for _ in range(b - a)]
-            off = 0
-            for s in attend:
-                for j, row in enumerate(s.rows.rows):
-                    places[row].append(off + j)
-                off += len(s.rows.requests)
-            pos = torch.full((max(map(len, places), default=0), b - a), -1, dtype=torch.long)
-            for row, ps in enumerate(places):
-                pos[: len(ps), row] = torch.tensor(ps, dtype=torch.long)
-            self._positions[key] = pos.to(self.device)
+            self._positions[key] = _positions(b - a, attend).to(self.device)
         return self._positions[key]
 
     def finish(self, h: _Handle) -> torch.Tensor:
-        """Wait for the nodes' partials and merge them with the new token's own partial."""
-        try:
-            wait_all(h.sent, self.timeout)  # the replies are in h.replies
-        except RemoteError:
-            self.end_step()  # an append a node refused (e.g. full) is the likelier cause
-            raise
+        """Wait for the nodes' partials and merge them with the new token's own partial.
+        A node lost on the way (link broken, or silent past the deadline) is handed to
+        `on_loss`, and the layer is run again on the plan that follows."""
+        for _ in range(8):
+            if h.epoch != self._plan().epoch:  # planned before a recovery: run it again
+                h = self._restart(h)
+                continue
+            try:
+                if h.lost:
+                    raise TransportError(f"nodes {h.lost} are gone")
+                wait_all(h.sent, self.timeout)  # the replies are in h.replies
+                break
+            except RemoteError:
+                self.end_step()  # an append a node refused (e.g. full) is the likelier cause
+                raise
+            except (TransportError, DeadlineExceeded) as e:
+                lost = sorted(set(h.lost) | set(_lost(h.sent, e)))
+                if self.on_loss is None or not lost:
+                    raise
+                self.on_loss(lost)
+                self._reappend()
+        else:
+            raise TransportError("nodes kept failing while a layer was run again")
         if h.replies.is_cuda:  # reused only once the merge below has run
             h.replies.record_stream(torch.cuda.current_stream(h.replies.device))
         out, lse = unpack_states(h.replies, self.hq, self.d, h.q.dtype)
         k = h.positions.shape[0]  # every k-th partial is read from the same buffer
         return merge_new_token(h.q, h.k_new, h.v_new, out.expand(k, *out.shape),
                                lse.expand(k, *lse.shape), h.positions, self.scale)[0]
+
+    def _restart(self, h: _Handle) -> _Handle:
+        for p in h.sent:
+            p.cancel()
+        return self.start(h.layer, h.q, h.k_new, h.v_new, h.rows)
+
+    def _reappend(self) -> None:
+        """After a recovery: this step's new tokens of the layers already run go to the
+        new plan's tail nodes (a node rewrites what it already had)."""
+        for (layer, a, b), (k_new, v_new) in list(self._step_tokens.items()):
+            for s in self.shares(a, b):
+                r = s.rows
+                if r.append_requests:  # (a link that broke meanwhile: found at finish)
+                    self._client(r.node).append(
+                        layer, r.append_requests, r.append_offsets, r.positions,
+                        k_new.index_select(0, s.append_index)[:, None],
+                        v_new.index_select(0, s.append_index)[:, None])
+
+    # ---- spans: chunked prefill over the history ------------------------------------------
+    def extend(self, layer: int, request, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               start: int) -> torch.Tensor:
+        """Attention of a span of new tokens at positions `[start, start + S)` of
+        `request`: q `[S, Hq, D]`, k, v `[S, Hkv, D]` (RoPE applied). Each token attends
+        over the history before `start` (on the nodes) and causally over the span; the
+        span's k, v go to the nodes the plan's routes name once every layer's are in (give
+        the layers in order). Returns `[S, Hq, D]` (kflume/weight/span.py)."""
+        if self.spans is None:
+            raise ValueError("RemoteAttention(num_layers=...) is needed for spans")
+        out = span_attention(self._plan(), self.clients, layer, request, q, k, v, start,
+                             self.scale, self.timeout)
+        self.spans.add(self._plan(), self.clients, layer, request, start, k, v)
+        return out
 
     def __call__(self, layer: int, q: torch.Tensor, k_new: torch.Tensor,
                  v_new: torch.Tensor) -> torch.Tensor:
@@ -256,3 +302,32 @@ class _Handle:
     q: torch.Tensor
     k_new: torch.Tensor
     v_new: torch.Tensor
+    layer: int
+    rows: slice
+    epoch: int
+    lost: list  # nodes whose link was gone when the layer was sent
+
+
+def _lost(sent: list[Pending], e: BaseException) -> list[str]:
+    """The nodes among `sent`'s whose link is gone, or, past the deadline, those that did
+    not answer."""
+    gone = sorted({p.client.name for p in sent if not p.client.conn.alive})
+    if gone or not isinstance(e, DeadlineExceeded):
+        return gone
+    return sorted({p.client.name for p in sent if not p.done})
+
+
+def _positions(rows: int, attend: list[_Share]) -> torch.Tensor:
+    """`[k, row]`: where in the reply buffer a row's k-th partial sits (the nodes'
+    replies one after another), -1 past its last; k up to the most nodes any row is
+    spread over."""
+    places: list[list[int]] = [[] for _ in range(rows)]
+    off = 0
+    for s in attend:
+        for j, row in enumerate(s.rows.rows):
+            places[row].append(off + j)
+        off += len(s.rows.requests)
+    pos = torch.full((max(map(len, places), default=0), rows), -1, dtype=torch.long)
+    for row, ps in enumerate(places):
+        pos[: len(ps), row] = torch.tensor(ps, dtype=torch.long)
+    return pos
