@@ -168,6 +168,9 @@ class _InProcListener(Listener):
 
     def close(self) -> None:
         self.hub.listeners.pop(self.address, None)
+        for conn in self.backlog:  # peers never accepted: their links break too
+            conn.close()
+        self.backlog.clear()
 
 
 class InProcTransport(Transport):

@@ -117,8 +117,14 @@ class RemoteAttention:
             return
         for w in self.plan.nodes:
             c = self.clients.get(w.node)
-            if c is not None:
+            if c is None:
+                continue
+            try:
                 c.flush(self.timeout) if wait else c.check()
+            except TransportError:
+                if c.conn.alive:
+                    raise
+                c.outstanding.clear()  # its link is gone: lost (and recovered) at the boundary
 
     def _plan(self) -> StepPlan:
         if self.plan is None:
@@ -142,8 +148,11 @@ class RemoteAttention:
             if a >= b:
                 break
             off = local.get(r.node, 0)
-            self._client(r.node).append(layer, [request], [off], [a], k[None, a:b].contiguous(),
-                                        v[None, a:b].contiguous())
+            try:
+                self._client(r.node).append(layer, [request], [off], [a],
+                                            k[None, a:b].contiguous(), v[None, a:b].contiguous())
+            except TransportError:  # the node is gone: found lost at the next boundary,
+                pass  # where what it would have held is recomputed
             local[r.node] = off + b - a
 
     # ---- decode -----------------------------------------------------------------------------
