@@ -15,7 +15,7 @@ FILES = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"),
            if p.suffix in (".py", ".sh", ".md", ".json"))]
 HISTORY = re.compile(
     r"(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth)"
-    r" session|\b(this|last|next|previous|earlier) session\b|\bissue #?\d+|\bgit branch\b|"
+    r" session|\bissue #?\d+|\bgit branch\b|"
     r"\bbranch `|\bround \d\b|\bearlier code\b|\bbefore the fix\b|\(was \d", re.I)
 
 

@@ -22,7 +22,8 @@ VERSION = 1
 MAX_HEADER = 1 << 16  # bytes (64 KiB); a header beyond this is refused
 MAX_TENSOR_BYTES = 1 << 36  # 64 GiB: refuse descriptors that would allocate absurd buffers
 OPS = frozenset(
-    {"open", "append", "attend", "stream", "mailbox", "cancel", "free", "export", "import",
+    {"open", "append", "attend", "stream", "mailbox", "cancel", "free", "truncate", "export",
+     "import",
      "capture", "stats", "shutdown", "ok", "result", "error"}
 )
 DTYPES = {

@@ -78,6 +78,18 @@ class AttentionNode:
         """Drop requests and return their pages; unknown ids are ignored. Returns tokens freed."""
         return self.pages.free(requests)
 
+    def truncate(self, requests: Sequence, tokens: Sequence[int]) -> int:
+        """Keep only the first `tokens[i]` tokens of `requests[i]` in every layer (its
+        pages past them freed): a step given up, or a cache cropped. Returns the tokens
+        dropped."""
+        if len(requests) != len(tokens):
+            raise ValueError("truncate: requests and tokens differ in length")
+        for rid, n in zip(requests, tokens):
+            if not 0 <= n <= self.pages.held(rid):
+                raise ValueError(f"truncate request {rid!r} to {n} tokens: the node holds "
+                                 f"{self.pages.held(rid)}")
+        return sum(self.pages.truncate(rid, int(n)) for rid, n in zip(requests, tokens))
+
     # ---- appends ----------------------------------------------------------------------
     def append(self, layer: int, requests: Sequence, offsets: Sequence[int],
                positions: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:

@@ -85,6 +85,11 @@ def free(server, peer: Peer, h: Header, tensors) -> Reply:
     return Reply(Header("ok", info={"freed_tokens": freed}))
 
 
+def truncate(server, peer: Peer, h: Header, tensors) -> Reply:
+    dropped = server.node.truncate(h.requests, server.ints(h, "tokens", len(h.requests)))
+    return Reply(Header("ok", info={"dropped_tokens": dropped}))
+
+
 def export(server, peer: Peer, h: Header, tensors) -> Reply:
     if len(h.requests) != 1:
         raise ValueError("export takes one request")
@@ -139,7 +144,8 @@ def shutdown(server, peer: Peer, h: Header, tensors) -> Reply:
 
 
 OPS: dict[str, Callable] = {
-    "attend": attend, "append": append, "open": open_, "free": free, "export": export,
+    "attend": attend, "append": append, "open": open_, "free": free, "truncate": truncate,
+    "export": export,
     "import": import_, "stream": stream, "capture": capture, "cancel": cancel,
     "mailbox": mailbox, "stats": stats, "shutdown": shutdown,
 }

@@ -132,6 +132,27 @@ class PageTable:
             self._free_rows.append(req.row)  # (a request made there gets a new stamp)
         return freed
 
+    def truncate(self, rid, n: int) -> int:
+        """Keep the request's first `n` local positions in every layer; its pages past
+        them go back (its segments end at `n`). Returns the tokens dropped."""
+        req = self.requests.get(rid)
+        if req is None:
+            return 0
+        dropped = max(req.lengths) - n
+        req.lengths = [min(h, n) for h in req.lengths]
+        keep = -(-n // self.page_size)
+        if keep < len(req.pages):
+            self.free_pages.extend(reversed(req.pages[keep:]))
+            del req.pages[keep:]
+            self._stamp += 1
+            req.stamp = self._stamp
+        segs = []
+        for g0, g1, local in req.segments:
+            if local < n:
+                segs.append([g0, min(g1, g0 + n - local), local])
+        req.segments[:] = segs
+        return max(dropped, 0)
+
     def _new_request(self, rid) -> RequestKV:
         row = self._free_rows.pop() if self._free_rows else len(self.requests)
         if row >= self.table.shape[0]:

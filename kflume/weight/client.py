@@ -266,6 +266,14 @@ class NodeClient:
         m = self.call(Header("free", requests=list(requests))).result()
         return int(m.header.info.get("freed_tokens", 0))
 
+    def truncate(self, requests: Sequence, tokens: Sequence[int]) -> Pending:
+        """Keep only the first `tokens[i]` tokens the node holds of `requests[i]`; the
+        acknowledgement is kept outstanding."""
+        p = self.call(Header("truncate", requests=list(requests),
+                             ints={"tokens": [int(t) for t in tokens]}))
+        self.outstanding.append(p)
+        return p
+
     def export_range(self, request, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.call(Header("export", requests=[request], ints={"start": [start],
                                                                 "end": [end]})).result()

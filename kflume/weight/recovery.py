@@ -92,6 +92,8 @@ class Recovery:
         for name in nodes:
             self.lose(name, "no answer within the deadline" if name in c.clients and
                       c.clients[name].conn.alive else "link gone")
+        if c.remote.plan is not None:
+            rewind(c.remote.plan, c.clients)  # the step in flight, on the survivors
         plan = c.router.begin_step(only=("lose_node",))
         c.remote.begin_step(plan, same_step=True)
         self.finish(plan)
@@ -107,3 +109,16 @@ class Recovery:
         self.restore(plan)
         if plan.dropped:
             raise RequestsLost(plan.dropped, plan.lost_nodes)
+
+
+def rewind(plan: StepPlan, clients) -> None:
+    """Every node of `plan` (the step in flight) back to its history of the plan's
+    requests: the step's tokens that some layers had appended are dropped (the step sends
+    them again), so that restores can merge spans in place."""
+    for w in plan.nodes:
+        if w.node not in clients:
+            continue
+        held = dict(zip(w.rows, w.kv_len))
+        held.update(zip(w.append_rows, w.append_offsets))
+        if held:
+            clients[w.node].truncate([plan.requests[r] for r in held], list(held.values()))
