@@ -18,7 +18,7 @@ A step of `batch` requests holding `kv_tokens` of context, plus (chunked prefill
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .hardware import Calibration, GpuProfile
 from .models import ModelShape
@@ -35,18 +35,24 @@ class StepModel:
     gpu: GpuProfile
     tp: int
     cal: Calibration
+    # derived once (the event loop asks for step times ~10^5 times)
+    _stream_s: float = field(init=False, repr=False)
+    _token_s: float = field(init=False, repr=False)
+    _allreduce_s: float = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        m, g, c = self.model, self.gpu, self.cal
+        set_ = object.__setattr__
+        set_(self, "_stream_s", m.weight_bytes / (self.tp * g.weight_read_bps))
+        set_(self, "_token_s", 2.0 * m.params / (self.tp * g.flops * c.prefill_mfu))
+        set_(self, "_allreduce_s", 2 * m.layers * c.tp_allreduce_s if self.tp > 1 else 0.0)
 
     def dense_s(self, tokens: float) -> float:
-        """Projections, MLP and LM head for `tokens` tokens (decode rows + prefill chunk)."""
-        m, g, c = self.model, self.gpu, self.cal
-        stream = m.weight_bytes / (self.tp * g.weight_read_bps)
-        compute = 2.0 * m.params * tokens / (self.tp * g.flops * c.prefill_mfu)
-        allreduce = 2 * m.layers * c.tp_allreduce_s if self.tp > 1 else 0.0
-        return max(stream, compute) + allreduce
+        """Projections, MLP and LM head for `tokens` tokens (decode rows + prefill chunk):
+        the weights streamed once, or the GEMMs' FLOPs, whichever is longer."""
+        return max(self._stream_s, self._token_s * tokens) + self._allreduce_s
 
     def prefill_attention_flops(self, chunk: float, chunk_ctx: float) -> float:
         """Attention FLOPs of `chunk` new tokens after `chunk_ctx` tokens of context."""

@@ -1,0 +1,308 @@
+"""kflume: weight nodes that hold no KV, and attention nodes scaled by `kflume.scale`.
+
+A call needs a weight node with a free batch slot and room on the attention nodes for
+its new tokens and its output (its session's earlier KV is still there: only the tokens
+after the cached prefix are prefilled). The policy adds and drains attention nodes; a
+drained node's KV moves to the others (billed until it has), and an idle session is
+dropped after `session_ttl_s` (by default once holding it has cost what recomputing it
+would), or oldest first when the pool is at its ceiling. Weight nodes follow the load:
+a node per `weight_target_batch` requests, and one more while a new call would wait
+longer than `weight_wait_s` for its prefill on every node; one fewer (drained: no new
+calls, released when empty) when both fall well below; they start warm or cold like
+replicas. A call goes to the weight node with the least prefill waiting.
+
+A weight node's step reads its batch's KV on the attention nodes at the pool's
+effective rate; the pool also bounds every step from below by the time it takes to
+read all running requests' KV once (weight nodes share it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+
+from ..scale import ClusterState, NodeState, ScaleDecision
+from .engine import READY, RELEASE, HostPool, System
+from .hardware import GpuProfile, PriceTable
+from .pool import AttentionNode, AttentionPool
+from .server import Request, Server
+from .timing import StepModel
+
+__all__ = ["KflumeSystem"]
+
+WEIGHT_DOWN_FRACTION = 0.75
+WEIGHT_COOLDOWN_S = 60.0
+
+
+class KflumeSystem(System):
+    def __init__(self, name, cfg, workload, step: StepModel, attn: GpuProfile,
+                 node_capacity: int, policy, prices: PriceTable):
+        super().__init__(name, cfg, workload, policy)
+        self.step, self.attn, self.node_capacity = step, attn, node_capacity
+        self.prices = prices
+        self._expiry: list = []  # heap of (drop at, session, idle since)
+        self.kv_bytes = step.model.kv_bytes_per_token
+        self.weights: list[Server] = []
+        self.pool = AttentionPool()
+        self.queue: deque[Request] = deque()
+        self.hosts = HostPool(cfg.warm_start_s, cfg.cold_start_s, cfg.keep_warm_s)
+        self._names = 0
+        self._weight_change = -math.inf
+        self._pool_bound = 0.0
+
+    # -- nodes ------------------------------------------------------------------------
+
+    def _name(self, prefix: str) -> str:
+        self._names += 1
+        return f"{prefix}{self._names}"
+
+    def _new_weight(self, ready_s: float) -> Server:
+        w = Server(name=self._name("w"), gpu=self.step.gpu.name, gpus=self.step.tp,
+                   chunk=self.cfg.chunk_tokens, max_batch=self.cfg.max_batch,
+                   ready_s=ready_s, billed_from=self.now, t=self.now)
+        self.weights.append(w)
+        self.bill_start("weight", w.gpus)
+        return w
+
+    def _new_node(self, ready_s: float) -> AttentionNode:
+        n = AttentionNode(self._name("a"), self.attn.name, self.node_capacity,
+                          self.attn.kflume_read_bps, self.attn.flops, ready_s, self.now)
+        self.pool.nodes.append(n)
+        self.bill_start("attention", 1)
+        return n
+
+    def start(self) -> None:
+        for _ in range(max(1, self.cfg.min_nodes)):
+            self._new_weight(self.now)
+        for _ in range(max(1, self.cfg.min_nodes)):
+            self._new_node(self.now)
+        self.pool.refresh_rates(self.now)
+
+    def stop(self) -> None:
+        for w in list(self.weights):
+            self._release_weight(w)
+        for n in list(self.pool.nodes):
+            self.on_release(n)
+
+    def _release_weight(self, w: Server) -> None:
+        self.weights.remove(w)
+        self.bill_end(w.name, "weight", w.gpu, w.gpus, w.billed_from)
+        self.hosts.release(self.now)
+
+    def on_ready(self, obj) -> None:
+        if isinstance(obj, AttentionNode):
+            self.pool.refresh_rates(self.now)
+            self._refresh()
+        else:
+            obj.t = self.now
+        self.admit()
+
+    def on_release(self, node: AttentionNode) -> None:
+        self.pool.nodes.remove(node)
+        self.bill_end(node.name, "attention", node.gpu, 1, node.billed_from)
+
+    # -- admission ----------------------------------------------------------------------
+
+    def on_arrival(self, r: Request) -> None:
+        self.queue.append(r)
+        self.admit()
+
+    def _weight_for(self) -> Server | None:
+        best = None
+        for w in self.weights:
+            if w.ready_s <= self.now and not w.draining and w.batch < w.max_batch:
+                if best is None or (w.backlog, w.batch) < (best.backlog, best.batch):
+                    best = w
+        return best
+
+    @staticmethod
+    def _wait_s(w: Server) -> float:
+        """How long a call admitted to w now would wait for its prefill to start."""
+        return w.backlog * w.tau / w.chunk_now() if w.prefill else 0.0
+
+    def _need(self, r: Request) -> tuple[int, int]:
+        """(tokens kept of the session's KV, new tokens to place) if admitted now."""
+        held = self.pool.tokens(r.session)
+        reuse = min(r.cached_prefix, held) if r.admitted_s < 0 else 0
+        return reuse, r.in_tokens - reuse + r.out_left
+
+    def admit(self) -> None:
+        pool, q = self.pool, self.queue
+        touched = False
+        while q:
+            r = q[0]
+            w = self._weight_for()
+            if w is None:
+                break
+            reuse, new = self._need(r)
+            if reuse + new > self.cfg.max_nodes * self.node_capacity:
+                q.popleft()
+                self.reject(r)
+                continue
+            room = pool.free(self.now) + pool.tokens(r.session) - reuse
+            if new > room and self._at_ceiling():
+                room += self._evict_idle(new - room, keep=r.session)
+            if new > room:
+                break
+            q.popleft()
+            pool.set_active(r.session)
+            pool.truncate(r.session, reuse)
+            pool.allocate(r.session, new, self.now)
+            r.reuse = reuse
+            r.prefill_left = float(r.in_tokens - reuse)
+            self.note_admit(r, r.in_tokens - reuse)
+            w.advance(self.now)
+            w.add_prefill(r)
+            touched = True
+        if touched:
+            self._refresh()
+
+    def _at_ceiling(self) -> bool:
+        starting = any(n.ready_s > self.now for n in self.pool.nodes)
+        serving = sum(not n.draining for n in self.pool.nodes)
+        return not starting and serving >= self.cfg.max_nodes
+
+    def _evict_idle(self, tokens: int, keep: int) -> int:
+        freed = 0
+        for session in list(self.pool.idle):
+            if freed >= tokens:
+                break
+            if session != keep:
+                freed += self.pool.tokens(session)
+                self.pool.release(session)
+                self.rec.evictions += 1
+        return freed
+
+    def ttl_s(self, tokens: int) -> float:
+        """How long an idle session of `tokens` is kept: session_ttl_s, or by default until
+        holding it has cost what recomputing it would (its prefill on a weight node, its
+        attention on an attention node)."""
+        if self.cfg.session_ttl_s is not None:
+            return self.cfg.session_ttl_s
+        s, p = self.step, self.prices
+        dense_usd = s.dense_s(tokens) * s.tp * p[s.gpu.name]
+        attn_s = s.prefill_attention_flops(tokens, 0) / (self.attn.flops * s.cal.prefill_mfu)
+        hold_usd_per_s = tokens / self.node_capacity * p[self.attn.name]
+        return (dense_usd + attn_s * p[self.attn.name]) / max(hold_usd_per_s, 1e-12)
+
+    def expire_idle(self) -> None:
+        idle, heap = self.pool.idle, self._expiry
+        while heap and heap[0][0] <= self.now:
+            _, session, since = heapq.heappop(heap)
+            if idle.get(session) == since:
+                self.pool.release(session)
+                self.rec.expirations += 1
+        self.pool.refresh_rates(self.now)
+
+    # -- serving ------------------------------------------------------------------------
+
+    def step_time(self, w: Server, decode_only: bool = False) -> float:
+        if decode_only or not w.prefill:
+            t = self.step.kflume_s(w.n_running, w.decode_kv(), self.pool.read_bps, 1.0)
+        else:
+            ctx = w.chunk_ctx()
+            flops = self.attn.flops * max(1, math.ceil(ctx / self.node_capacity))
+            t = self.step.kflume_s(w.n_running, w.decode_kv(), self.pool.read_bps, flops,
+                                   w.chunk_now(), ctx)
+        return max(t, self._pool_bound)
+
+    def _refresh(self, touched: Server | None = None) -> None:
+        """Step times of every weight node: they share the attention nodes."""
+        kv = sum(w.decode_kv() for w in self.weights)
+        read = self.pool.read_bps
+        self._pool_bound = (kv * self.kv_bytes / read + self.step.cal.kflume_step_s
+                            if kv > 0 else 0.0)
+        for w in self.weights:
+            if not w.busy() and w is not touched:
+                continue
+            w.advance(self.now)
+            old = w.tau
+            new = self.step_time(w) if w.busy() else math.inf
+            if w is touched or not math.isclose(old, new, rel_tol=1e-3):
+                self.reschedule(w)
+
+    def on_server(self, w: Server) -> None:
+        w.advance(self.now)
+        while (r := w.pop_prefilled()) is not None:
+            self.first_token(r)
+            if r.out_left == 0:
+                self._finish(r)
+            else:
+                w.start_decode(r, r.seq)
+        while (r := w.pop_finished()) is not None:
+            r.generated += r.out_left
+            r.out_left = 0
+            self._finish(r)
+        if w.draining and not w.busy():
+            self._release_weight(w)
+            w = None
+        self._refresh(touched=w)
+        self.admit()
+
+    def _finish(self, r: Request) -> None:
+        self.finish_call(r)
+        self.pool.set_idle(r.session, self.now)
+        ttl = self.ttl_s(self.pool.tokens(r.session))
+        heapq.heappush(self._expiry, (self.now + ttl, r.session, self.now))
+
+    # -- autoscaling --------------------------------------------------------------------
+
+    def needed_tokens(self) -> float:
+        return self.pool.used() + sum(self._need(r)[1] for r in self.queue)
+
+    def cluster_state(self) -> ClusterState:
+        nodes = tuple(NodeState(n.name, n.capacity, n.free, n.idle, n.draining,
+                                n.ready_s > self.now) for n in self.pool.nodes)
+        p50, p99 = self.recent_tpot_ms(self.weights)
+        return ClusterState(
+            now_s=self.now, nodes=nodes, growth_tokens_per_s=self.growth,
+            queued_requests=len(self.queue),
+            queued_tokens=sum(self._need(r)[1] for r in self.queue),
+            tpot_p50_ms=p50, tpot_p99_ms=p99, node_start_s=self.cfg.attention_start_s,
+            new_node_capacity_tokens=self.node_capacity, last_scale_up_s=self.last_up,
+            last_scale_down_s=self.last_down)
+
+    def apply(self, d: ScaleDecision) -> bool:
+        for _ in range(d.add):
+            n = self._new_node(self.now + self.cfg.attention_start_s)
+            self.push(n.ready_s, READY, n)
+        by_name = {n.name: n for n in self.pool.nodes}
+        for name in d.drain:
+            node = by_name[name]
+            moved = node.used
+            if self.pool.drain(node, self.now):
+                self.push(self.now + moved * self.kv_bytes / (self.cfg.migrate_gbs * 1e9),
+                          RELEASE, node)
+        if not d.noop:
+            self.pool.refresh_rates(self.now)
+            self._refresh()
+        return self._scale_weights() or not d.noop
+
+    def _scale_weights(self) -> bool:
+        c = self.cfg
+        live = [w for w in self.weights if not w.draining]
+        ready = [w for w in live if w.ready_s <= self.now]
+        batch = (sum(w.batch for w in self.weights) + len(self.queue)) / c.weight_target_batch
+        target = min(c.max_nodes, max(c.min_nodes, math.ceil(batch)))
+        wait = min((self._wait_s(w) for w in ready), default=0.0)
+        if wait > c.weight_wait_s and len(ready) == len(live):  # none starting
+            target = max(target, len(live) + 1)
+        if target > len(live):
+            for _ in range(min(target, c.max_nodes) - len(live)):
+                start_s, warm = self.hosts.start(self.now)
+                self.rec.warm_starts += warm
+                self.rec.cold_starts += not warm
+                self.push(self.now + start_s, READY, self._new_weight(self.now + start_s))
+            self._weight_change = self.now
+            return True
+        calm = max((self._wait_s(w) for w in ready), default=0.0) < 0.25 * c.weight_wait_s
+        if (len(ready) > target and calm and batch <= (len(live) - 1) * WEIGHT_DOWN_FRACTION
+                and self.now - self._weight_change >= WEIGHT_COOLDOWN_S):
+            w = min(ready, key=lambda w: (w.batch, w.backlog))
+            w.draining = True
+            if not w.busy():
+                self._release_weight(w)
+            self._weight_change = self.now
+            return True
+        return False
