@@ -11,6 +11,7 @@ commands:
   demo    a small Llama generating with its attention on attention nodes (kflume demo --help)
   node    start a weightless attention node (kflume node --help)
   check   check the kernels against float64 references and time them
+  sim     simulate cost and latency of kflume against replicas on a trace (kflume sim --help)
 """
 
 
@@ -32,6 +33,10 @@ def main(argv=None) -> int:
         from .kernels.check import main as check_main
 
         return check_main(rest)
+    if cmd == "sim":
+        from .sim.cli import main as sim_main
+
+        return sim_main(rest)
     print(f"kflume: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -153,7 +153,7 @@ class HeadroomPolicy:
             if len(serving) - len(drained) <= self.min_nodes or len(drained) >= self.max_drain:
                 break
             after = cap - n.capacity_tokens
-            if after - want < self.down_free_fraction * after or after <= 0:
+            if after - want < self.down_free_fraction * after or (after <= 0 < want):
                 break
             drained.append(n.name)
             cap = after

@@ -25,7 +25,8 @@ class SimConfig:
                         memory is at least twice the weights.
     price_tier, prices  'community' or 'secure', and USD per GPU-hour overrides by class.
     slo_tpot_ms         TPOT target of the SLO (per call, mean time per output token).
-    chunk_tokens        prefill tokens a step carries (chunked prefill).
+    chunk_tokens        prefill tokens a step carries at most (chunked prefill); fewer when
+                        more would take the step past 0.9 x slo_tpot_ms.
     max_batch           requests a replica or weight node serves at once.
     replicas            colocated replica count; None: the most replicas the instance
                         system ran at once (provisioned for its peak), or 4 when it does
@@ -35,6 +36,9 @@ class SimConfig:
                         released one in the last keep_warm_s (checkpoint in memory), else
                         in cold_start_s.
     attention_start_s   a new attention node's time to serve.
+    reserve_idle        kflume's policy sizes the attention nodes for idle sessions' KV
+                        too (True), or only for live KV, keeping idle sessions in the room
+                        left and dropping the oldest when a call needs it (False).
     session_ttl_s       kflume drops a session's KV from its attention nodes after this long
                         idle; None: when holding it would have cost more than recomputing
                         it (per session, from its size and the prices). Replicas keep idle
@@ -42,9 +46,9 @@ class SimConfig:
     policy_interval_s   how often autoscaling decides.
     min_nodes, max_nodes  floor and ceiling of autoscaled replicas / attention nodes (and
                         weight nodes); 0 lets a system scale to zero when idle.
-    weight_target_batch kflume runs a weight node per this many requests, and one more
-    weight_wait_s       while a new call would wait longer than this for its prefill to
-                        start on every weight node.
+    weight_target_batch kflume runs a weight node per this many requests...
+    weight_prefill_load ...or per this much prefill work (seconds of prefill admitted per
+                        second, averaged over five minutes), whichever needs more.
     migrate_gbs         GB/s at which a draining attention node's KV moves away.
     refresh_steps       a busy server's step time is recomputed at least this often.
     calibration         overrides of kflume.sim.hardware.Calibration fields.
@@ -58,19 +62,20 @@ class SimConfig:
     price_tier: str = "community"
     prices: dict = field(default_factory=dict)
     slo_tpot_ms: float = 50.0
-    chunk_tokens: int = 512
+    chunk_tokens: int = 2048
     max_batch: int = 256
     replicas: int | None = None
     warm_start_s: float = 1.1
     cold_start_s: float = 10.8
     keep_warm_s: float = 600.0
     attention_start_s: float = 6.4
+    reserve_idle: bool = False
     session_ttl_s: float | None = None
     policy_interval_s: float = 1.0
     min_nodes: int = 0
     max_nodes: int = 512
     weight_target_batch: int = 128
-    weight_wait_s: float = 2.0
+    weight_prefill_load: float = 0.6
     migrate_gbs: float = 50.0
     refresh_steps: float = 1000.0
     calibration: dict = field(default_factory=dict)
@@ -93,7 +98,7 @@ class SimConfig:
         if self.tp is not None and self.tp not in (1, 2, 4, 8):
             raise ValueError(f"tp must be 1, 2, 4 or 8 (or None), got {self.tp}")
         for name in ("slo_tpot_ms", "warm_start_s", "cold_start_s", "policy_interval_s",
-                     "migrate_gbs", "refresh_steps", "weight_wait_s"):
+                     "migrate_gbs", "refresh_steps", "weight_prefill_load"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.session_ttl_s is not None and self.session_ttl_s < 0:

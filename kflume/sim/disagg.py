@@ -6,10 +6,11 @@ after the cached prefix are prefilled). The policy adds and drains attention nod
 drained node's KV moves to the others (billed until it has), and an idle session is
 dropped after `session_ttl_s` (by default once holding it has cost what recomputing it
 would), or oldest first when the pool is at its ceiling. Weight nodes follow the load:
-a node per `weight_target_batch` requests, and one more while a new call would wait
-longer than `weight_wait_s` for its prefill on every node; one fewer (drained: no new
-calls, released when empty) when both fall well below; they start warm or cold like
-replicas. A call goes to the weight node with the least prefill waiting.
+a node per `weight_target_batch` requests or per `weight_prefill_load` of prefill work
+(seconds of prefill admitted per second, averaged over five minutes), whichever needs
+more; one fewer (drained: no new calls, released when empty) when the load falls a
+node below; they start warm or cold like replicas. A call goes to the weight node with
+the least prefill waiting.
 
 A weight node's step reads its batch's KV on the attention nodes at the pool's
 effective rate; the pool also bounds every step from below by the time it takes to
@@ -33,6 +34,7 @@ __all__ = ["KflumeSystem"]
 
 WEIGHT_DOWN_FRACTION = 0.75
 WEIGHT_COOLDOWN_S = 60.0
+LOAD_WINDOW_S = 300.0
 
 
 class KflumeSystem(System):
@@ -50,6 +52,9 @@ class KflumeSystem(System):
         self._names = 0
         self._weight_change = -math.inf
         self._pool_bound = 0.0
+        self._prefill_work = 0.0  # prefill seconds admitted since the last tick
+        self._prefill_load = 0.0  # their rate, averaged over LOAD_WINDOW_S
+        self._load_at = 0.0
 
     # -- nodes ------------------------------------------------------------------------
 
@@ -93,7 +98,7 @@ class KflumeSystem(System):
     def on_ready(self, obj) -> None:
         if isinstance(obj, AttentionNode):
             self.pool.refresh_rates(self.now)
-            self._refresh()
+            self._refresh(every=True)
         else:
             obj.t = self.now
         self.admit()
@@ -116,10 +121,13 @@ class KflumeSystem(System):
                     best = w
         return best
 
-    @staticmethod
-    def _wait_s(w: Server) -> float:
-        """How long a call admitted to w now would wait for its prefill to start."""
-        return w.backlog * w.tau / w.chunk_now() if w.prefill else 0.0
+    def _prefill_s(self, new: int, reuse: int, session: int) -> float:
+        """A weight node's time to prefill `new` tokens after `reuse` kept ones, at its
+        full chunk (the attention on the nodes holding the session)."""
+        s = self.step
+        flops = self.attn.flops * max(1, self.pool.node_count(session))
+        return s.dense_s(new) + s.prefill_attention_flops(new, reuse) / (
+            flops * s.cal.prefill_mfu)
 
     def _need(self, r: Request) -> tuple[int, int]:
         """(tokens kept of the session's KV, new tokens to place) if admitted now."""
@@ -129,7 +137,7 @@ class KflumeSystem(System):
 
     def admit(self) -> None:
         pool, q = self.pool, self.queue
-        touched = False
+        touched = set()
         while q:
             r = q[0]
             w = self._weight_for()
@@ -141,7 +149,7 @@ class KflumeSystem(System):
                 self.reject(r)
                 continue
             room = pool.free(self.now) + pool.tokens(r.session) - reuse
-            if new > room and self._at_ceiling():
+            if new > room and (self._at_ceiling() or not self.policy.keep_idle):
                 room += self._evict_idle(new - room, keep=r.session)
             if new > room:
                 break
@@ -152,11 +160,12 @@ class KflumeSystem(System):
             r.reuse = reuse
             r.prefill_left = float(r.in_tokens - reuse)
             self.note_admit(r, r.in_tokens - reuse)
+            self._prefill_work += self._prefill_s(r.in_tokens - reuse, reuse, r.session)
             w.advance(self.now)
             w.add_prefill(r)
-            touched = True
+            touched.add(w)
         if touched:
-            self._refresh()
+            self._refresh(touched)
 
     def _at_ceiling(self) -> bool:
         starting = any(n.ready_s > self.now for n in self.pool.nodes)
@@ -193,33 +202,35 @@ class KflumeSystem(System):
             if idle.get(session) == since:
                 self.pool.release(session)
                 self.rec.expirations += 1
-        self.pool.refresh_rates(self.now)
+        if self.pool.refresh_rates(self.now):
+            self._refresh(every=True)
 
     # -- serving ------------------------------------------------------------------------
 
-    def step_time(self, w: Server, decode_only: bool = False) -> float:
-        if decode_only or not w.prefill:
-            t = self.step.kflume_s(w.n_running, w.decode_kv(), self.pool.read_bps, 1.0)
-        else:
-            ctx = w.chunk_ctx()
-            flops = self.attn.flops * max(1, math.ceil(ctx / self.node_capacity))
-            t = self.step.kflume_s(w.n_running, w.decode_kv(), self.pool.read_bps, flops,
-                                   w.chunk_now(), ctx)
+    def step_time(self, w: Server, chunk: float) -> float:
+        """The prefill chunk's attention runs on the nodes holding its session's ranges."""
+        flops = 1.0
+        if chunk:
+            flops = self.attn.flops * max(1, self.pool.node_count(w.prefill[0].session))
+        t = self.step.kflume_s(w.n_running, w.decode_kv(), self.pool.read_bps, flops, chunk,
+                               w.chunk_ctx())
         return max(t, self._pool_bound)
 
-    def _refresh(self, touched: Server | None = None) -> None:
-        """Step times of every weight node: they share the attention nodes."""
-        kv = sum(w.decode_kv() for w in self.weights)
-        read = self.pool.read_bps
-        self._pool_bound = (kv * self.kv_bytes / read + self.step.cal.kflume_step_s
-                            if kv > 0 else 0.0)
+    def _refresh(self, touched=(), every: bool = False) -> None:
+        """Step times after a change: of `touched` (or of every weight node), and of those
+        whose step the attention pool's bound sets (they share the attention nodes)."""
+        kv = 0.0
         for w in self.weights:
-            if not w.busy() and w is not touched:
-                continue
-            w.advance(self.now)
-            old = w.tau
-            new = self.step_time(w) if w.busy() else math.inf
-            if w is touched or not math.isclose(old, new, rel_tol=1e-3):
+            if w.running:
+                kv += w.decode_kv()
+        old = self._pool_bound
+        read = self.pool.read_bps
+        self._pool_bound = bound = (kv * self.kv_bytes / read + self.step.cal.kflume_step_s
+                                    if kv > 0 else 0.0)
+        binding = 1.01 * max(old, bound) if abs(bound - old) > 0.01 * max(old, bound) else 0.0
+        for w in self.weights:
+            if w in touched or (w.busy() and (every or w.tau <= binding)):
+                w.advance(self.now)
                 self.reschedule(w)
 
     def on_server(self, w: Server) -> None:
@@ -236,8 +247,7 @@ class KflumeSystem(System):
             self._finish(r)
         if w.draining and not w.busy():
             self._release_weight(w)
-            w = None
-        self._refresh(touched=w)
+        self._refresh((w,))
         self.admit()
 
     def _finish(self, r: Request) -> None:
@@ -276,28 +286,32 @@ class KflumeSystem(System):
                           RELEASE, node)
         if not d.noop:
             self.pool.refresh_rates(self.now)
-            self._refresh()
+            self._refresh(every=True)
         return self._scale_weights() or not d.noop
 
     def _scale_weights(self) -> bool:
         c = self.cfg
-        live = [w for w in self.weights if not w.draining]
-        ready = [w for w in live if w.ready_s <= self.now]
+        dt = self.now - self._load_at
+        if dt > 0:
+            a = dt / (dt + LOAD_WINDOW_S)
+            self._prefill_load = (1 - a) * self._prefill_load + a * self._prefill_work / dt
+            self._prefill_work, self._load_at = 0.0, self.now
         batch = (sum(w.batch for w in self.weights) + len(self.queue)) / c.weight_target_batch
-        target = min(c.max_nodes, max(c.min_nodes, math.ceil(batch)))
-        wait = min((self._wait_s(w) for w in ready), default=0.0)
-        if wait > c.weight_wait_s and len(ready) == len(live):  # none starting
-            target = max(target, len(live) + 1)
+        demand = max(batch, self._prefill_load / c.weight_prefill_load)
+        live = [w for w in self.weights if not w.draining]
+        target = min(c.max_nodes, max(c.min_nodes, math.ceil(demand)))
+        if not live and (self.queue or demand > 0):
+            target = max(target, 1)
         if target > len(live):
-            for _ in range(min(target, c.max_nodes) - len(live)):
+            for _ in range(target - len(live)):
                 start_s, warm = self.hosts.start(self.now)
                 self.rec.warm_starts += warm
                 self.rec.cold_starts += not warm
                 self.push(self.now + start_s, READY, self._new_weight(self.now + start_s))
             self._weight_change = self.now
             return True
-        calm = max((self._wait_s(w) for w in ready), default=0.0) < 0.25 * c.weight_wait_s
-        if (len(ready) > target and calm and batch <= (len(live) - 1) * WEIGHT_DOWN_FRACTION
+        ready = [w for w in live if w.ready_s <= self.now]
+        if (ready and len(live) > target and demand <= (len(live) - 1) * WEIGHT_DOWN_FRACTION
                 and self.now - self._weight_change >= WEIGHT_COOLDOWN_S):
             w = min(ready, key=lambda w: (w.batch, w.backlog))
             w.draining = True

@@ -10,8 +10,9 @@ A session's calls are sent one after another: a call that arrives while the same
 session's previous call is still being served waits for it, and counts as arriving when
 it is sent (its TTFT and queue delay start then).
 
-Ticks come every `policy_interval_s` while anything happens, and back off (doubling,
-up to 60 s) while nothing does; an arrival brings them back at once.
+Ticks come every `policy_interval_s` while the policy acts or calls wait for capacity,
+and back off (doubling, up to MAX_TICK_GAP_S) while it decides nothing; a call that has
+to wait brings them back at once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .workload import Workload
 __all__ = ["HostPool", "System"]
 
 SERVER, READY, TICK, RELEASE = range(4)
-MAX_TICK_GAP_S = 60.0
+MIN_CHUNK = 64  # prefill tokens a step carries at least, whatever the TPOT target
+MAX_TICK_GAP_S = 16.0
 STUCK_S = 7 * 86400.0  # no call finished for a simulated week: a bug, not a workload
 
 
@@ -76,7 +78,6 @@ class System:
         self._tick_version = 0
         self._tick_at = math.inf
         self._tick_gap = cfg.policy_interval_s
-        self._events = 0
         self._last_done_s = 0.0
         self._sessions: dict[int, deque] = {}  # session with a call in service -> waiting calls
         self._sent: list[Request] = []  # calls whose predecessor just finished
@@ -90,7 +91,7 @@ class System:
         """Serve the whole workload; progress(calls_done) is called now and then."""
         w = self.workload
         arrivals, n, i = w.arrival_s, len(w), 0
-        heap = self._heap
+        heap, events = self._heap, 0
         self.start()
         if self.policy is not None:
             self._schedule_tick(self.cfg.policy_interval_s)
@@ -100,7 +101,8 @@ class System:
                 self._arrive(Request(i, w.session[i], arrivals[i], w.in_tokens[i],
                                      w.out_tokens[i], w.cached_prefix_tokens[i]))
                 i += 1
-                if self._tick_at - self.now > self.cfg.policy_interval_s * 1.5:
+                if (self.policy is not None and self.waiting()
+                        and self._tick_at - self.now > 1.5 * self.cfg.policy_interval_s):
                     self._tick_gap = self.cfg.policy_interval_s
                     self._schedule_tick(self._tick_gap)
             elif heap:
@@ -123,10 +125,12 @@ class System:
                 r = self._sent.pop()
                 r.arrival_s = self.rec.arrival_s[r.idx] = self.now
                 self.on_arrival(r)
-            self._events += 1
-            if progress is not None and not self._events & 4095:
+            events += 1
+            if progress is not None and not events & 4095:
                 progress(self.done)
         self.stop()
+        if progress is not None:
+            progress(self.done)
         return self.rec
 
     def _arrive(self, r: Request) -> None:
@@ -174,8 +178,7 @@ class System:
         if decision.drain:
             self.last_down = self.now
         changed = self.apply(decision)
-        quiet = self._events <= 1 and decision.noop and not changed
-        self._events = 0
+        quiet = decision.noop and not changed and not self.waiting()
         self._tick_gap = min(self._tick_gap * 2, MAX_TICK_GAP_S) if quiet else \
             self.cfg.policy_interval_s
         if self.done < len(self.workload):
@@ -195,13 +198,23 @@ class System:
     # -- shared helpers -----------------------------------------------------------------
 
     def reschedule(self, s: Server) -> None:
-        """After s changed: its step time now, and its next event."""
+        """After s changed: its step time now, and its next event. A step carries up to
+        `chunk` prefill tokens, fewer when more would take it past 0.9 x the TPOT target
+        (a token budget, as in Sarathi-Serve), but at least MIN_CHUNK."""
         s.version += 1
         if not s.busy():
             s.tau = math.inf
             return
-        s.tau = self.step_time(s)
-        s.decode_tau = self.step_time(s, decode_only=True) if s.prefill else s.tau
+        s.budget = s.chunk
+        s.tau = s.decode_tau = self.step_time(s, s.chunk_now())
+        if s.prefill:
+            s.decode_tau = self.step_time(s, 0.0)
+            target = 0.9e-3 * self.cfg.slo_tpot_ms
+            if s.tau > target and s.tau > s.decode_tau:
+                full = s.chunk_now()
+                room = (target - s.decode_tau) / (s.tau - s.decode_tau)
+                s.budget = max(MIN_CHUNK, full * room if room > 0 else 0.0)
+                s.tau = self.step_time(s, s.chunk_now())
         steps = min(s.steps_to_next(self.cfg.refresh_steps), s.steps_to_full())
         self.push(self.now + steps * s.tau, SERVER, s, s.version)
 
@@ -255,6 +268,10 @@ class System:
 
     # -- what subclasses provide ---------------------------------------------------------
 
+    def waiting(self) -> int:
+        """Calls waiting for capacity."""
+        return len(self.queue)
+
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def on_arrival(self, r: Request) -> None: ...
@@ -265,5 +282,6 @@ class System:
     def needed_tokens(self) -> float: return 0.0
     def cluster_state(self): return None
     def apply(self, decision: ScaleDecision) -> bool: return False
-    def step_time(self, s: Server, decode_only: bool = False) -> float:
+    def step_time(self, s: Server, chunk: float) -> float:
+        """Seconds of s's next step, carrying `chunk` prefill tokens."""
         raise NotImplementedError

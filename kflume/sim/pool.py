@@ -2,9 +2,10 @@
 tokens of which session.
 
 A session's KV stays on the nodes between its calls (idle) and grows by each call's
-new tokens, placed on the serving node with the most free tokens, split across nodes
-when one has too little (token ranges). A call reserves its output tokens when it is
-admitted, so growth never overfills a node. A draining node's tokens move to the
+new tokens, placed as kflume's router places them (`FillThenLeastLoaded`): ranges of
+up to RANGE_TOKENS, each on the serving node with the most free tokens, so a long
+context spreads over many nodes, whose attention then runs in parallel. A call
+reserves its output tokens when it is admitted, so growth never overfills a node. A draining node's tokens move to the
 others; idle sessions are dropped oldest first at the ceiling, and after a TTL.
 """
 
@@ -12,14 +13,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from operator import attrgetter
 
-__all__ = ["AttentionNode", "AttentionPool"]
+__all__ = ["RANGE_TOKENS", "AttentionNode", "AttentionPool"]
+
+RANGE_TOKENS = 4096  # FillThenLeastLoaded's default range_tokens
+_FREE = attrgetter("free")
 
 
 @dataclass(slots=True, eq=False)
 class AttentionNode:
-    """One attention node: capacity and used in KV tokens, idle ⊆ used; read_bps and
-    flops: its attention kernel's KV read rate and its dense peak."""
+    """One attention node: capacity, used and free (= capacity - used) in KV tokens, idle
+    ⊆ used; read_bps and flops: its attention kernel's KV read rate and its dense peak."""
 
     name: str
     gpu: str
@@ -29,13 +34,13 @@ class AttentionNode:
     ready_s: float
     billed_from: float
     used: int = 0
+    free: int = -1  # set from capacity
     idle: int = 0
     draining: bool = False
     sessions: dict = field(default_factory=dict)  # session -> tokens held here
 
-    @property
-    def free(self) -> int:
-        return self.capacity - self.used
+    def __post_init__(self):
+        self.free = self.capacity - self.used
 
 
 class AttentionPool:
@@ -64,17 +69,19 @@ class AttentionPool:
     def node_count(self, session: int) -> int:
         return len(self.held.get(session, ()))
 
-    def refresh_rates(self, now: float) -> None:
+    def refresh_rates(self, now: float) -> bool:
         """Effective read rate: the busiest node (its share of stored tokens over its
-        read rate) finishes a batch's attention last."""
+        read rate) finishes a batch's attention last. True if it moved by over 1 %."""
         nodes = [n for n in self.nodes if n.ready_s <= now]
         total = sum(n.used for n in nodes)
+        old = self.read_bps
         if not nodes:
             self.read_bps = 0.0
         elif total == 0:
             self.read_bps = sum(n.read_bps for n in nodes if not n.draining)
         else:
             self.read_bps = 1.0 / max(n.used / total / n.read_bps for n in nodes)
+        return abs(self.read_bps - old) > 0.01 * max(old, self.read_bps)
 
     # -- placement --------------------------------------------------------------------
 
@@ -83,8 +90,8 @@ class AttentionPool:
         place = self.held.setdefault(session, {})
         serving = self.serving(now)
         while tokens > 0:
-            node = max(serving, key=lambda n: n.free)
-            take = min(tokens, node.free)
+            node = max(serving, key=_FREE)
+            take = min(tokens, node.free, RANGE_TOKENS)
             if take <= 0:
                 raise RuntimeError("attention pool over capacity: allocate() without room")
             self._add(node, session, take, place)
@@ -106,6 +113,7 @@ class AttentionPool:
         place = self.held.pop(session, {})
         for node, t in place.items():
             node.used -= t
+            node.free += t
             del node.sessions[session]
 
     def set_idle(self, session: int, now: float) -> None:
@@ -120,6 +128,7 @@ class AttentionPool:
 
     def _add(self, node: AttentionNode, session: int, t: int, place: dict) -> None:
         node.used += t
+        node.free -= t
         left = node.sessions.get(session, 0) + t
         if left:
             node.sessions[session] = place[node] = left
@@ -141,7 +150,7 @@ class AttentionPool:
             place = self.held[session]
             self._add(node, session, -t, place)
             while t > 0:
-                dest = max(others, key=lambda n: n.free)
+                dest = max(others, key=_FREE)
                 take = min(t, dest.free)
                 self._add(dest, session, take, place)
                 t -= take

@@ -2,8 +2,9 @@
 autoscaled whole instances in the style of ServerlessLLM ('instance').
 
 A replica admits a call when its context fits beside the running requests' KV (idle
-sessions' KV is a prefix cache: kept while there is room, dropped oldest first), and
-prefers the replica that holds the session's cache. As running requests grow, a full
+sessions' KV is a prefix cache: kept while there is room, dropped oldest first) and
+its decode step would stay within the TPOT target (an empty replica admits any call
+that fits), and prefers the replica that holds the session's cache. As running requests grow, a full
 replica drops idle sessions, then preempts its newest request, whose KV is recomputed
 when it is admitted again. The instance system asks the same `kflume.scale` policy as
 kflume, with replicas as its nodes and idle KV counted as evictable; a drained replica
@@ -36,6 +37,7 @@ class ReplicaSystem(System):
         self.home: dict[int, Server] = {}  # session -> replica holding its idle KV
         self.hosts = HostPool(cfg.warm_start_s, cfg.cold_start_s, cfg.keep_warm_s)
         self._names = 0
+        self._slo_s = cfg.slo_tpot_ms / 1e3
 
     # -- nodes ------------------------------------------------------------------------
 
@@ -71,8 +73,12 @@ class ReplicaSystem(System):
     # -- admission ----------------------------------------------------------------------
 
     def _fits(self, s: Server, r: Request) -> bool:
-        return (s.ready_s <= self.now and not s.draining and s.batch < s.max_batch
-                and s.live_kv() + r.in_tokens <= s.kv_capacity)
+        if s.ready_s > self.now or s.draining or s.batch >= s.max_batch:
+            return False
+        kv = s.live_kv() + r.in_tokens
+        if kv > s.kv_capacity:
+            return False
+        return not s.batch or kv <= self.step.colocated_kv_limit(s.batch + 1, self._slo_s)
 
     def _choose(self, r: Request) -> Server | None:
         home = self.home.get(r.session)
@@ -129,10 +135,8 @@ class ReplicaSystem(System):
 
     # -- serving ------------------------------------------------------------------------
 
-    def step_time(self, s: Server, decode_only: bool = False) -> float:
-        if decode_only or not s.prefill:
-            return self.step.colocated_s(s.n_running, s.decode_kv())
-        return self.step.colocated_s(s.n_running, s.decode_kv(), s.chunk_now(), s.chunk_ctx())
+    def step_time(self, s: Server, chunk: float) -> float:
+        return self.step.colocated_s(s.n_running, s.decode_kv(), chunk, s.chunk_ctx())
 
     def on_server(self, s: Server) -> None:
         s.advance(self.now)

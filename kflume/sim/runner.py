@@ -77,7 +77,8 @@ class SimRun:
                 "start_s": [c.warm_start_s, c.cold_start_s]}
         attn = gpu(c.attention_gpu if name == "kflume" else name.split("-", 1)[1])
         cap = attention_capacity(self.model, attn, c)
-        system = KflumeSystem(name, c, w, self.step, attn, cap, self.policy(True), self.prices)
+        system = KflumeSystem(name, c, w, self.step, attn, cap, self.policy(c.reserve_idle),
+                              self.prices)
         return system, {"gpus_per_weight_node": self.tp, "attention_gpu": attn.name,
                         "attention_node_kv_tokens": cap, "attention_start_s": c.attention_start_s}
 

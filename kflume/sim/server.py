@@ -4,8 +4,9 @@ Between two events a server's batch is fixed, so every step takes the same time 
 and the server's step counter grows linearly: `steps(t) = steps + (t - t0) / tau`. A
 running request started decoding at step `start_step` and finishes at `end_step`, so
 its progress is never updated one token at a time. Prefill is chunked: each step also
-carries `chunk` prompt tokens of the FIFO prefill queue (fewer when the queue holds
-fewer), drained as a fluid, so a short prompt takes a fraction of a step's chunk.
+carries `budget` prompt tokens of the FIFO prefill queue (at most `chunk`; fewer when the
+queue holds fewer, or when more would take the step past the TPOT target), drained as a
+fluid, so a short prompt takes a fraction of a step's budget.
 
 Live KV tokens of the running requests are `ctx_sum + n * steps - start_sum` (each
 request adds one token a step), kept in O(1) per event.
@@ -77,6 +78,7 @@ class Server:
     steps: float = 0.0
     t: float = 0.0
     tau: float = math.inf
+    budget: float = 0.0  # prefill tokens a step carries now (<= chunk)
     decode_tau: float = math.inf  # tau without this step's prefill chunk
     running: list = field(default_factory=list)  # heap of (end_step, seq, Request)
     prefill: deque = field(default_factory=deque)
@@ -106,7 +108,7 @@ class Server:
         return self.decode_kv() + self.prefill_kv
 
     def chunk_now(self) -> float:
-        return min(self.chunk, self.backlog)
+        return min(self.budget, self.backlog) if self.prefill else 0.0
 
     def chunk_ctx(self) -> float:
         """Context before the prefill head's next chunk."""
