@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
     a("--gpu", choices=GPU_NAMES, default=_D.gpu, help="GPU of replicas and weight nodes")
     a("--attention-gpu", choices=GPU_NAMES, default=_D.attention_gpu,
       help="GPU of the 'kflume' system's attention nodes")
-    a("--tp", type=int, default=None, help="GPUs per replica / weight node (default: fewest "
-      "with twice the weights' memory)")
+    a("--tp", type=int, default=None, help="GPUs per replica / weight node (default: the "
+      "fewest whose memory the weights fill to at most 60 %%)")
     a("--session-rate", type=float, default=0.05,
       help="sessions started per second (session traces)")
     a("--request-rate", type=float, default=None,

@@ -22,7 +22,7 @@ class SimConfig:
     gpu                 GPU class of replicas and weight nodes; attention_gpu: of kflume's
                         attention nodes.
     tp                  GPUs per replica / weight node; None: the fewest (1, 2, 4, 8) whose
-                        memory is at least twice the weights.
+                        memory the weights fill to at most 60 %.
     price_tier, prices  'community' or 'secure', and USD per GPU-hour overrides by class.
     slo_tpot_ms         TPOT target of the SLO (per call, mean time per output token).
     chunk_tokens        prefill tokens a step carries at most (chunked prefill); fewer when

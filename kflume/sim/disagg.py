@@ -87,6 +87,8 @@ class KflumeSystem(System):
     def stop(self) -> None:
         for w in list(self.weights):
             self._release_weight(w)
+        for session in list(self.pool.held):
+            self.pool.release(session)
         for n in list(self.pool.nodes):
             self.on_release(n)
 

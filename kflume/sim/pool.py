@@ -5,8 +5,9 @@ A session's KV stays on the nodes between its calls (idle) and grows by each cal
 new tokens, placed as kflume's router places them (`FillThenLeastLoaded`): ranges of
 up to RANGE_TOKENS, each on the serving node with the most free tokens, so a long
 context spreads over many nodes, whose attention then runs in parallel. A call
-reserves its output tokens when it is admitted, so growth never overfills a node. A draining node's tokens move to the
-others; idle sessions are dropped oldest first at the ceiling, and after a TTL.
+reserves its output tokens when it is admitted, so growth never overfills a node. A
+draining node's tokens move to the others; idle sessions are dropped oldest first when
+room is needed, and after a TTL.
 """
 
 from __future__ import annotations

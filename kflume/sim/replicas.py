@@ -75,6 +75,7 @@ class ReplicaSystem(System):
     def _fits(self, s: Server, r: Request) -> bool:
         if s.ready_s > self.now or s.draining or s.batch >= s.max_batch:
             return False
+        s.advance(self.now)  # its KV as of now (the batch is unchanged: tau holds)
         kv = s.live_kv() + r.in_tokens
         if kv > s.kv_capacity:
             return False

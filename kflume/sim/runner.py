@@ -22,9 +22,9 @@ ProgressFactory = Callable[[str, int], Callable[[int], None] | None]
 
 
 def tensor_parallel(m: ModelShape, g: GpuProfile) -> int:
-    """The fewest GPUs (1, 2, 4, 8) whose memory is at least twice the weights."""
+    """The fewest GPUs (1, 2, 4, 8) whose weights take at most 60 % of their memory."""
     for n in (1, 2, 4, 8):
-        if n * g.memory_bytes >= 2 * m.weight_bytes:
+        if m.weight_bytes <= 0.6 * n * g.memory_bytes:
             return n
     raise ValueError(f"{m.name} does not fit 8 {g.name} GPUs with room for KV")
 
@@ -102,7 +102,8 @@ class SimRun:
         return {name: results[name] for name in c.systems}
 
 
-def simulate(workload: Workload, cfg: SimConfig | None = None, **overrides) -> dict[str, SystemResult]:
+def simulate(workload: Workload, cfg: SimConfig | None = None,
+             **overrides) -> dict[str, SystemResult]:
     """Run every system of `cfg` (SimConfig fields may be given as keywords) over the
     workload; results keyed by system name."""
     cfg = replace(cfg or SimConfig(), **overrides)

@@ -71,7 +71,8 @@ class StepModel:
     def colocated_kv_limit(self, batch: int, step_s: float) -> float:
         """KV tokens a replica's `batch` decode rows may hold for a step of `step_s`."""
         room = step_s - self.dense_s(batch) - self.cal.colocated_step_s
-        return max(0.0, room) * self.tp * self.gpu.colocated_read_bps / self.model.kv_bytes_per_token
+        rate = self.tp * self.gpu.colocated_read_bps
+        return max(0.0, room) * rate / self.model.kv_bytes_per_token
 
     def kflume_s(self, batch: int, kv_tokens: float, pool_read_bps: float, pool_flops: float,
                  chunk: float = 0.0, chunk_ctx: float = 0.0) -> float:
