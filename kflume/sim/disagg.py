@@ -5,12 +5,11 @@ its new tokens and its output (its session's earlier KV is still there: only the
 after the cached prefix are prefilled). The policy adds and drains attention nodes; a
 drained node's KV moves to the others (billed until it has), and an idle session is
 dropped after `session_ttl_s` (by default once holding it has cost what recomputing it
-would), or oldest first when the pool is at its ceiling. Weight nodes follow the load:
-a node per `weight_target_batch` requests or per `weight_prefill_load` of prefill work
-(seconds of prefill admitted per second, averaged over five minutes), whichever needs
-more; one fewer (drained: no new calls, released when empty) when the load falls a
-node below; they start warm or cold like replicas. A call goes to the weight node with
-the least prefill waiting.
+would), or oldest first when room is needed (at the ceiling, or always when the policy
+does not reserve room for idle sessions). Weight nodes follow the batch and the prefill
+load (kflume/sim/weights.py); a drained one takes no new calls and is released when
+empty; they start warm or cold like replicas. A call goes to the weight node with the
+least prefill waiting.
 
 A weight node's step reads its batch's KV on the attention nodes at the pool's
 effective rate; the pool also bounds every step from below by the time it takes to
@@ -19,7 +18,6 @@ read all running requests' KV once (weight nodes share it).
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 
@@ -27,14 +25,12 @@ from ..scale import ClusterState, NodeState, ScaleDecision
 from .engine import READY, RELEASE, HostPool, System
 from .hardware import GpuProfile, PriceTable
 from .pool import AttentionNode, AttentionPool
+from .prefill import break_even_ttl_s, prefill_s
 from .server import Request, Server
 from .timing import StepModel
+from .weights import WeightNodeRule
 
 __all__ = ["KflumeSystem"]
-
-WEIGHT_DOWN_FRACTION = 0.75
-WEIGHT_COOLDOWN_S = 60.0
-LOAD_WINDOW_S = 300.0
 
 
 class KflumeSystem(System):
@@ -43,7 +39,6 @@ class KflumeSystem(System):
         super().__init__(name, cfg, workload, policy)
         self.step, self.attn, self.node_capacity = step, attn, node_capacity
         self.prices = prices
-        self._expiry: list = []  # heap of (drop at, session, idle since)
         self.kv_bytes = step.model.kv_bytes_per_token
         self.weights: list[Server] = []
         self.pool = AttentionPool()
@@ -52,9 +47,8 @@ class KflumeSystem(System):
         self._names = 0
         self._weight_change = -math.inf
         self._pool_bound = 0.0
-        self._prefill_work = 0.0  # prefill seconds admitted since the last tick
-        self._prefill_load = 0.0  # their rate, averaged over LOAD_WINDOW_S
-        self._load_at = 0.0
+        self.weight_rule = WeightNodeRule(cfg.weight_target_batch, cfg.prefill_load,
+                                          cfg.min_nodes, cfg.max_nodes)
 
     # -- nodes ------------------------------------------------------------------------
 
@@ -123,14 +117,6 @@ class KflumeSystem(System):
                     best = w
         return best
 
-    def _prefill_s(self, new: int, reuse: int, session: int) -> float:
-        """A weight node's time to prefill `new` tokens after `reuse` kept ones, at its
-        full chunk (the attention on the nodes holding the session)."""
-        s = self.step
-        flops = self.attn.flops * max(1, self.pool.node_count(session))
-        return s.dense_s(new) + s.prefill_attention_flops(new, reuse) / (
-            flops * s.cal.prefill_mfu)
-
     def _need(self, r: Request) -> tuple[int, int]:
         """(tokens kept of the session's KV, new tokens to place) if admitted now."""
         held = self.pool.tokens(r.session)
@@ -152,7 +138,9 @@ class KflumeSystem(System):
                 continue
             room = pool.free(self.now) + pool.tokens(r.session) - reuse
             if new > room and (self._at_ceiling() or not self.policy.keep_idle):
-                room += self._evict_idle(new - room, keep=r.session)
+                freed, dropped = pool.evict(new - room, keep=r.session)
+                room += freed
+                self.rec.evictions += dropped
             if new > room:
                 break
             q.popleft()
@@ -161,8 +149,9 @@ class KflumeSystem(System):
             pool.allocate(r.session, new, self.now)
             r.reuse = reuse
             r.prefill_left = float(r.in_tokens - reuse)
-            self.note_admit(r, r.in_tokens - reuse)
-            self._prefill_work += self._prefill_s(r.in_tokens - reuse, reuse, r.session)
+            flops = self.attn.flops * max(1, pool.node_count(r.session))
+            self.note_admit(r, r.in_tokens - reuse,
+                            prefill_s(self.step, r.in_tokens - reuse, reuse, flops))
             w.advance(self.now)
             w.add_prefill(r)
             touched.add(w)
@@ -174,36 +163,16 @@ class KflumeSystem(System):
         serving = sum(not n.draining for n in self.pool.nodes)
         return not starting and serving >= self.cfg.max_nodes
 
-    def _evict_idle(self, tokens: int, keep: int) -> int:
-        freed = 0
-        for session in list(self.pool.idle):
-            if freed >= tokens:
-                break
-            if session != keep:
-                freed += self.pool.tokens(session)
-                self.pool.release(session)
-                self.rec.evictions += 1
-        return freed
-
     def ttl_s(self, tokens: int) -> float:
         """How long an idle session of `tokens` is kept: session_ttl_s, or by default until
         holding it has cost what recomputing it would (its prefill on a weight node, its
         attention on an attention node)."""
         if self.cfg.session_ttl_s is not None:
             return self.cfg.session_ttl_s
-        s, p = self.step, self.prices
-        dense_usd = s.dense_s(tokens) * s.tp * p[s.gpu.name]
-        attn_s = s.prefill_attention_flops(tokens, 0) / (self.attn.flops * s.cal.prefill_mfu)
-        hold_usd_per_s = tokens / self.node_capacity * p[self.attn.name]
-        return (dense_usd + attn_s * p[self.attn.name]) / max(hold_usd_per_s, 1e-12)
+        return break_even_ttl_s(self.step, self.attn, self.node_capacity, self.prices, tokens)
 
     def expire_idle(self) -> None:
-        idle, heap = self.pool.idle, self._expiry
-        while heap and heap[0][0] <= self.now:
-            _, session, since = heapq.heappop(heap)
-            if idle.get(session) == since:
-                self.pool.release(session)
-                self.rec.expirations += 1
+        self.rec.expirations += self.pool.expire(self.now)
         if self.pool.refresh_rates(self.now):
             self._refresh(every=True)
 
@@ -254,9 +223,7 @@ class KflumeSystem(System):
 
     def _finish(self, r: Request) -> None:
         self.finish_call(r)
-        self.pool.set_idle(r.session, self.now)
-        ttl = self.ttl_s(self.pool.tokens(r.session))
-        heapq.heappush(self._expiry, (self.now + ttl, r.session, self.now))
+        self.pool.set_idle(r.session, self.now, self.ttl_s(self.pool.tokens(r.session)))
 
     # -- autoscaling --------------------------------------------------------------------
 
@@ -292,33 +259,21 @@ class KflumeSystem(System):
         return self._scale_weights() or not d.noop
 
     def _scale_weights(self) -> bool:
-        c = self.cfg
-        dt = self.now - self._load_at
-        if dt > 0:
-            a = dt / (dt + LOAD_WINDOW_S)
-            self._prefill_load = (1 - a) * self._prefill_load + a * self._prefill_work / dt
-            self._prefill_work, self._load_at = 0.0, self.now
-        batch = (sum(w.batch for w in self.weights) + len(self.queue)) / c.weight_target_batch
-        demand = max(batch, self._prefill_load / c.weight_prefill_load)
         live = [w for w in self.weights if not w.draining]
-        target = min(c.max_nodes, max(c.min_nodes, math.ceil(demand)))
-        if not live and (self.queue or demand > 0):
-            target = max(target, 1)
-        if target > len(live):
-            for _ in range(target - len(live)):
-                start_s, warm = self.hosts.start(self.now)
-                self.rec.warm_starts += warm
-                self.rec.cold_starts += not warm
-                self.push(self.now + start_s, READY, self._new_weight(self.now + start_s))
-            self._weight_change = self.now
-            return True
+        requests = sum(w.batch for w in self.weights) + len(self.queue)
+        n = self.weight_rule.change(len(live), requests, self.prefill_load,
+                                    self.now - self._weight_change)
+        for _ in range(n):
+            start_s, warm = self.hosts.start(self.now)
+            self.rec.warm_starts += warm
+            self.rec.cold_starts += not warm
+            self.push(self.now + start_s, READY, self._new_weight(self.now + start_s))
         ready = [w for w in live if w.ready_s <= self.now]
-        if (ready and len(live) > target and demand <= (len(live) - 1) * WEIGHT_DOWN_FRACTION
-                and self.now - self._weight_change >= WEIGHT_COOLDOWN_S):
+        if n < 0 and ready:
             w = min(ready, key=lambda w: (w.batch, w.backlog))
             w.draining = True
             if not w.busy():
                 self._release_weight(w)
+        if n:
             self._weight_change = self.now
-            return True
-        return False
+        return n != 0

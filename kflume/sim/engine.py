@@ -33,6 +33,7 @@ __all__ = ["HostPool", "System"]
 SERVER, READY, TICK, RELEASE = range(4)
 MIN_CHUNK = 64  # prefill tokens a step carries at least, whatever the TPOT target
 MAX_TICK_GAP_S = 16.0
+LOAD_WINDOW_S = 300.0  # prefill load is averaged over this long
 STUCK_S = 7 * 86400.0  # no call finished for a simulated week: a bug, not a workload
 
 
@@ -81,6 +82,9 @@ class System:
         self._last_done_s = 0.0
         self._sessions: dict[int, deque] = {}  # session with a call in service -> waiting calls
         self._sent: list[Request] = []  # calls whose predecessor just finished
+        self._prefill_work = 0.0  # prefill seconds admitted since the last tick
+        self.prefill_load = 0.0  # prefill seconds admitted per second, smoothed
+        self._load_at = 0.0
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -172,6 +176,11 @@ class System:
                 a = dt / (dt + 30.0)  # smoothed over ~30 s
                 self.growth = (1 - a) * self.growth + a * (need - n0) / dt
         self._prev_need = (self.now, need)
+        dt = self.now - self._load_at
+        if dt > 0:
+            a = dt / (dt + LOAD_WINDOW_S)
+            self.prefill_load = (1 - a) * self.prefill_load + a * self._prefill_work / dt
+            self._prefill_work, self._load_at = 0.0, self.now
         decision = self.policy.decide(state) if self.policy else ScaleDecision()
         if decision.add:
             self.last_up = self.now
@@ -239,8 +248,14 @@ class System:
         self.rec.rejected[r.idx] = True
         self.call_done(r)
 
-    def note_admit(self, r: Request, new_tokens: int) -> None:
-        """r admitted now, prefilling new_tokens; counts what is recomputed."""
+    def prefill_nodes(self) -> int:
+        """Replicas or weight nodes the recent prefill work needs (cfg.prefill_load)."""
+        return math.ceil(self.prefill_load / self.cfg.prefill_load - 1e-9)
+
+    def note_admit(self, r: Request, new_tokens: int, prefill_s: float) -> None:
+        """r admitted now, prefilling new_tokens in about prefill_s seconds of a server's
+        time; counts what is recomputed."""
+        self._prefill_work += prefill_s
         if r.admitted_s < 0:
             r.admitted_s = self.now
             self.rec.admitted_s[r.idx] = self.now

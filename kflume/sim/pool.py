@@ -12,6 +12,7 @@ room is needed, and after a TTL.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -51,6 +52,7 @@ class AttentionPool:
         self.nodes: list[AttentionNode] = []
         self.held: dict[int, dict[AttentionNode, int]] = {}  # session -> node -> tokens
         self.idle: OrderedDict[int, float] = OrderedDict()  # idle session -> since (LRU)
+        self._expiry: list = []  # heap of (drop at, session, idle since)
         self.read_bps = 0.0  # rate a batch spread like the stored KV is read at
 
     # -- views ------------------------------------------------------------------------
@@ -117,10 +119,35 @@ class AttentionPool:
             node.free += t
             del node.sessions[session]
 
-    def set_idle(self, session: int, now: float) -> None:
+    def set_idle(self, session: int, now: float, ttl_s: float) -> None:
+        """The session's call finished: its KV stays, to be dropped after ttl_s idle."""
         for node, t in self.held.get(session, {}).items():
             node.idle += t
         self.idle[session] = now
+        heapq.heappush(self._expiry, (now + ttl_s, session, now))
+
+    def expire(self, now: float) -> int:
+        """Drop the idle sessions whose time is up; returns how many."""
+        n, heap = 0, self._expiry
+        while heap and heap[0][0] <= now:
+            _, session, since = heapq.heappop(heap)
+            if self.idle.get(session) == since:
+                self.release(session)
+                n += 1
+        return n
+
+    def evict(self, tokens: int, keep: int) -> tuple[int, int]:
+        """Drop idle sessions, oldest first (not `keep`), until `tokens` are free;
+        returns (tokens freed, sessions dropped)."""
+        freed = n = 0
+        for session in list(self.idle):
+            if freed >= tokens:
+                break
+            if session != keep:
+                freed += self.tokens(session)
+                self.release(session)
+                n += 1
+        return freed, n
 
     def set_active(self, session: int) -> None:
         if self.idle.pop(session, None) is not None:

@@ -1,6 +1,9 @@
 """Model replicas, each holding its requests' KV: a fixed count ('colocated') or
 autoscaled whole instances in the style of ServerlessLLM ('instance').
 
+It also keeps as many replicas as the recent prefill work needs (`prefill_load`), as
+kflume does with weight nodes.
+
 A replica admits a call when its context fits beside the running requests' KV (idle
 sessions' KV is a prefix cache: kept while there is room, dropped oldest first) and
 its decode step would stay within the TPOT target (an empty replica admits any call
@@ -19,6 +22,7 @@ from collections import deque
 
 from ..scale import ClusterState, NodeState, ScaleDecision
 from .engine import READY, HostPool, System
+from .prefill import prefill_s
 from .server import Request, Server
 from .timing import StepModel
 
@@ -114,7 +118,8 @@ class ReplicaSystem(System):
         first = r.admitted_s < 0
         r.reuse = min(r.cached_prefix, held) if (home is s and first) else 0
         r.prefill_left = float(r.in_tokens - r.reuse)
-        self.note_admit(r, r.in_tokens - r.reuse)
+        new = r.in_tokens - r.reuse
+        self.note_admit(r, new, prefill_s(self.step, new, r.reuse, s.gpus * self.step.gpu.flops))
         self.home[r.session] = s
         s.add_prefill(r)
         while s.live_kv() + s.idle_tokens > s.kv_capacity and self._evict(s):
@@ -212,6 +217,13 @@ class ReplicaSystem(System):
             last_scale_down_s=self.last_down)
 
     def apply(self, d: ScaleDecision) -> bool:
+        """The policy's decision, kept above the replicas the prefill load needs."""
+        serving = sum(not s.draining for s in self.servers)
+        floor = min(self.prefill_nodes(), self.cfg.max_nodes)
+        if d.add or serving + d.add < floor:
+            d = ScaleDecision(add=max(d.add, floor - serving), reason=d.reason)
+        elif d.drain:
+            d = ScaleDecision(drain=d.drain[:max(0, serving - floor)], reason=d.reason)
         for _ in range(d.add):
             start_s, warm = self.hosts.start(self.now)
             self.rec.warm_starts += warm

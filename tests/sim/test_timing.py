@@ -83,3 +83,31 @@ def test_capacities_and_tensor_parallelism():
     replica = replica_capacity(m8, gpu("h200"), 1, cfg)
     assert node - replica == pytest.approx(m8.weight_bytes / m8.kv_bytes_per_token, abs=1)
     assert set(MODELS) >= {"llama-3.1-8b", "llama-3.1-70b"}
+
+
+def test_weight_node_rule():
+    from kflume.sim.weights import WeightNodeRule
+
+    rule = WeightNodeRule(target_batch=100, prefill_load=0.5)
+    assert rule.change(live=0, requests=1, prefill_load=0.0, since_change_s=0) == 1
+    assert rule.change(live=1, requests=250, prefill_load=0.0, since_change_s=0) == 2
+    assert rule.change(live=1, requests=10, prefill_load=1.2, since_change_s=0) == 2
+    assert rule.change(live=3, requests=10, prefill_load=0.0, since_change_s=10) == 0  # cooldown
+    assert rule.change(live=3, requests=10, prefill_load=0.0, since_change_s=100) == -1
+    assert rule.change(live=2, requests=80, prefill_load=0.0, since_change_s=100) == 0  # 0.8 > 0.75
+    with pytest.raises(ValueError, match="target_batch"):
+        WeightNodeRule(target_batch=0, prefill_load=0.5)
+
+
+def test_break_even_ttl_grows_with_model_size_and_cheaper_memory():
+    from kflume.sim.prefill import break_even_ttl_s
+
+    p = price_table()
+    m8, m70 = model("llama-3.1-8b"), model("llama-3.1-70b")
+    cfg = SimConfig()
+    def ttl(m, attn, tp=1):
+        return break_even_ttl_s(StepModel(m, gpu("h200"), tp, calibration()), gpu(attn),
+                                attention_capacity(m, gpu(attn), cfg), p, 100_000)
+    assert 30 < ttl(m8, "h200") < 300  # a minute or two for an 8B model's 100K tokens
+    assert ttl(m70, "h200", 2) > 2 * ttl(m8, "h200")
+    assert ttl(m8, "l40s") > ttl(m8, "h200")
