@@ -47,9 +47,9 @@ class SimConfig:
     min_nodes, max_nodes  floor and ceiling of autoscaled replicas / attention nodes (and
                         weight nodes); 0 lets a system scale to zero when idle.
     weight_target_batch kflume runs a weight node per this many requests...
-    prefill_load        ...and at least one per this much prefill work (seconds of prefill
-                        admitted per second, averaged over five minutes); the instance
-                        system keeps as many replicas for it too.
+    prefill_utilization ...and enough that they spend at most this share of their time with
+                        prefill waiting (averaged over two minutes); the instance system
+                        keeps as many replicas for it too.
     migrate_gbs         GB/s at which a draining attention node's KV moves away.
     refresh_steps       a busy server's step time is recomputed at least this often.
     calibration         overrides of kflume.sim.hardware.Calibration fields.
@@ -76,7 +76,7 @@ class SimConfig:
     min_nodes: int = 0
     max_nodes: int = 512
     weight_target_batch: int = 128
-    prefill_load: float = 0.6
+    prefill_utilization: float = 0.6
     migrate_gbs: float = 50.0
     refresh_steps: float = 1000.0
     calibration: dict = field(default_factory=dict)
@@ -99,7 +99,7 @@ class SimConfig:
         if self.tp is not None and self.tp not in (1, 2, 4, 8):
             raise ValueError(f"tp must be 1, 2, 4 or 8 (or None), got {self.tp}")
         for name in ("slo_tpot_ms", "warm_start_s", "cold_start_s", "policy_interval_s",
-                     "migrate_gbs", "refresh_steps", "prefill_load"):
+                     "migrate_gbs", "refresh_steps", "prefill_utilization"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.session_ttl_s is not None and self.session_ttl_s < 0:

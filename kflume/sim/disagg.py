@@ -7,9 +7,10 @@ drained node's KV moves to the others (billed until it has), and an idle session
 dropped after `session_ttl_s` (by default once holding it has cost what recomputing it
 would), or oldest first when room is needed (at the ceiling, or always when the policy
 does not reserve room for idle sessions). Weight nodes follow the batch and the prefill
-load (kflume/sim/weights.py); a drained one takes no new calls and is released when
-empty; they start warm or cold like replicas. A call goes to the weight node with the
-least prefill waiting.
+load (kflume/sim/weights.py), plus one while a call has waited over STARVED_S for a
+weight node and none is starting; a drained one takes no new calls and is released
+when empty; they start warm or cold like replicas. A call goes to the weight node with
+the least prefill waiting.
 
 A weight node's step reads its batch's KV on the attention nodes at the pool's
 effective rate; the pool also bounds every step from below by the time it takes to
@@ -25,12 +26,14 @@ from ..scale import ClusterState, NodeState, ScaleDecision
 from .engine import READY, RELEASE, HostPool, System
 from .hardware import GpuProfile, PriceTable
 from .pool import AttentionNode, AttentionPool
-from .prefill import break_even_ttl_s, prefill_s
+from .retention import break_even_ttl_s
 from .server import Request, Server
 from .timing import StepModel
 from .weights import WeightNodeRule
 
 __all__ = ["KflumeSystem"]
+
+STARVED_S = 2.0  # a call waiting this long for a weight node brings one more
 
 
 class KflumeSystem(System):
@@ -47,7 +50,8 @@ class KflumeSystem(System):
         self._names = 0
         self._weight_change = -math.inf
         self._pool_bound = 0.0
-        self.weight_rule = WeightNodeRule(cfg.weight_target_batch, cfg.prefill_load,
+        self._starved = False  # the queue's head waits for a weight node
+        self.weight_rule = WeightNodeRule(cfg.weight_target_batch, cfg.prefill_utilization,
                                           cfg.min_nodes, cfg.max_nodes)
 
     # -- nodes ------------------------------------------------------------------------
@@ -91,6 +95,9 @@ class KflumeSystem(System):
         self.bill_end(w.name, "weight", w.gpu, w.gpus, w.billed_from)
         self.hosts.release(self.now)
 
+    def decoders(self) -> list[Server]:
+        return self.weights
+
     def on_ready(self, obj) -> None:
         if isinstance(obj, AttentionNode):
             self.pool.refresh_rates(self.now)
@@ -109,10 +116,11 @@ class KflumeSystem(System):
         self.queue.append(r)
         self.admit()
 
-    def _weight_for(self) -> Server | None:
+    def _weight_for(self, prefill: int) -> Server | None:
         best = None
         for w in self.weights:
-            if w.ready_s <= self.now and not w.draining and w.batch < w.max_batch:
+            if (w.ready_s <= self.now and not w.draining and w.batch < w.max_batch
+                    and w.takes_prefill(prefill)):
                 if best is None or (w.backlog, w.batch) < (best.backlog, best.batch):
                     best = w
         return best
@@ -128,10 +136,11 @@ class KflumeSystem(System):
         touched = set()
         while q:
             r = q[0]
-            w = self._weight_for()
+            reuse, new = self._need(r)
+            w = self._weight_for(r.in_tokens - reuse)
+            self._starved = w is None
             if w is None:
                 break
-            reuse, new = self._need(r)
             if reuse + new > self.cfg.max_nodes * self.node_capacity:
                 q.popleft()
                 self.reject(r)
@@ -149,9 +158,7 @@ class KflumeSystem(System):
             pool.allocate(r.session, new, self.now)
             r.reuse = reuse
             r.prefill_left = float(r.in_tokens - reuse)
-            flops = self.attn.flops * max(1, pool.node_count(r.session))
-            self.note_admit(r, r.in_tokens - reuse,
-                            prefill_s(self.step, r.in_tokens - reuse, reuse, flops))
+            self.note_admit(r, r.in_tokens - reuse)
             w.advance(self.now)
             w.add_prefill(r)
             touched.add(w)
@@ -263,6 +270,9 @@ class KflumeSystem(System):
         requests = sum(w.batch for w in self.weights) + len(self.queue)
         n = self.weight_rule.change(len(live), requests, self.prefill_load,
                                     self.now - self._weight_change)
+        if (n <= 0 and self._starved and self.queue and all(w.ready_s <= self.now for w in live)
+                and self.now - self.queue[0].arrival_s > STARVED_S):
+            n = 1  # a call waits for a weight node and none is on its way
         for _ in range(n):
             start_s, warm = self.hosts.start(self.now)
             self.rec.warm_starts += warm

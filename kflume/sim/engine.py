@@ -33,7 +33,7 @@ __all__ = ["HostPool", "System"]
 SERVER, READY, TICK, RELEASE = range(4)
 MIN_CHUNK = 64  # prefill tokens a step carries at least, whatever the TPOT target
 MAX_TICK_GAP_S = 16.0
-LOAD_WINDOW_S = 300.0  # prefill load is averaged over this long
+LOAD_WINDOW_S = 120.0  # prefill load is averaged over this long
 STUCK_S = 7 * 86400.0  # no call finished for a simulated week: a bug, not a workload
 
 
@@ -82,8 +82,7 @@ class System:
         self._last_done_s = 0.0
         self._sessions: dict[int, deque] = {}  # session with a call in service -> waiting calls
         self._sent: list[Request] = []  # calls whose predecessor just finished
-        self._prefill_work = 0.0  # prefill seconds admitted since the last tick
-        self.prefill_load = 0.0  # prefill seconds admitted per second, smoothed
+        self.prefill_load = 0.0  # servers' worth of time with prefill waiting, smoothed
         self._load_at = 0.0
 
     # -- the loop ---------------------------------------------------------------------
@@ -178,9 +177,13 @@ class System:
         self._prev_need = (self.now, need)
         dt = self.now - self._load_at
         if dt > 0:
+            busy = 0.0
+            for s in self.decoders():
+                s.advance(self.now)
+                busy, s.prefill_busy_s = busy + s.prefill_busy_s, 0.0
             a = dt / (dt + LOAD_WINDOW_S)
-            self.prefill_load = (1 - a) * self.prefill_load + a * self._prefill_work / dt
-            self._prefill_work, self._load_at = 0.0, self.now
+            self.prefill_load = (1 - a) * self.prefill_load + a * busy / dt
+            self._load_at = self.now
         decision = self.policy.decide(state) if self.policy else ScaleDecision()
         if decision.add:
             self.last_up = self.now
@@ -249,13 +252,12 @@ class System:
         self.call_done(r)
 
     def prefill_nodes(self) -> int:
-        """Replicas or weight nodes the recent prefill work needs (cfg.prefill_load)."""
-        return math.ceil(self.prefill_load / self.cfg.prefill_load - 1e-9)
+        """Replicas or weight nodes that keep the time with prefill waiting under
+        cfg.prefill_utilization of theirs."""
+        return math.ceil(self.prefill_load / self.cfg.prefill_utilization - 1e-9)
 
-    def note_admit(self, r: Request, new_tokens: int, prefill_s: float) -> None:
-        """r admitted now, prefilling new_tokens in about prefill_s seconds of a server's
-        time; counts what is recomputed."""
-        self._prefill_work += prefill_s
+    def note_admit(self, r: Request, new_tokens: int) -> None:
+        """r admitted now, prefilling new_tokens; counts what is recomputed."""
         if r.admitted_s < 0:
             r.admitted_s = self.now
             self.rec.admitted_s[r.idx] = self.now
@@ -282,6 +284,10 @@ class System:
         return out[0], out[1]
 
     # -- what subclasses provide ---------------------------------------------------------
+
+    def decoders(self) -> list[Server]:
+        """The replicas or weight nodes."""
+        return []
 
     def waiting(self) -> int:
         """Calls waiting for capacity."""

@@ -1,8 +1,8 @@
 """Model replicas, each holding its requests' KV: a fixed count ('colocated') or
 autoscaled whole instances in the style of ServerlessLLM ('instance').
 
-It also keeps as many replicas as the recent prefill work needs (`prefill_load`), as
-kflume does with weight nodes.
+It also keeps enough replicas that each spends at most `prefill_utilization` of its time
+with prefill waiting, as kflume does with weight nodes.
 
 A replica admits a call when its context fits beside the running requests' KV (idle
 sessions' KV is a prefix cache: kept while there is room, dropped oldest first) and
@@ -22,7 +22,6 @@ from collections import deque
 
 from ..scale import ClusterState, NodeState, ScaleDecision
 from .engine import READY, HostPool, System
-from .prefill import prefill_s
 from .server import Request, Server
 from .timing import StepModel
 
@@ -70,6 +69,9 @@ class ReplicaSystem(System):
         self.bill_end(s.name, "replica", s.gpu, s.gpus, s.billed_from)
         self.hosts.release(self.now)
 
+    def decoders(self) -> list[Server]:
+        return self.servers
+
     def on_ready(self, s: Server) -> None:
         s.t = self.now
         self.admit()
@@ -78,6 +80,8 @@ class ReplicaSystem(System):
 
     def _fits(self, s: Server, r: Request) -> bool:
         if s.ready_s > self.now or s.draining or s.batch >= s.max_batch:
+            return False
+        if not s.takes_prefill(r.in_tokens - min(r.cached_prefix, s.idle.get(r.session, 0))):
             return False
         s.advance(self.now)  # its KV as of now (the batch is unchanged: tau holds)
         kv = s.live_kv() + r.in_tokens
@@ -118,8 +122,7 @@ class ReplicaSystem(System):
         first = r.admitted_s < 0
         r.reuse = min(r.cached_prefix, held) if (home is s and first) else 0
         r.prefill_left = float(r.in_tokens - r.reuse)
-        new = r.in_tokens - r.reuse
-        self.note_admit(r, new, prefill_s(self.step, new, r.reuse, s.gpus * self.step.gpu.flops))
+        self.note_admit(r, r.in_tokens - r.reuse)
         self.home[r.session] = s
         s.add_prefill(r)
         while s.live_kv() + s.idle_tokens > s.kv_capacity and self._evict(s):

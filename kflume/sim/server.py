@@ -88,6 +88,7 @@ class Server:
     start_sum: float = 0.0
     idle: OrderedDict = field(default_factory=OrderedDict)
     idle_tokens: int = 0
+    prefill_busy_s: float = 0.0  # time with a prefill backlog, since the last tick
     version: int = 0
 
     # -- state ----------------------------------------------------------------------
@@ -117,6 +118,11 @@ class Server:
         head = self.prefill[0]
         return head.in_tokens - head.prefill_left
 
+    def takes_prefill(self, tokens: float) -> bool:
+        """Room in the prefill queue: an empty one takes any prompt, a busy one up to
+        4 chunks in all (later calls wait in the system's queue, for any server)."""
+        return not self.prefill or self.backlog + tokens <= 4 * self.chunk
+
     def busy(self) -> bool:
         return bool(self.running) or bool(self.prefill)
 
@@ -128,6 +134,8 @@ class Server:
         self.t = now
         if dt <= 0 or self.tau == math.inf:
             return
+        if self.prefill:
+            self.prefill_busy_s += dt
         d = dt / self.tau
         self.steps += d
         drain = d * self.chunk_now()

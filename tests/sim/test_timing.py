@@ -88,7 +88,7 @@ def test_capacities_and_tensor_parallelism():
 def test_weight_node_rule():
     from kflume.sim.weights import WeightNodeRule
 
-    rule = WeightNodeRule(target_batch=100, prefill_load=0.5)
+    rule = WeightNodeRule(target_batch=100, prefill_utilization=0.5)
     assert rule.change(live=0, requests=1, prefill_load=0.0, since_change_s=0) == 1
     assert rule.change(live=1, requests=250, prefill_load=0.0, since_change_s=0) == 2
     assert rule.change(live=1, requests=10, prefill_load=1.2, since_change_s=0) == 2
@@ -96,11 +96,11 @@ def test_weight_node_rule():
     assert rule.change(live=3, requests=10, prefill_load=0.0, since_change_s=100) == -1
     assert rule.change(live=2, requests=80, prefill_load=0.0, since_change_s=100) == 0  # 0.8 > 0.75
     with pytest.raises(ValueError, match="target_batch"):
-        WeightNodeRule(target_batch=0, prefill_load=0.5)
+        WeightNodeRule(target_batch=0, prefill_utilization=0.5)
 
 
 def test_break_even_ttl_grows_with_model_size_and_cheaper_memory():
-    from kflume.sim.prefill import break_even_ttl_s
+    from kflume.sim.retention import break_even_ttl_s
 
     p = price_table()
     m8, m70 = model("llama-3.1-8b"), model("llama-3.1-70b")

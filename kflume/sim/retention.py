@@ -1,20 +1,11 @@
-"""What prefill costs: its time on a server, and when keeping a session's KV stops
-paying for itself against prefilling it again."""
+"""When keeping an idle session's KV stops paying for itself against prefilling it again."""
 
 from __future__ import annotations
 
 from .hardware import GpuProfile, PriceTable
 from .timing import StepModel
 
-__all__ = ["break_even_ttl_s", "prefill_s"]
-
-
-def prefill_s(step: StepModel, new: int, reuse: int, attention_flops: float) -> float:
-    """Seconds to prefill `new` tokens after `reuse` kept ones: the dense part on the
-    server of `step`, the attention at `attention_flops` (peak FLOP/s of the GPUs that
-    hold the context)."""
-    attn = step.prefill_attention_flops(new, reuse) / (attention_flops * step.cal.prefill_mfu)
-    return step.dense_s(new) + attn
+__all__ = ["break_even_ttl_s"]
 
 
 def break_even_ttl_s(step: StepModel, attn: GpuProfile, node_capacity: int, prices: PriceTable,
