@@ -195,8 +195,9 @@ class KflumeSystem(System):
         return max(t, self._pool_bound)
 
     def _refresh(self, touched=(), every: bool = False) -> None:
-        """Step times after a change: of `touched` (or of every weight node), and of those
-        whose step the attention pool's bound sets (they share the attention nodes)."""
+        """Step times after a change: of `touched` (or of every weight node), and, once
+        the attention pool's bound has moved by 3 %, of those whose step it sets (they
+        share the attention nodes)."""
         kv = 0.0
         for w in self.weights:
             if w.running:
@@ -205,7 +206,7 @@ class KflumeSystem(System):
         read = self.pool.read_bps
         self._pool_bound = bound = (kv * self.kv_bytes / read + self.step.cal.kflume_step_s
                                     if kv > 0 else 0.0)
-        binding = 1.01 * max(old, bound) if abs(bound - old) > 0.01 * max(old, bound) else 0.0
+        binding = 1.01 * max(old, bound) if abs(bound - old) > 0.03 * max(old, bound) else 0.0
         for w in self.weights:
             if w in touched or (w.busy() and (every or w.tau <= binding)):
                 w.advance(self.now)
