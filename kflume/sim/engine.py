@@ -59,8 +59,8 @@ class HostPool:
 
 class System:
     """Base of the simulated systems: the loop, ticks, billing. Subclasses implement
-    on_arrival, on_server, on_ready, on_release, cluster_state, apply and
-    step_time."""
+    start, stop, on_arrival, on_server, on_ready, on_release, decoders, step_time and,
+    when autoscaled, needed_tokens, cluster_state, expire_idle and apply."""
 
     def __init__(self, name: str, cfg: SimConfig, workload: Workload,
                  policy: ScalePolicy | None = None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from ..scale import HeadroomPolicy
 from .config import SimConfig
@@ -109,6 +109,3 @@ def simulate(workload: Workload, cfg: SimConfig | None = None,
     cfg = replace(cfg or SimConfig(), **overrides)
     return SimRun(workload, cfg).run()
 
-
-def config_dict(cfg: SimConfig) -> dict:
-    return asdict(cfg)

@@ -53,7 +53,6 @@ class Request:
     finish_s: float = -1.0
     generated: int = 0
     preemptions: int = 0
-    recomputed: int = 0
 
     def __post_init__(self):
         if not self.in_tokens:
