@@ -45,18 +45,30 @@ def _until(text: str) -> float | str:
             from None
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="kflume sim", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="kflume sim", formatter_class=_Defaults,
         description="Replay an LLM trace through colocated replicas, instance-level "
                     "autoscaling and kflume's elastic attention nodes; report $/Mtok, TPOT, "
                     "TTFT and SLO attainment per system (docs/simulation.md).")
     a = p.add_argument
     a("--trace", type=Path, default=DEFAULT_TRACE,
       help="trace file (or a directory of kv-cache-tester JSON sessions); format detected")
-    a("--format", choices=FORMATS, default=None, help="trace format, instead of detecting it")
-    a("--json", type=Path, default=None, help="write the results, keyed by system, to this file")
-    a("--plot", type=Path, default=None, help="write PNG plots to this directory")
+    a("--format", choices=FORMATS, default=None,
+      help="trace format, instead of detecting it (default: detected)")
+    a("--json", type=Path, default=None,
+      help="write the results, keyed by system, to this file (default: none)")
+    a("--plot", type=Path, default=None,
+      help="write PNG plots to this directory (default: none)")
     a("--systems", default=",".join(_D.systems),
       help="comma-separated: colocated, instance, kflume, kflume-<gpu>")
     a("--model", choices=sorted(MODELS), default=_D.model, help="model preset")
@@ -69,16 +81,17 @@ def parser() -> argparse.ArgumentParser:
       help="sessions started per second (session traces)")
     a("--request-rate", type=float, default=None,
       help="rescale a request-level trace to this mean rate, requests/s (default: its own)")
-    a("--max-sessions", type=int, default=None, help="replay only the first N sessions")
+    a("--max-sessions", type=int, default=None,
+      help="replay only the first N sessions (default: all)")
     a("--until-s", type=_until, default=None,
       help="drop calls arriving after this many seconds, or 'last-start' (after the last "
-           "session starts); default: replay all")
+           "session starts) (default: replay all)")
     a("--seed", type=int, default=0, help="seed of the synthetic session arrivals")
     a("--slo-tpot-ms", type=float, default=_D.slo_tpot_ms, help="TPOT target, ms")
     a("--price-tier", choices=("community", "secure"), default=_D.price_tier,
       help="price column of kflume/sim/hardware.json")
     a("--price", type=_price, action="append", default=[], metavar="GPU=USD",
-      help="override a GPU's price per hour (repeatable)")
+      help="override a GPU's price per hour, repeatable (default: kflume/sim/hardware.json)")
     a("--chunk-tokens", type=int, default=_D.chunk_tokens,
       help="prefill tokens a step carries at most (fewer to keep a step under the TPOT target)")
     a("--max-batch", type=int, default=_D.max_batch, help="requests per replica / weight node")
@@ -99,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
       help="how often the autoscaler decides, s")
     a("--min-nodes", type=int, default=_D.min_nodes, help="autoscaling floor")
     a("--max-nodes", type=int, default=_D.max_nodes, help="autoscaling ceiling")
-    a("--quiet", action="store_true", help="no progress bar, no table")
+    a("--quiet", action="store_true", help="no progress bar, no table (default: both)")
     return p
 
 
