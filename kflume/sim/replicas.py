@@ -1,18 +1,19 @@
 """Model replicas, each holding its requests' KV: a fixed count ('colocated') or
 autoscaled whole instances in the style of ServerlessLLM ('instance').
 
-It also keeps enough replicas that each spends at most `prefill_utilization` of its time
-with prefill waiting, as kflume does with weight nodes.
-
 A replica admits a call when its context fits beside the running requests' KV (idle
-sessions' KV is a prefix cache: kept while there is room, dropped oldest first) and
-its decode step would stay within the TPOT target (an empty replica admits any call
-that fits), and prefers the replica that holds the session's cache. As running requests grow, a full
-replica drops idle sessions, then preempts its newest request, whose KV is recomputed
-when it is admitted again. The instance system asks the same `kflume.scale` policy as
-kflume, with replicas as its nodes and idle KV counted as evictable; a drained replica
-takes no new calls and is released when its last one finishes; a new one starts warm
-(warm_start_s) on a host released within keep_warm_s, else cold.
+sessions' KV is a prefix cache: kept while there is room, dropped oldest first) and its
+decode step would stay within the TPOT target (an empty replica admits any call that
+fits); a call prefers the replica that holds its session's cache. As running requests
+grow, a full replica drops idle sessions, then preempts its newest request, whose KV is
+recomputed when it is admitted again.
+
+The instance system asks the same `kflume.scale` policy as kflume, with replicas as its
+nodes and idle KV counted as evictable, and keeps enough replicas that each spends at
+most `prefill_utilization` of its time with prefill waiting (as kflume does with weight
+nodes). A drained replica takes no new calls and is released when its last one
+finishes; a new one starts warm (warm_start_s) on a host released within keep_warm_s,
+else cold.
 """
 
 from __future__ import annotations
