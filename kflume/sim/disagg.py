@@ -37,6 +37,9 @@ STARVED_S = 2.0  # a call waiting this long for a weight node brings one more
 
 
 class KflumeSystem(System):
+    """The 'kflume' and 'kflume-<gpu>' systems: weight nodes of `step`'s GPU class,
+    attention nodes of class `attn` holding `node_capacity` tokens each."""
+
     def __init__(self, name, cfg, workload, step: StepModel, attn: GpuProfile,
                  node_capacity: int, policy, prices: PriceTable):
         super().__init__(name, cfg, workload, policy)
