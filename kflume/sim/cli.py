@@ -84,8 +84,8 @@ def parser() -> argparse.ArgumentParser:
     a("--max-sessions", type=int, default=None,
       help="replay only the first N sessions (default: all)")
     a("--until-s", type=_until, default=None,
-      help="drop calls arriving after this many seconds, or 'last-start' (after the last "
-           "session starts) (default: replay all)")
+      help="drop calls arriving after this many seconds, or 'last-start' (once every "
+           "session has started) (default: replay all)")
     a("--seed", type=int, default=0, help="seed of the synthetic session arrivals")
     a("--slo-tpot-ms", type=float, default=_D.slo_tpot_ms, help="TPOT target, ms")
     a("--price-tier", choices=("community", "secure"), default=_D.price_tier,

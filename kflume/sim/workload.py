@@ -9,7 +9,7 @@ times, optionally rescaled to a mean `request_rate`.
 A finite set of sessions replayed this way ramps up, holds, and then leaves a long tail
 in which the last long sessions trickle on alone (kv-cache-tester sessions last up to
 five days). A service sees new sessions all the while; `until_s="last-start"` drops the
-calls after the last session has started, so that a run measures the loaded period, not
+calls made after every session has started, so that a run measures the loaded period, not
 a tail that no steady workload has. By default every call is replayed.
 """
 

@@ -44,6 +44,7 @@ def test_every_shared_trace(tmp_path, name):
 
 
 def test_json_and_plots_through_the_kflume_command(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plots need the sim extra")
     out = tmp_path / "r.json"
     rc = kflume_main(["sim", "--trace", str(SAMPLES / "tracelab_round_trace.jsonl"),
                       "--json", str(out), "--plot", str(tmp_path / "plots"),
@@ -66,6 +67,15 @@ def test_help_shows_every_default():
                  "--price", "--price-tier", "--slo-tpot-ms", "--session-rate", "--request-rate"):
         assert flag in text
     assert text.count("(default:") >= 25
+
+
+def test_plots_without_matplotlib_name_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc = main(["--trace", str(SAMPLES / "tracelab_round_trace.jsonl"), "--plot", str(tmp_path),
+               "--systems", "instance", "--quiet"])
+    assert rc == 2 and "pip install 'kflume[sim]'" in capsys.readouterr().err
 
 
 def test_bad_input_is_reported(tmp_path, capsys):

@@ -44,6 +44,7 @@ def test_python_snippets(in_root, i):
 
 
 def test_bash_snippets(in_root):
+    pytest.importorskip("matplotlib", reason="a snippet plots: the sim extra")
     for block in blocks("bash"):
         for line in block.splitlines():
             cmd = shlex.split(line.split("#")[0])
