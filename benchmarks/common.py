@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -110,3 +111,19 @@ def git_rev() -> str:
                                        stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
+
+
+# ---- per-step wall times (benchmarks/e2e.py, colocated.py) --------------------------------
+def stats(ms: list[float]) -> dict:
+    s = sorted(ms)
+    p99 = s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
+    return {"p50_ms": statistics.median(s), "p99_ms": p99, "steps_ms": [round(x, 2) for x in ms]}
+
+
+def timed(n: int, one) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        one()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out

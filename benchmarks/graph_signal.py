@@ -24,8 +24,8 @@ from kflume.graph import GraphSignal, warm_and_capture  # noqa: E402
 K = 64
 
 
-def run(mechanism: str, reps: int = 200) -> dict:
-    sig = GraphSignal(K, "cuda", mechanism)
+def run(reps: int = 200) -> dict:
+    sig = GraphSignal(K, "cuda")
     x = torch.zeros(1024, device="cuda")
     s = torch.cuda.Stream()
 
@@ -73,23 +73,14 @@ def baseline(reps: int = 200) -> float:
 
 
 def main() -> None:
-    from kflume.graph import stream_mem_ops_supported
-
     base = baseline()
-    res = {"kernel": run("kernel")}
-    memop = stream_mem_ops_supported(torch.device("cuda"))
-    if memop:
-        res["memop"] = run("memop")
-    print(header(f"GraphSignal round trip inside a CUDA graph ({K} slots per replay)"))
-    print(f"graph of {K} tiny kernels, no signals: {base:.2f} us per kernel")
-    print("| mechanism | per slot us (median) | p99 us | SMs held while waiting |")
+    res = run()
+    print(header(f"GraphSignal round trip inside a CUDA graph ({K} points per replay)"))
+    print(f"peer: a graph of {K} tiny kernels, no signals: {base:.2f} us per kernel")
+    print("| GraphSignal | per point us (median) | p99 us | SMs held while waiting |")
     print("|---|---|---|---|")
-    for m, r in res.items():
-        sms = "0 (front-end poll)" if m == "memop" else "1 (spin kernel)"
-        print(f"| {m} | {r['per_slot_us']:.2f} | {r['p99_us']:.2f} | {sms} |")
-    if not memop:
-        print("| memop | not run: CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS = 0 on this "
-              "GPU/driver (cuStreamWaitValue32 would block the host thread) | | |")
+    print(f"| post, host release, wait | {res['per_slot_us']:.2f} | {res['p99_us']:.2f} | "
+          "1 (spin kernel) |")
     save_json("graph_signal.json", {"baseline_us": base, **res})
 
 

@@ -28,8 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import StubPeer, header, save_json  # noqa: E402
 
 from kflume.comm.wire import Header  # noqa: E402
-from kflume.node import AttentionNode, NodeConfig  # noqa: E402
-from kflume.server import NodeServer  # noqa: E402
+from kflume.node import (  # noqa: E402
+    AttentionNode,
+    NodeConfig,
+    NodeServer,  # noqa: E402
+)
 
 
 def main() -> None:

@@ -1,24 +1,15 @@
 """Host time per attend message at an attention node, piece by piece.
 
-On 2xH200 a node spent 320-790 us of host time per attend message between its arrival
-and its kernels being launched (docs/benchmarks.md), more than the ~240 us the GPU
-spends on the attention (B=8, 32K tokens, 8 KV heads of 128). This splits that time
-into its parts, each timed on the host without synchronising (what the serve loop
-pays), next to the GPU time of the attention itself, for both ways a CUDA node runs
-its attention: replaying a captured graph per batch shape (the default,
-kflume/node_graph.py) and launching the kernels from Python per message.
+A node's loop is single-threaded: its host time per message sits on every layer's
+critical path. This splits that time into its parts, each timed on the host without
+synchronising (what the serve loop pays), next to the GPU time of the attention itself:
+the NodeServer's handling of one attend message and `AttentionNode.attend` (a graph
+replay on CUDA: kflume/node/graphs.py), against `split_kv_attention` launched directly;
+the batch's page-table lookup; appends; and the first message of a new batch shape
+(a capture, then a replay).
 
     python benchmarks/node_host.py                  # GPU, the e2e shape
     python benchmarks/node_host.py --device cpu --tokens 512   # smoke run
-
-The pieces: the NodeServer's handling of one attend message and `AttentionNode.attend`
-(each with graphs and without); inside the latter, the batch's page-table lookup
-(cached per step), `split_kv_attention` with its checks off and the bare Triton
-launches (split kernel, merge of the splits); `AttentionNode.append` of one new token
-per request, and `append_layers` of a step's tokens of every layer (a weight node's
-append), also behind GPU work queued ahead, which the host should not wait for;
-recording the reply's CUDA event; and what a new batch shape costs the first message
-that has it (capture, then replay).
 """
 
 from __future__ import annotations
@@ -36,8 +27,11 @@ from common import StubPeer, header, save_json  # noqa: E402
 
 from kflume.comm.wire import Header  # noqa: E402
 from kflume.kernels.split_kv import default_num_splits, launch_split_kv  # noqa: E402
-from kflume.node import AttentionNode, NodeConfig  # noqa: E402
-from kflume.server import NodeServer  # noqa: E402
+from kflume.node import (  # noqa: E402
+    AttentionNode,
+    NodeConfig,
+    NodeServer,  # noqa: E402
+)
 
 
 def host_us(fn, n: int) -> float:
@@ -75,8 +69,10 @@ def main() -> None:
             node.append(layer, [r], [0], [0], k, k)
     q = torch.randn(b, hq, d, device=dev).to(node.dtype)
     kv_len = [n] * b
-    pt, lens, start = node._batch(reqs, kv_len)
-    splits = default_num_splits(b, hkv, pt.shape[1] * node.config.page_size, node._sms)
+    batch = node.pages.batch(reqs, kv_len)
+    pt, lens, start = batch.page_table, batch.kv_len, batch.kv_start
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 132
+    splits = default_num_splits(b, hkv, pt.shape[1] * node.config.page_size, sms)
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, device=dev)
     k1 = torch.randn(b, 1, hkv, d, device=dev).to(node.dtype)
@@ -108,34 +104,17 @@ def main() -> None:
     def event():
         torch.cuda.Event().record()
 
-    graphs = node._graphs  # None on CPU
-
-    def eager(fn):  # the same call, on a node that launches its kernels per message
-        def run():
-            node._graphs = None
-            try:
-                fn()
-            finally:
-                node._graphs = graphs
-        return run
-
     attend = lambda: node.attend(0, reqs, kv_len, q, scale=d**-0.5)  # noqa: E731
     parts = {
-        "server: handle one attend message": handle,
-        "AttentionNode.attend": attend,
-    }
-    if graphs is not None:
-        parts = {f"{k}, graph replay": f for k, f in parts.items()}
-        parts["server: handle one attend message, kernels per message"] = eager(handle)
-        parts["AttentionNode.attend, kernels per message"] = eager(attend)
-    parts.update({
-        "page-table lookup (cached)": lambda: node._batch(reqs, kv_len),
+        "server: handle one attend message (graph replay on CUDA)": handle,
+        "AttentionNode.attend (graph replay on CUDA)": attend,
+        "page-table lookup (cached)": lambda: node.pages.batch(reqs, kv_len),
         "split_kv_attention, checks off": lambda: __import__("kflume").split_kv_attention(
             q, node.k_pool[0], node.v_pool[0], pt, start, lens, num_splits=splits,
             out=out, lse=lse, check=False),
         "AttentionNode.append (1 token per request)": append,
         "AttentionNode.append_layers (a step's tokens, every layer)": append_step(False),
-    })
+    }
     if dev == "cuda":  # (on CPU the node runs the torch reference instead)
         parts["Triton launches alone (split + merge)"] = lambda: launch_split_kv(
             q, node.k_pool[0], node.v_pool[0], pt, start, lens, out, lse, d**-0.5, splits)
@@ -146,7 +125,7 @@ def main() -> None:
     for fn in parts.values():  # warm up: compile, load modules
         fn()
     res = {name: host_us(fn, args.iters) for name, fn in parts.items()}
-    if graphs is not None:  # first message of a new batch shape: capture, then replay
+    if dev == "cuda":  # first message of a new batch shape: capture, then replay
         firsts = []
         for n_req in range(b - 1, 0, -1):
             torch.cuda.synchronize()

@@ -165,8 +165,8 @@ def kflume_server(kind, progress, q_out):
 
 
 def kflume_client(kind, progress, iters, warmup, stream: bool = False) -> list[float]:
-    from kflume.client import NodeClient
     from kflume.comm.ucx import UcxTransport
+    from kflume.weight.client import NodeClient
 
     ctx_mp = mp.get_context("spawn")
     q = ctx_mp.Queue()

@@ -3,6 +3,7 @@ attention node, `kflume check` checks the kernels on this machine."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 USAGE = """usage: kflume COMMAND [ARGS]
@@ -11,8 +12,26 @@ commands:
   demo    a small Llama generating with its attention on attention nodes (kflume demo --help)
   node    start a weightless attention node (kflume node --help)
   check   check the kernels against float64 references and time them
-  sim     simulate cost and latency of kflume against replicas on a trace (kflume sim --help)
+  sim     replay a workload trace through serving systems and compare their cost
 """
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, when it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default:" in text or action.required
+                or default in (None, False, argparse.SUPPRESS) or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser every `kflume` command uses."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=HelpFormatter)
 
 
 def main(argv=None) -> int:
@@ -22,7 +41,7 @@ def main(argv=None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "node":
-        from .launch import main as node_main
+        from .node.main import main as node_main
 
         return node_main(rest)
     if cmd == "demo":

@@ -9,15 +9,14 @@ the output against the same model without kflume.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 import torch
 
-from .cluster import Cluster
-from .patch import patch, unpatch
+from .hf import patch, unpatch
+from .weight.cluster import Cluster
 
 
 def build_model(args):
@@ -90,7 +89,9 @@ class StepHook:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="kflume demo", description=__doc__.splitlines()[0])
+    from .cli import parser
+
+    ap = parser("kflume demo", __doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (weight node and nodes)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="default: bfloat16 on cuda, float32 on cpu")
@@ -98,10 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=2, help="attention nodes at the start")
     ap.add_argument("--prompts", type=int, nargs="*", default=[24, 61, 9, 40],
                     help="prompt lengths (one request each)")
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=48, help="tokens to generate per request")
     ap.add_argument("--range-tokens", type=int, default=32,
                     help="tokens per range before a new range opens on the least-loaded node")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
     ap.add_argument("--quiet", action="store_true", help="no per-token lines")
     args = ap.parse_args(argv)
     from transformers import StoppingCriteriaList

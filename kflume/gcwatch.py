@@ -5,7 +5,7 @@ loop or a weight node's transport thread, a pause of a millisecond is a slot ans
 millisecond late. `gc_pauses()` returns the process's watcher (installed on first use,
 through `gc.callbacks`); it keeps the last pauses with when they began
 (`time.perf_counter()` seconds, one clock for the processes of a Linux host) and how long
-they took. A node reports them in `stats(trace=n)` (kflume/server.py); benchmarks/e2e.py
+they took. A node reports them in `stats(trace=n)` (kflume/node/server.py); benchmarks/e2e.py
 compares them with its slow steps.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-__all__ = ["Migration", "NodeWork", "RequestId", "StepPlan", "TokenRange"]
+__all__ = ["Migration", "NodeWork", "RequestId", "Restore", "StepPlan", "TokenRange"]
 
 RequestId = Hashable
 
@@ -35,6 +35,18 @@ class Migration:
     start: int
     end: int
     src: str
+    dst: str
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """Tokens `[start, end)` of `request` were on a node that was lost: recompute their KV
+    onto node `dst`, in position order with the request's other lost spans (the ranges
+    before `start` are intact, so a chunked prefill over the span gives its KV again)."""
+
+    request: RequestId
+    start: int
+    end: int
     dst: str
 
 
@@ -75,6 +87,9 @@ class StepPlan:
     migrations: tuple[Migration, ...] = ()
     freed: tuple[tuple[RequestId, str], ...] = ()
     removed_nodes: tuple[str, ...] = ()
+    restores: tuple[Restore, ...] = ()
+    lost_nodes: tuple[str, ...] = ()
+    dropped: tuple[RequestId, ...] = ()
 
     def node_work(self, node: str) -> NodeWork | None:
         for w in self.nodes:

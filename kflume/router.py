@@ -5,8 +5,9 @@ each owned by one node, covering `[0, length)`; the last (tail) range takes new 
 Edits (add/drain/remove a node, add/finish a request, advance a request by one token)
 are queued and applied at the next token boundary, in `begin_step()`, which returns an
 immutable `StepPlan` (kflume/plan.py) with a new epoch. Tensors appear only when a plan
-is materialised: small index tensors per step in kflume/remote.py, fixed device buffers
-rewritten in place for a captured graph in kflume/captured.py.
+is materialised: small index tensors per step in kflume/weight/remote.py, fixed device
+buffers rewritten in place for a captured step in kflume/graph/buffers.py. Where new
+tokens go is the placement policy's choice (kflume/placement.py).
 
 A decode step, as the weight node sees it:
 
@@ -20,8 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
 
+from . import evacuate
+from .placement import (
+    CapacityError,
+    FillThenLeastLoaded,
+    Placement,
+    PlacementPolicy,
+    RouterError,
+)
 from .plan import Migration, NodeWork, RequestId, StepPlan, TokenRange
 
 __all__ = [
@@ -36,14 +44,6 @@ __all__ = [
     "TokenRange",
     "TokenRangeRouter",
 ]
-
-
-class RouterError(ValueError):
-    """An edit the router cannot apply (unknown node or request, duplicate id...)."""
-
-
-class CapacityError(RouterError):
-    """No attention node has room for another token."""
 
 
 @dataclass(slots=True)
@@ -61,62 +61,17 @@ class _Request:
     held: dict[str, int] = field(default_factory=dict)  # tokens per node
 
 
-class Placement(NamedTuple):
-    """Put the next `tokens` tokens on `node`: extend the tail range, or open a new one."""
-
-    node: str
-    tokens: int
-    extend_tail: bool
-
-
-class PlacementPolicy(Protocol):
-    """Decides where a request's next tokens go.
-
-    `place` gets the request's tail range (None for a request with no range yet) and the
-    number of tokens still to place, and returns a `Placement` of `1 <= n <= tokens` of
-    them, at most `router.room(node, request)`. It reads the router only through
-    `placeable_nodes()`, `least_loaded()`, `is_draining(node)`, `free_tokens(node)`,
-    `room(node, request)` and `node_load(node)`; it raises `CapacityError` when no node
-    fits.
-    """
-
-    def place(
-        self, router: TokenRangeRouter, request: RequestId, tail: TokenRange | None, tokens: int
-    ) -> Placement:
-        ...
-
-
 @dataclass(slots=True)
-class FillThenLeastLoaded:
-    """Fill the tail range up to `range_tokens`, then open a range on the least-loaded node.
+class _Boundary:
+    """What the edits of one boundary did, for its plan."""
 
-    The least-loaded node is the one with the most free tokens (ties: the node that
-    joined first). A tail whose node is draining or full is closed early.
-    """
-
-    range_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.range_tokens < 1:
-            raise ValueError(f"range_tokens must be >= 1; got {self.range_tokens}")
-
-    def place(
-        self, router: TokenRangeRouter, request: RequestId, tail: TokenRange | None, tokens: int
-    ) -> Placement:
-        if tail is not None and len(tail) < self.range_tokens and not router.is_draining(
-            tail.node
-        ):
-            room = min(self.range_tokens - len(tail), router.room(tail.node, request))
-            if room > 0:
-                return Placement(tail.node, min(tokens, room), extend_tail=True)
-        node = router.least_loaded()
-        room = 0 if node is None else router.room(node, request)
-        if room <= 0:
-            raise CapacityError(
-                f"no attention node has room for request {request!r}: add a node or finish "
-                "requests"
-            )
-        return Placement(node, min(tokens, room, self.range_tokens), False)
+    prefill: list = field(default_factory=list)
+    migrations: list = field(default_factory=list)
+    freed: list = field(default_factory=list)
+    removed: list = field(default_factory=list)
+    restores: list = field(default_factory=list)
+    lost: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)
 
 
 class TokenRangeRouter:
@@ -150,8 +105,15 @@ class TokenRangeRouter:
         self._pending.append(("drain_node", node))
 
     def remove_node(self, node: str) -> None:
-        """Move the node's ranges to other nodes (as `Migration`s) and forget it."""
+        """Move the node's ranges to other nodes (as `Migration`s) and forget it; refused
+        whole (CapacityError) if the others have no room for them."""
         self._pending.append(("remove_node", node))
+
+    def lose_node(self, node: str) -> None:
+        """The node is gone with its KV: place its ranges on other nodes, to be recomputed
+        there (as `Restore`s); requests that no node has room for are dropped (the plan's
+        `dropped`)."""
+        self._pending.append(("lose_node", node))
 
     def add_request(self, request: RequestId, prompt_tokens: int) -> None:
         """A new request whose first `prompt_tokens` tokens' KV will be scattered."""
@@ -213,30 +175,33 @@ class TokenRangeRouter:
         return self._request(request).length
 
     # ---- the boundary ---------------------------------------------------------------
-    def begin_step(self) -> StepPlan:
-        """Apply queued edits, reserve a slot for each request's next token, return the plan."""
-        prefill: list[RequestId] = []
-        migrations: list[Migration] = []
-        freed: list[tuple[RequestId, str]] = []
-        removed: list[str] = []
+    def begin_step(self, only: tuple[str, ...] | None = None) -> StepPlan:
+        """Apply queued edits, reserve a place for each request's next token, return the
+        plan. An edit the router cannot apply raises RouterError / CapacityError naming
+        it, leaves the router as before that edit, and keeps the edits after it queued.
+        `only`: apply only the edits of these kinds (e.g. `("lose_node",)` for a plan made
+        in the middle of a step), the others stay queued."""
+        b = _Boundary()
         # Advances confirm the previous plan's tokens: apply them before other edits, so
         # that a node removed in the same boundary migrates those tokens too.
-        pending = [e for e in self._pending if e[0] == "advance"]
-        pending += [e for e in self._pending if e[0] != "advance"]
-        self._pending = []
+        chosen = [e for e in self._pending if only is None or e[0] in only]
+        kept = [e for e in self._pending if only is not None and e[0] not in only]
+        pending = [e for e in chosen if e[0] == "advance"]
+        pending += [e for e in chosen if e[0] != "advance"]
+        self._pending = kept
         for i, edit in enumerate(pending):
             try:
-                self._apply(edit, prefill, migrations, freed, removed)
+                self._apply(edit, b)
             except RouterError:
                 self._pending = pending[i + 1 :] + self._pending  # keep the rest queued
                 raise
         self._epoch += 1
-        # Reserve the slot of this step's token: position = history length.
+        # Reserve the place of this step's token: position = history length.
         for rid, req in self._requests.items():
             if req.ranges and req.ranges[-1].end > req.length:
                 continue  # already reserved by an earlier plan not yet advanced
             self._grow(rid, req, 1)
-        self._last_plan = self._make_plan(prefill, migrations, freed, removed)
+        self._last_plan = _make_plan(self, b)
         return self._last_plan
 
     # ---- internals --------------------------------------------------------------------
@@ -246,7 +211,7 @@ class TokenRangeRouter:
         except KeyError:
             raise RouterError(f"unknown request {request!r}") from None
 
-    def _apply(self, edit, prefill, migrations, freed, removed) -> None:
+    def _apply(self, edit, b: _Boundary) -> None:
         op = edit[0]
         if op == "add_node":
             _, node, cap, page_size = edit
@@ -259,28 +224,40 @@ class TokenRangeRouter:
             self._node(edit[1]).draining = True
             self._free.pop(edit[1], None)
         elif op == "remove_node":
-            self._remove_node(edit[1], migrations)
-            removed.append(edit[1])
+            evacuate.remove(self, edit[1], b.migrations)
+            b.removed.append(edit[1])
+        elif op == "lose_node":
+            evacuate.lose(self, edit[1], b)
+            b.lost.append(edit[1])
         elif op == "add_request":
             _, rid, tokens = edit
             if rid in self._requests:
                 raise RouterError(f"request {rid!r} is already routed")
             req = self._requests[rid] = _Request([])
-            self._grow(rid, req, tokens)
+            try:
+                self._grow(rid, req, tokens)
+            except RouterError:  # refused whole: its capacity given back
+                self._release(rid)
+                raise
             req.length = tokens
-            prefill.append(rid)
+            b.prefill.append(rid)
         elif op == "finish_request":
-            req = self._request(edit[1])
-            for node, n in list(req.held.items()):
-                self._hold(node, req, -n)
-                freed.append((edit[1], node))
-            del self._requests[edit[1]]
+            self._request(edit[1])
+            b.freed += [(edit[1], node) for node in self._release(edit[1])]
         elif op == "advance":
             _, rid, tokens = edit
             req = self._request(rid)
             if req.length + tokens > req.ranges[-1].end:
                 self._grow(rid, req, req.length + tokens - req.ranges[-1].end)
             req.length += tokens
+
+    def _release(self, rid: RequestId) -> list[str]:
+        """Forget a request, giving its capacity back; the nodes that held some of it."""
+        req = self._requests.pop(rid)
+        nodes = list(req.held)
+        for node, n in list(req.held.items()):
+            self._hold(node, req, -n)
+        return nodes
 
     def _hold(self, node: str, req: _Request, n: int) -> None:
         """`req` holds `n` more tokens on `node` (n < 0: fewer); capacity is taken in pages."""
@@ -324,56 +301,6 @@ class TokenRangeRouter:
             self._hold(node, req, n)
             tokens -= n
 
-    def _remove_node(self, node: str, migrations: list[Migration]) -> None:
-        self._node(node).draining = True
-        self._free.pop(node, None)
-        for rid, req in self._requests.items():
-            if node not in req.held:
-                continue
-            new_ranges: list[TokenRange] = []
-            for r in req.ranges:
-                if r.node != node:
-                    new_ranges.append(r)
-                    continue
-                need = len(r)
-                dst = self.least_loaded()
-                if dst is None or self.room(dst, rid) < need:
-                    raise CapacityError(
-                        f"cannot remove node {node!r}: no other node has room for tokens "
-                        f"[{r.start}, {r.end}) of request {rid!r}"
-                    )
-                self._hold(dst, req, need)
-                new_ranges.append(TokenRange(r.start, r.end, dst))
-                migrations.append(Migration(rid, r.start, min(r.end, req.length), node, dst))
-            self._hold(node, req, -req.held[node])
-            req.ranges = _coalesce(new_ranges)
-        del self._nodes[node]
-
-    def _make_plan(self, prefill, migrations, freed, removed) -> StepPlan:
-        rows: dict[str, list[int]] = {n: [] for n in self._nodes}
-        lens: dict[str, list[int]] = {n: [] for n in self._nodes}
-        arows: dict[str, list[int]] = {n: [] for n in self._nodes}
-        aoffs: dict[str, list[int]] = {n: [] for n in self._nodes}
-        requests, positions, routes = [], [], {}
-        for row, (rid, req) in enumerate(self._requests.items()):
-            requests.append(rid)
-            positions.append(req.length)
-            routes[rid] = tuple(req.ranges)
-            history = _history_per_node(req.ranges, req.length)
-            for node, n in history.items():
-                if n > 0:
-                    rows[node].append(row)
-                    lens[node].append(n)
-            tail = req.ranges[-1].node
-            arows[tail].append(row)
-            aoffs[tail].append(history.get(tail, 0))
-        work = tuple(
-            NodeWork(n, tuple(rows[n]), tuple(lens[n]), tuple(arows[n]), tuple(aoffs[n]))
-            for n in self._nodes
-        )
-        return StepPlan(self._epoch, tuple(requests), tuple(positions), work, routes,
-                        tuple(prefill), tuple(migrations), tuple(freed), tuple(removed))
-
 
 def _history_per_node(ranges: Iterable[TokenRange], length: int) -> dict[str, int]:
     held: dict[str, int] = {}
@@ -384,11 +311,29 @@ def _history_per_node(ranges: Iterable[TokenRange], length: int) -> dict[str, in
     return held
 
 
-def _coalesce(ranges: list[TokenRange]) -> list[TokenRange]:
-    out: list[TokenRange] = []
-    for r in ranges:
-        if out and out[-1].node == r.node and out[-1].end == r.start:
-            out[-1] = TokenRange(out[-1].start, r.end, r.node)
-        else:
-            out.append(r)
-    return out
+def _make_plan(router: TokenRangeRouter, b: _Boundary) -> StepPlan:
+    """The plan of the router's current state (module docstring)."""
+    rows: dict[str, list[int]] = {n: [] for n in router._nodes}
+    lens: dict[str, list[int]] = {n: [] for n in router._nodes}
+    arows: dict[str, list[int]] = {n: [] for n in router._nodes}
+    aoffs: dict[str, list[int]] = {n: [] for n in router._nodes}
+    requests, positions, routes = [], [], {}
+    for row, (rid, req) in enumerate(router._requests.items()):
+        requests.append(rid)
+        positions.append(req.length)
+        routes[rid] = tuple(req.ranges)
+        history = _history_per_node(req.ranges, req.length)
+        for node, n in history.items():
+            if n > 0:
+                rows[node].append(row)
+                lens[node].append(n)
+        tail = req.ranges[-1].node
+        arows[tail].append(row)
+        aoffs[tail].append(history.get(tail, 0))
+    work = tuple(
+        NodeWork(n, tuple(rows[n]), tuple(lens[n]), tuple(arows[n]), tuple(aoffs[n]))
+        for n in router._nodes
+    )
+    return StepPlan(router._epoch, tuple(requests), tuple(positions), work, routes,
+                    tuple(b.prefill), tuple(b.migrations), tuple(b.freed), tuple(b.removed),
+                    tuple(b.restores), tuple(b.lost), tuple(b.dropped))

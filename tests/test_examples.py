@@ -22,23 +22,33 @@ def run(*args, timeout=240):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("flags", [[], ["--ucx"]], ids=["in-process", "ucx"])
+@pytest.mark.parametrize("flags", [[], pytest.param(["--ucx"], marks=pytest.mark.slow)],
+                         ids=["in-process", "ucx"])
 def test_decode_loop(flags):
     out = run("examples/decode_loop.py", *flags)
     assert "identical to the local cache" in out
 
 
 @pytest.mark.timeout(300)
+def test_captured_decode():
+    out = run("examples/captured_decode.py")
+    assert "same tokens as model.generate without kflume: True" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_hf_generate():
     assert "same tokens as the model without kflume: True" in run("examples/hf_generate.py")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_elastic_scale_out():
     out = run("examples/elastic_scale_out.py")
     assert "node node1 joined" in out and "worst relative error" in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_demo_under_a_minute():
     import time
@@ -52,6 +62,7 @@ def test_demo_under_a_minute():
     assert "routing table after the prompt" in out and "routing table at the last token" in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_demo_in_bf16_checks_logits_against_the_fp32_model():
     # The GPU's check (bf16), run on CPU: logits measured against the fp32 model, next to

@@ -9,7 +9,7 @@ progresses everything until the given receives complete, with a deadline on ever
 a peer that dies or answers with an error raises here, naming the peer.
 
 Parts: where both sides already agreed on a message's sizes (an attend stream,
-kflume/client.py), its tensors go alone, with no header: `send_part` / `post_part_recv`
+kflume/weight/stream.py), its tensors go alone, with no header: `send_part` / `post_part_recv`
 by (sequence number, part).
 """
 
@@ -174,7 +174,7 @@ class Transport(ABC):
 
         Raises DeadlineExceeded after `timeout` seconds (the receives are cancelled) and
         TransportError if a peer is gone. A peer's "error" reply is a message like any
-        other: the caller (kflume/client.py) turns it into a RemoteError.
+        other: the caller (kflume/weight/client.py) turns it into a RemoteError.
         """
         deadline = time.monotonic() + timeout
         while not all(r.done for r in recvs):

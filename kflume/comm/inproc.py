@@ -78,6 +78,8 @@ class _InProcRecv(Recv):
 
     def message(self) -> Message:
         header, tensors = self._take()
+        if header.op == "error":  # an error reply carries no tensors: nothing lands
+            return Message(header, [])
         into = check_into(header, self.into, self.conn.peer)
         if into is not None:
             for dst, src in zip(into, tensors):
@@ -166,6 +168,9 @@ class _InProcListener(Listener):
 
     def close(self) -> None:
         self.hub.listeners.pop(self.address, None)
+        for conn in self.backlog:  # peers never accepted: their links break too
+            conn.close()
+        self.backlog.clear()
 
 
 class InProcTransport(Transport):

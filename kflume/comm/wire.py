@@ -23,7 +23,7 @@ MAX_HEADER = 1 << 16  # bytes (64 KiB); a header beyond this is refused
 MAX_TENSOR_BYTES = 1 << 36  # 64 GiB: refuse descriptors that would allocate absurd buffers
 OPS = frozenset(
     {"open", "append", "attend", "stream", "mailbox", "cancel", "free", "export", "import",
-     "prepare", "stats", "shutdown", "ok", "result", "error"}
+     "capture", "stats", "shutdown", "ok", "result", "error"}
 )
 DTYPES = {
     "bfloat16": torch.bfloat16,

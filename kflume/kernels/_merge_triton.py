@@ -5,12 +5,20 @@ folds a second state into the first in place; `merge_new_token_kernel` merges a 
 partials from S sources (found through an index) with its new token's own. Rows where
 every partial is empty (lse = -inf) give (0, -inf): the running maximum is replaced by 0
 before exponentials (the new-token merge always has one finite partial: the token's own).
+
+`HAS_SINKS` adds GPT-OSS attention sinks: one more partial state per row, out = 0 and
+lse = `SINKS[h]` (a learned logit per head), which adds `exp(sink)` to the softmax
+denominator and no value. `SOFTCAP` caps the new token's own score as the split-KV
+kernel caps every score (`softcap * tanh(scale * q.k / softcap)`). Without them the
+`SINKS` pointer and the `softcap` float are not read.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._split_kv_triton import _tanh
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -19,7 +27,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit(do_not_specialize=["num_states", "num_heads", "stride_on", "stride_ob", "stride_ln",
                                "stride_lb", "stride_Ob", "stride_Lb"])
 def merge_kernel(
-    OUTS, LSES, O, LSE,
+    OUTS, LSES, O, LSE, SINKS,
     num_states,
     num_heads,
     stride_on, stride_ob, stride_oh,
@@ -28,6 +36,7 @@ def merge_kernel(
     stride_Lb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // num_heads
@@ -36,12 +45,19 @@ def merge_kernel(
     d_mask = offs_d < HEAD_DIM
 
     one = tl.arange(0, 1)
-    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h + one).to(tl.float32)
+        m = sink
+    else:
+        m = tl.full([1], float("-inf"), dtype=tl.float32)
     for n in range(0, num_states):
         m = tl.maximum(m, tl.load(LSES + n * stride_ln + b * stride_lb + h + one))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
 
-    total = tl.zeros([1], dtype=tl.float32)
+    if HAS_SINKS:
+        total = tl.exp2((sink - m_safe) * LOG2E)  # the sink's weight; its value is 0
+    else:
+        total = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n in range(0, num_states):
         lse_n = tl.load(LSES + n * stride_ln + b * stride_lb + h + one)
@@ -93,12 +109,13 @@ def merge_two_kernel(
     tl.store(LSE + b * stride_lb + h + one, lse)
 
 
-@triton.jit(do_not_specialize=["num_sources", "num_heads", "group", "scale",
+@triton.jit(do_not_specialize=["num_sources", "num_heads", "group",
                                "stride_qb", "stride_kb", "stride_vb", "stride_os", "stride_or",
                                "stride_ls", "stride_lr", "stride_is", "stride_Ob", "stride_Lb"])
 def merge_new_token_kernel(
-    Q, K, V, OUTS, LSES, INDEX, O, LSE,
-    num_sources, num_heads, group, scale,
+    Q, K, V, OUTS, LSES, INDEX, O, LSE, SINKS,
+    scale, softcap,
+    num_sources, num_heads, group,
     stride_qb, stride_qh,
     stride_kb, stride_kh,
     stride_vb, stride_vh,
@@ -109,6 +126,8 @@ def merge_new_token_kernel(
     stride_Lb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // num_heads
@@ -121,7 +140,10 @@ def merge_new_token_kernel(
     # The new token's own partial: lse = its score, out = its value (finite: m never -inf).
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0)
     k = tl.load(K + b * stride_kb + hk * stride_kh + offs_d, mask=d_mask, other=0.0)
+    # With SOFTCAP the caller passes scale / softcap.
     m = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=0) * scale + tl.zeros([1], tl.float32)
+    if SOFTCAP:
+        m = _tanh(m) * softcap
     acc = tl.load(V + b * stride_vb + hk * stride_vh + offs_d, mask=d_mask,
                   other=0.0).to(tl.float32)
     total = tl.full([1], 1.0, dtype=tl.float32)
@@ -138,6 +160,13 @@ def merge_new_token_kernel(
         w = tl.exp2((lse_s - m_new) * LOG2E)  # 0 for an empty or absent partial
         acc = acc * alpha + w * o_s.to(tl.float32)
         total = total * alpha + w
+        m = m_new
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h + one).to(tl.float32)
+        m_new = tl.maximum(m, sink)
+        alpha = tl.exp2((m - m_new) * LOG2E)
+        acc = acc * alpha
+        total = total * alpha + tl.exp2((sink - m_new) * LOG2E)
         m = m_new
     tl.store(O + b * stride_Ob + h * stride_Oh + offs_d, (acc / total).to(O.dtype.element_ty),
              mask=d_mask)

@@ -7,6 +7,14 @@ request's token range through the page table, and keeps an online softmax in bas
 `(out, lse)`; with several, each split writes a float32 partial that the merge kernel
 reduces.
 
+With `SOFTCAP` (Gemma2's attention-logit softcapping) a score becomes
+`softcap * tanh(scale * q.k / softcap)`: the caller passes `scale_log2 = scale / softcap`
+and `softcap_log2 = softcap * log2(e)`; without it `scale_log2 = scale * log2(e)` and
+`softcap_log2` is not read, so the kernel compiled for `SOFTCAP=False` is the plain one.
+
+The grid is `(B * Hkv, splits)`: KV heads vary fastest, then requests (the x dimension
+holds up to 2^31 - 1 programs), then splits.
+
 `UPCAST_DOT` casts the operands of `tl.dot` to float32 (after the same rounding of p);
 it is set only under TRITON_INTERPRET=1, whose bf16 `tl.dot` returns garbage on CPU
 (seen with Triton 3.9).
@@ -32,12 +40,20 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (portable to the interpreter): odd, exact at 0, +-1 for large |x|."""
+    t = tl.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|) = 2^(-2 log2(e) |x|)
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
 def _attend_tile(
-    q, acc, m_i, l_i, n0, hi, start, page_size, scale_log2,
+    q, acc, m_i, l_i, n0, hi, start, page_size, scale_log2, softcap_log2,
     pt_row, k_head, v_head, stride_kp, stride_ks, stride_vp, stride_vs,
     offs_n, offs_d, d_mask,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, PAGE_SHIFT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PAGE_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One BLOCK_N tile of the online softmax. MASKED: the tile may run past `hi`."""
     tok = start + n0 + offs_n
@@ -62,6 +78,8 @@ def _attend_tile(
     else:
         k = tl.load(k_ptr, mask=d_mask[None, :], other=0.0)
     s = _dot(q, tl.trans(k), IEEE, UPCAST_DOT) * scale_log2
+    if SOFTCAP:
+        s = _tanh(s) * softcap_log2
     if MASKED:
         s = tl.where(n_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -87,6 +105,7 @@ def _attend_tile(
 def split_kv_kernel(
     Q, K, V, PT, KV_START, KV_LEN, O, LSE,
     scale_log2,
+    softcap_log2,
     page_size,
     num_splits,
     stride_qb, stride_qh,
@@ -95,6 +114,7 @@ def split_kv_kernel(
     stride_ptb,
     stride_os, stride_ob, stride_oh,
     stride_ls, stride_lb,
+    KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -103,12 +123,14 @@ def split_kv_kernel(
     IEEE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     PAGE_SHIFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # KV heads vary fastest across the grid: the programs that run side by side read
     # neighbouring 256-byte pieces of the same NHD token rows.
-    kvh = tl.program_id(0)
-    b = tl.program_id(1)
-    split = tl.program_id(2)
+    row = tl.program_id(0)
+    kvh = row % KV_HEADS
+    b = row // KV_HEADS
+    split = tl.program_id(1)
 
     start = tl.load(KV_START + b)
     length = tl.load(KV_LEN + b)
@@ -139,17 +161,17 @@ def split_kv_kernel(
     v_head = V + kvh * stride_vh
     for n0 in range(lo, full, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, n0, hi, start, page_size, scale_log2,
+            q, acc, m_i, l_i, n0, hi, start, page_size, scale_log2, softcap_log2,
             pt_row, k_head, v_head, stride_kp, stride_ks, stride_vp, stride_vs,
             offs_n, offs_d, d_mask,
-            False, HEAD_DIM == BLOCK_D, IEEE, UPCAST_DOT, PAGE_SHIFT,
+            False, HEAD_DIM == BLOCK_D, IEEE, UPCAST_DOT, PAGE_SHIFT, SOFTCAP,
         )
     if full < hi:
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, full, hi, start, page_size, scale_log2,
+            q, acc, m_i, l_i, full, hi, start, page_size, scale_log2, softcap_log2,
             pt_row, k_head, v_head, stride_kp, stride_ks, stride_vp, stride_vs,
             offs_n, offs_d, d_mask,
-            True, HEAD_DIM == BLOCK_D, IEEE, UPCAST_DOT, PAGE_SHIFT,
+            True, HEAD_DIM == BLOCK_D, IEEE, UPCAST_DOT, PAGE_SHIFT, SOFTCAP,
         )
 
     nonempty = l_i > 0.0

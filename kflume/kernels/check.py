@@ -7,7 +7,6 @@ Then it times split-KV attention at a decode shape. Exit status 1 if any check f
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from kflume.testing import TOLERANCE, random_paged_kv, rel_err
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def check_split_kv(dev, dtype, group, head_dim, page_size, gen) -> float:
+def check_split_kv(dev, dtype, group, head_dim, page_size, gen, softcap=None) -> float:
     lengths = [0, 1, 37, 513, 2000, 129]
     bsz = len(lengths)
     starts = torch.randint(0, 2 * page_size + 1, (bsz,), generator=gen)
@@ -34,10 +33,11 @@ def check_split_kv(dev, dtype, group, head_dim, page_size, gen) -> float:
                            dtype=dtype, device=dev, generator=gen)
     q = torch.randn(bsz, 2 * group, head_dim, generator=gen).to(dev, dtype)
     start, length = starts.to(dev, torch.int32), length.to(dev, torch.int32)
-    out, lse = split_kv_attention(q, pool.k_cache, pool.v_cache, pool.page_table, start, length)
+    out, lse = split_kv_attention(q, pool.k_cache, pool.v_cache, pool.page_table, start, length,
+                                  softcap=softcap)
     ref, ref_lse = split_kv_attention_ref(q.double(), pool.k_cache.double(),
                                           pool.v_cache.double(), pool.page_table, start,
-                                          length, head_dim**-0.5)
+                                          length, head_dim**-0.5, softcap=softcap)
     if not torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse)):
         return float("inf")
     finite = torch.isfinite(ref_lse)
@@ -46,13 +46,17 @@ def check_split_kv(dev, dtype, group, head_dim, page_size, gen) -> float:
     return rel_err(out, ref)
 
 
-def check_merge(dev, dtype, gen) -> float:
+def check_merge(dev, dtype, gen, with_sinks=False) -> float:
     outs = torch.randn(8, 5, 6, 128, generator=gen).to(dev, dtype)
     lses = (torch.randn(8, 5, 6, generator=gen) * 3).to(dev)
     lses[:, 0] = float("-inf")
-    out, lse = merge_attention_states(outs, lses)
-    ref, _ = merge_attention_states_ref(outs.double(), lses.double())
-    return rel_err(out, ref) if torch.isneginf(lse[0]).all() else float("inf")
+    sinks = torch.randn(6, generator=gen).to(dev, dtype) if with_sinks else None
+    out, lse = merge_attention_states(outs, lses, sinks=sinks)
+    ref, ref_lse = merge_attention_states_ref(outs.double(), lses.double(),
+                                              sinks=None if sinks is None else sinks.double())
+    empty_ok = torch.allclose(lse[0].double(), ref_lse[0], atol=1e-5) if with_sinks else bool(
+        torch.isneginf(lse[0]).all())
+    return rel_err(out, ref) if empty_ok else float("inf")
 
 
 def check_append(dev, dtype, gen) -> float:
@@ -82,9 +86,12 @@ def time_us(fn, dev, repeats=20) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Check the kflume kernels against float64 "
+    from ..cli import parser
+
+    p = parser("kflume check", "Check the kflume kernels against float64 "
                                 "references and time them on this machine.")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run the kernels")
     p.add_argument("--seed", type=int, default=None, help="default: fresh random inputs")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
@@ -107,7 +114,9 @@ def main(argv=None) -> int:
     for dname, dtype in DTYPES.items():
         for g, d, ps in ((1, 64, 1), (4, 128, 16), (8, 128, 64), (8, 64, 16)):
             row("split_kv", dname, g, d, ps, check_split_kv(dev, dtype, g, d, ps, gen))
+        row("softcap 5", dname, 4, 128, 16, check_split_kv(dev, dtype, 4, 128, 16, gen, 5.0))
         row("merge", dname, "-", 128, "-", check_merge(dev, dtype, gen))
+        row("merge+sinks", dname, "-", 128, "-", check_merge(dev, dtype, gen, with_sinks=True))
         row("append_kv", dname, "-", 128, 16, check_append(dev, dtype, gen))
 
     bsz, length, hq, hkv, d = (8, 32768, 32, 8, 128) if dev.type == "cuda" else (4, 4096, 32,
@@ -122,7 +131,8 @@ def main(argv=None) -> int:
     nbytes = bsz * length * hkv * d * 2 * 2
     print(f"\ntiming: split_kv B={bsz} L={length} Hq={hq} Hkv={hkv} D={d} bf16 page 16: "
           f"{us:.1f} us per call (host clock, eager), KV read {nbytes / us / 1e3:.1f} GB/s")
-    print("benchmarks/kernels.py times the kernels against cuDNN/flash SDPA on a GPU.")
+    print("benchmarks/kernels.py times the kernels against cuDNN, flash SDPA and FlashInfer on a "
+          "GPU (--eager: eager calls).")
     print("all checks passed" if not failures else f"{failures} check(s) FAILED")
     return 1 if failures else 0
 

@@ -2,7 +2,9 @@
 
 Conventions (shapes, NHD pages, natural-log LSE, empty range = (0, -inf)):
 docs/conventions.md. CUDA tensors run the Triton kernel in `_split_kv_triton.py`; CPU
-tensors run `reference.split_kv_attention_ref`.
+tensors run `reference.split_kv_attention_ref`. `split_kv_attention` keeps one
+`SplitKVPlan` per shape and stream (`split_kv_plan.py`), so an eager call costs its
+checks and two launches.
 """
 
 from __future__ import annotations
@@ -11,28 +13,27 @@ import functools
 
 import torch
 
+from . import _validate
+from ._launcher import Launch
 from ._validate import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    check_inner_contiguous,
+    capturing,
     check_ranges,
-    check_tensor,
-    on_device,
+    check_split_kv_args,
+    positive_or_none,
+    split_kv_args_ok,
 )
 from .reference import split_kv_attention_ref
+from .split_kv_plan import MAX_SPLITS_ALLOWED, SplitKVPlan
 
-__all__ = ["split_kv_attention", "default_num_splits"]
+__all__ = ["split_kv_attention", "default_num_splits", "SplitKVPlan"]
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+MAX_PLANS = 64  # plans kept by split_kv_attention (each holds its split scratch)
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -66,6 +67,8 @@ def split_kv_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     check: bool = True,
+    softcap: float | None = None,
+    debug_checks: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per request over a token range of its KV.
 
@@ -79,122 +82,122 @@ def split_kv_attention(
         scale: score scale, default `D ** -0.5`.
         num_splits: programs per (request, KV head) on CUDA; default from
             `default_num_splits` (shapes only, so capturable).
-        out, lse: optional preallocated outputs (`[B, Hq, D]` q's dtype, `[B, Hq]` fp32).
-        check: check range values against the page table (one host sync on CUDA;
-            skipped automatically while a CUDA graph is being captured).
+        out, lse: optional preallocated outputs (`[B, Hq, D]` q's dtype, `[B, Hq]` fp32;
+            strided views are fine when their last dimension is contiguous).
+        check: shape, dtype, device and layout checks (host metadata only, no sync).
+        softcap: Gemma2 attention-logit softcapping: scores become
+            `softcap * tanh(scale * q.k / softcap)`; the LSE is over the capped scores, so
+            merges of partials stay exact. None (default): no capping.
+        debug_checks: also check range values against the page table and page ids
+            against the pool (a host sync and a scan of the page table on CUDA; skipped
+            while a CUDA graph is being captured). None: the `KFLUME_DEBUG_CHECKS`
+            environment variable at import (off unless set to 1).
 
     Returns:
         `(out, lse)`: out `[B, Hq, D]` in q's dtype, lse `[B, Hq]` float32 natural-log
-        log-sum-exp of the scaled scores; an empty range gives `(0, -inf)`.
+        log-sum-exp of the (capped) scaled scores; an empty range gives `(0, -inf)`.
+
+    CUDA calls keep one `SplitKVPlan` per shape, scale, softcap, splits and stream
+    (its split scratch included); build a `SplitKVPlan` yourself to hold it.
     """
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    if check:
+        if not split_kv_args_ok(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse):
+            check_split_kv_args(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse)
+        if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS_ALLOWED:
+            raise ValueError(f"num_splits must be in [1, {MAX_SPLITS_ALLOWED}]; got {num_splits}")
     bsz, hq, d = q.shape
-    dev = q.device
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=dev)
-    num_pages, page_size, hkv, _ = k_cache.shape
-    check_tensor("k_cache", k_cache, shape=(None, None, None, d))
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=dev, shape=k_cache.shape)
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"q has {hq} heads, which is not a multiple of the {hkv} KV heads of k_cache (GQA "
-            "needs Hq % Hkv == 0)"
-        )
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_inner_contiguous(name, t)
-    if page_table is None:
-        if num_pages != bsz:
-            raise ValueError(
-                f"with page_table=None, k_cache is a contiguous cache [B, L, Hkv, D] and its "
-                f"first dimension must be the batch size {bsz}; got {num_pages}"
-            )
-        page_table = torch.arange(bsz, device=dev, dtype=torch.int32).view(bsz, 1)
-    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=dev, shape=(bsz,))
-    check_tensor("kv_start", kv_start, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(bsz,))
-    check_tensor("kv_len", kv_len, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(bsz,))
     if out is None:
         out = torch.empty_like(q)
-    check_tensor("out", out, dtypes=(q.dtype,), device=dev, shape=tuple(q.shape))
-    check_inner_contiguous("out", out)
     if lse is None:
-        lse = torch.empty(bsz, hq, device=dev, dtype=torch.float32)
-    check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,), device=dev, shape=(bsz, hq))
-    if check:
-        check_ranges(page_table, kv_start, kv_len, page_size, num_pages, "kv_start", "kv_len")
-    scale = float(d**-0.5 if scale is None else scale)
-    if num_splits is None:
-        sms = _sm_count(dev.index or 0) if q.is_cuda else 132
-        num_splits = default_num_splits(bsz, hkv, page_table.shape[1] * page_size, sms)
-    elif not 1 <= num_splits <= 1024:
-        raise ValueError(f"num_splits must be in [1, 1024]; got {num_splits}")
-
-    args = (q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, int(num_splits))
-    if torch.compiler.is_compiling():
-        torch.ops.kflume.split_kv_attention_(*args)
-    else:
-        _split_kv_impl(*args)
+        lse = torch.empty(bsz, hq, device=q.device, dtype=torch.float32)
+    if debug_checks or (debug_checks is None and _validate.DEBUG_CHECKS):
+        table = page_table
+        if table is None:
+            table = torch.arange(bsz, device=q.device, dtype=torch.int32).view(bsz, 1)
+        check_ranges(table, kv_start, kv_len, k_cache.shape[1], k_cache.shape[0],
+                     "kv_start", "kv_len")
+    if not _validate.uses_triton(q) or torch.compiler.is_compiling():
+        scale = float(d**-0.5 if scale is None else scale)
+        softcap = positive_or_none("softcap", softcap)
+        if page_table is None:
+            page_table = torch.arange(bsz, device=q.device, dtype=torch.int32).view(bsz, 1)
+        if num_splits is None:
+            sms = sm_count(q.device.index) if q.is_cuda else 132
+            num_splits = default_num_splits(bsz, k_cache.shape[2],
+                                            page_table.shape[1] * k_cache.shape[1], sms)
+        args = (q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale,
+                int(num_splits), softcap)
+        if torch.compiler.is_compiling():
+            torch.ops.kflume.split_kv_attention_(*args)
+        else:
+            _split_kv_impl(*args)
+        return out, lse
+    _launch_cached(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale,
+                   num_splits, softcap)
     return out, lse
 
 
-def _split_kv_impl(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, splits):
+_PLANS: dict[tuple, SplitKVPlan] = {}
+
+
+def plan_for(q, k_cache, page_table, scale, softcap, num_splits) -> SplitKVPlan:
+    """The cached plan of a CUDA call (one per shape, scale, softcap, splits and stream)."""
+    dev = q.device
+    width = 1 if page_table is None else page_table.shape[1]
+    key = (q.shape, k_cache.shape[1], k_cache.shape[2], width, q.dtype, dev, scale, softcap,
+           num_splits, Launch.stream_of(dev.index))
+    plan = _PLANS.get(key)
+    if plan is None:
+        bsz, hq, d = q.shape
+        plan = SplitKVPlan(bsz, hq, k_cache.shape[2], d, k_cache.shape[1], width,
+                           dtype=q.dtype, device=dev, scale=scale, softcap=softcap,
+                           num_splits=num_splits)
+        if not capturing(q):  # a plan is cached only outside capture (see SplitKVPlan)
+            if len(_PLANS) >= MAX_PLANS:  # the oldest goes; its scratch is stream-ordered
+                del _PLANS[next(iter(_PLANS))]
+            _PLANS[key] = plan
+    return plan
+
+
+def _launch_cached(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, splits,
+                   softcap) -> None:
+    """Launch through the cached plan. Under capture the split partials come from the
+    graph's pool, not the plan's scratch, which eager calls on other streams may share."""
+    plan = plan_for(q, k_cache, page_table, scale, softcap, splits)
+    partials = plan.new_partials() if plan.num_splits > 1 and capturing(q) else None
+    plan.launch(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, partials)
+
+
+def _split_kv_impl(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, splits,
+                   softcap) -> None:
     if q.is_cuda:
-        launch_split_kv(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, splits)
+        _launch_cached(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale,
+                       splits, softcap)
     else:
-        o, s = split_kv_attention_ref(q, k_cache, v_cache, page_table, kv_start, kv_len, scale)
+        o, s = split_kv_attention_ref(q, k_cache, v_cache, page_table, kv_start, kv_len, scale,
+                                      softcap=softcap)
         out.copy_(o)
         lse.copy_(s)
-
-
-def _block_n(dtype: torch.dtype, head_dim: int) -> int:
-    return 32 if dtype == torch.float32 or head_dim > 128 else 64
 
 
 def launch_split_kv(
     q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, num_splits,
     *, block_n: int | None = None, num_warps: int = 4, num_stages: int = 3,
+    softcap: float | None = None,
 ) -> None:
-    """Launch the Triton kernel (and the merge of splits). No checks: callers check.
+    """Launch the Triton kernels (split, then merge of splits) on checked arguments.
 
-    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. Allocates the
-    split partials when num_splits > 1 (from the caching allocator: capturable).
+    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. Builds a throwaway
+    plan and allocates the split partials when num_splits > 1 (from the caching
+    allocator: capturable); `SplitKVPlan` is the way to launch repeatedly.
     """
-    from . import _split_kv_triton as kt
-    from .merge import launch_merge
-
     bsz, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    group = hq // hkv
-    if num_splits == 1:
-        o, s = out.unsqueeze(0), lse.unsqueeze(0)
-    else:
-        o = torch.empty(num_splits, bsz, hq, d, device=q.device, dtype=torch.float32)
-        s = torch.empty(num_splits, bsz, hq, device=q.device, dtype=torch.float32)
-    block_n = block_n or _block_n(q.dtype, d)
-    page_size = k_cache.shape[1]
-    with on_device(q):
-        kt.split_kv_kernel[(hkv, bsz, num_splits)](
-            q, k_cache, v_cache, page_table, kv_start, kv_len, o, s,
-            scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
-            page_size,
-            num_splits,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            page_table.stride(0),
-            o.stride(0), o.stride(1), o.stride(2),
-            s.stride(0), s.stride(1),
-            GROUP=group,
-            HEAD_DIM=d,
-            BLOCK_H=max(16, _next_pow2(group)),
-            BLOCK_D=max(16, _next_pow2(d)),
-            BLOCK_N=block_n,
-            IEEE=q.dtype == torch.float32,
-            UPCAST_DOT=not q.is_cuda and q.dtype == torch.bfloat16,
-            PAGE_SHIFT=page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else -1,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
-    if num_splits > 1:
-        launch_merge(o, s, out, lse)
+    plan = SplitKVPlan(bsz, hq, k_cache.shape[2], d, k_cache.shape[1], page_table.shape[1],
+                       dtype=q.dtype, device=q.device, scale=scale, softcap=softcap,
+                       num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                       num_stages=num_stages)
+    partials = plan.new_partials() if plan.num_splits > 1 else None
+    plan.launch_triton(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, partials)
 
 
 @torch.library.custom_op("kflume::split_kv_attention_", mutates_args=("out", "lse"))
@@ -209,10 +212,13 @@ def _split_kv_op(
     lse: torch.Tensor,
     scale: float,
     num_splits: int,
+    softcap: float | None = None,
 ) -> None:
-    _split_kv_impl(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, num_splits)
+    _split_kv_impl(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, num_splits,
+                   softcap)
 
 
 @_split_kv_op.register_fake
-def _(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, num_splits) -> None:
+def _(q, k_cache, v_cache, page_table, kv_start, kv_len, out, lse, scale, num_splits,
+      softcap=None) -> None:
     return None

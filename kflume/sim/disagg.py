@@ -19,6 +19,7 @@ read all running requests' KV once (weight nodes share it).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 
@@ -50,7 +51,7 @@ class KflumeSystem(System):
         self.pool = AttentionPool()
         self.queue: deque[Request] = deque()
         self.hosts = HostPool(cfg.warm_start_s, cfg.cold_start_s, cfg.keep_warm_s)
-        self._names = 0
+        self._ids = itertools.count(1)
         self._weight_change = -math.inf
         self._pool_bound = 0.0
         self._starved = False  # the queue's head waits for a weight node
@@ -59,12 +60,8 @@ class KflumeSystem(System):
 
     # -- nodes ------------------------------------------------------------------------
 
-    def _name(self, prefix: str) -> str:
-        self._names += 1
-        return f"{prefix}{self._names}"
-
     def _new_weight(self, ready_s: float) -> Server:
-        w = Server(name=self._name("w"), gpu=self.step.gpu.name, gpus=self.step.tp,
+        w = Server(name=f"w{next(self._ids)}", gpu=self.step.gpu.name, gpus=self.step.tp,
                    chunk=self.cfg.chunk_tokens, max_batch=self.cfg.max_batch,
                    ready_s=ready_s, billed_from=self.now, t=self.now)
         self.weights.append(w)
@@ -72,7 +69,7 @@ class KflumeSystem(System):
         return w
 
     def _new_node(self, ready_s: float) -> AttentionNode:
-        n = AttentionNode(self._name("a"), self.attn.name, self.node_capacity,
+        n = AttentionNode(f"a{next(self._ids)}", self.attn.name, self.node_capacity,
                           self.attn.kflume_read_bps, self.attn.flops, ready_s, self.now)
         self.pool.nodes.append(n)
         self.bill_start("attention", 1)
@@ -149,7 +146,8 @@ class KflumeSystem(System):
                 self.reject(r)
                 continue
             room = pool.free(self.now) + pool.tokens(r.session) - reuse
-            if new > room and (self._at_ceiling() or not self.policy.keep_idle):
+            if new > room and (pool.at_ceiling(self.now, self.cfg.max_nodes)
+                               or not self.policy.keep_idle):
                 freed, dropped = pool.evict(new - room, keep=r.session)
                 room += freed
                 self.rec.evictions += dropped
@@ -167,11 +165,6 @@ class KflumeSystem(System):
             touched.add(w)
         if touched:
             self._refresh(touched)
-
-    def _at_ceiling(self) -> bool:
-        starting = any(n.ready_s > self.now for n in self.pool.nodes)
-        serving = sum(not n.draining for n in self.pool.nodes)
-        return not starting and serving >= self.cfg.max_nodes
 
     def ttl_s(self, tokens: int) -> float:
         """How long an idle session of `tokens` is kept: session_ttl_s, or by default until

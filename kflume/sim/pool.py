@@ -66,6 +66,11 @@ class AttentionPool:
     def used(self) -> int:
         return sum(n.used for n in self.nodes)
 
+    def at_ceiling(self, now: float, max_nodes: int) -> bool:
+        """No node is starting and no more may: room can come only from idle sessions."""
+        starting = any(n.ready_s > now for n in self.nodes)
+        return not starting and sum(not n.draining for n in self.nodes) >= max_nodes
+
     def tokens(self, session: int) -> int:
         return sum(self.held.get(session, {}).values())
 

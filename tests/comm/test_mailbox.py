@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from kflume.comm import mailbox as mb
+from kflume.comm import shm as mb
 from kflume.comm.mailbox import Mailbox, MailboxView
 
 
@@ -121,7 +121,7 @@ def test_shared_words_left_unclosed_are_released():
     for _ in range(20):  # same size, one after another: addresses come back
         w = mb.SharedWords(6, cuda=cuda)
         w.tensor[5] = 7
-        paths.append(os.path.join(mb._shm_dir(), w.name))
+        paths.append(w.path)
         assert os.path.exists(paths[-1])
         del w
         gc.collect()

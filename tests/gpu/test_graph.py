@@ -7,28 +7,10 @@ import time
 import pytest
 import torch
 
-from kflume.captured import CapturedRemoteAttention
+from kflume import CapturedStep, Cluster
 from kflume.graph import GraphSignal, warm_and_capture
-from kflume.pipeline import LayerPipeline
 
 pytestmark = pytest.mark.cuda
-
-def _memop_ok() -> bool:
-    try:
-        from kflume.graph import stream_mem_ops_supported
-
-        return torch.cuda.is_available() and stream_mem_ops_supported(torch.device("cuda"))
-    except ImportError:
-        return False
-
-
-MECHANISMS = [
-    pytest.param("memop", marks=pytest.mark.skipif(
-        not _memop_ok(), reason="this GPU/driver does not run stream memory operations "
-        "(CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS = 0)")),
-    "kernel",
-]
-
 
 def capture(fn, stream):
     """Warm `fn` up eagerly, then capture it (the usual torch recipe)."""
@@ -39,11 +21,10 @@ def capture(fn, stream):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mechanism", MECHANISMS)
-def test_signal_orders_device_and_host_work(mechanism):
+def test_signal_orders_device_and_host_work():
     """Graph: a = x + 1; post; wait; b = a * h, where the host writes h before releasing.
     1000 replays with a new h each time: b is right every time, and nothing hangs."""
-    sig = GraphSignal(2, "cuda", mechanism)
+    sig = GraphSignal(2, "cuda")
     x = torch.randn(1 << 16, device="cuda")
     a = torch.empty_like(x)
     b = torch.empty_like(x)
@@ -140,143 +121,111 @@ def _fill(cl, prompts: dict) -> None:
             k = torch.randn(n, HKV, D, device="cuda", generator=g)
             v = torch.randn(n, HKV, D, device="cuda", generator=g)
             cl.remote.prefill(layer, rid, k, v)
-    cl.remote.end_step(wait=True)
+    cl.end_step(wait=True)
 
 
-def _eager(remote, before, after, x_in):
-    """The step run eagerly through `remote` (one message per layer): the reference a
-    captured replay on the same input is checked against."""
+def _eager(cl, before, after, x_in):
+    """The step run eagerly through the cluster's RemoteAttention (one message per
+    layer) on the plan of the boundary just made: the reference the captured step on the
+    same input is checked against (which then rewrites its appends with the same
+    values)."""
     x = x_in.clone()
     for layer in range(LAYERS):
         q, k, v = before(layer, x)
-        x = after(layer, x, remote(layer, q, k, v))
-    remote.end_step(wait=True)
+        x = after(layer, x, cl.remote(layer, q, k, v))
+    cl.end_step(wait=True)
     torch.cuda.synchronize()
     return x
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("mechanism", MECHANISMS)
-@pytest.mark.parametrize("stage", ["host", "device"])
-def test_captured_step_1000_replays_with_plan_changes(mechanism, stage):
-    """A whole step (3 layers, 2 micro-batches) in one graph, attention on in-process
-    nodes served from the host between post and wait. The plan changes between replays
-    (tokens appended every step, a node joins at replay 300): no recapture. Every 50th
-    replay is checked against the eager RemoteAttention run just before it on the same
-    cluster and inputs (whose appends the replay then rewrites with the same values).
-    The nodes capture no graph while the step runs (a capture there hung in the driver,
-    run after another test in one process), only in begin_step."""
-
-    from kflume.cluster import Cluster
-
+def test_captured_step_1000_replays_with_plan_changes():
+    """A whole step (3 layers, 2 micro-batches) in one graph (`CapturedStep`), attention
+    on in-process nodes served from the host between post and wait. The plan changes
+    between replays (tokens appended every step, a node joins at replay 300): no
+    recapture. Every 50th replay is checked against the eager RemoteAttention run just
+    before it on the same cluster and inputs. The nodes capture no graph while the step
+    runs (a capture there hung in the driver), only at the boundary."""
     prompts = {"a": 300, "b": 17, "c": 1000, "d": 64}
     cl = Cluster.in_process(2, layers=LAYERS, kv_heads=HKV, head_dim=D, dtype="float32",
                             capacity_tokens=8192, device="cuda", range_tokens=250)
     _fill(cl, prompts)
     before, after = _model(2)
-    b = len(prompts)
-    x_in = torch.zeros(b, DIM, device="cuda")
-    rows = LayerPipeline(LAYERS, before, after, None, 2).split(b)
-    cap = CapturedRemoteAttention(cl.remote, batch=b, num_layers=LAYERS, row_ranges=rows,
-                                  max_nodes=3, mechanism=mechanism, dtype=torch.float32,
-                                  stage=stage)
-    pipe = LayerPipeline(LAYERS, before, after, cap, 2)
-    out_buf = torch.zeros(b, DIM, device="cuda")
-
-    def step():
-        out_buf.copy_(torch.cat(pipe([x_in[r] for r in rows], rows)))
-
-    s, host = torch.cuda.Stream(), torch.cuda.Stream()
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    graph = None
-    checked = 0
+    step = CapturedStep(cl, num_layers=LAYERS, before=before, after=after, microbatches=2,
+                        max_nodes=3, device="cuda")
 
     def captured() -> int:  # graphs the in-process nodes have captured so far
-        return sum(c.stats()["graphs_captured"] for c in cl.clients.values())
+        return sum(node.stats()["graphs_captured"] for node, _ in cl.provider.nodes.values())
 
-    during = 0  # captured while a step ran
+    marks = []
+    boundary = cl.begin_step
+
+    def begin_step():  # what the nodes had captured once the boundary was over
+        plan = boundary()
+        marks.append(captured())
+        return plan
+
+    cl.begin_step = begin_step
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    checked = during = 0
     for i in range(1000):
         if i == 300:
             cl.add_node(8192)
-        if i > 0:
-            cl.remote.end_step(wait=True)
-            for rid in prompts:
-                cl.router.advance(rid)
-        cap.load(cl.begin_step())
-        x_in.copy_(torch.randn(b, DIM, device="cuda", generator=gen))
-        s.wait_stream(torch.cuda.current_stream())  # x_in was written on this stream
-        if graph is None:
-            graph = warm_and_capture(step, s, cap.serve_step, timeout=60)
-        ref = _eager(cl.remote, before, after, x_in) if i % 50 == 0 or i == 999 else None
-        before_step = captured()
-        with torch.cuda.stream(s):
-            graph.replay()
-        with torch.cuda.stream(host):  # the in-process nodes' kernels run here
-            cap.serve_step(timeout=30)
-        s.synchronize()
-        during += captured() - before_step
+        step.boundary()
+        x = torch.randn(len(prompts), 128, device="cuda", generator=gen)
+        ref = _eager(cl, before, after, x) if i % 50 == 0 or i == 999 else None
+        out = step(x)
+        during += captured() - marks[-1]
         if ref is not None:
-            torch.testing.assert_close(out_buf, ref, rtol=2e-4, atol=2e-4)
+            torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
             checked += 1
             if i % 200 == 0:
                 print(f"replay {i}: ok", flush=True)
-    assert cap.steps >= 1000 and checked == 21 and "node2" in cap.node_slots
+    cap = step.captured
+    assert cap.steps >= 999 and checked == 21 and "node2" in cap.lanes.names
     assert during == 0 and captured() > 0  # the shapes were captured, between steps
+    step.close()
+    cl.close()
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("pull", [True, False])
-def test_captured_step_over_a_node_process_with_mailboxes(pull):
-    """A `kflume node` process on the other GPU (or this one): replies delivered into
-    the mailboxes by the node's GPU, and the queries read by it once posted (pull) or
-    sent (push). 60 replays with tokens appended every step; every 10th checked against
-    the eager RemoteAttention run just before it on the same inputs."""
+def test_captured_step_over_a_node_process_with_mailboxes():
+    """A `kflume node` process on the other GPU (or this one): it reads each layer's
+    queries from the step's mailbox once posted and delivers its replies there. 60 steps
+    with tokens appended every step, a request added (a new batch size: another graph)
+    and finished; every 10th checked against the eager RemoteAttention run just before
+    it on the same inputs."""
     pytest.importorskip("ucxx", reason="node processes talk UCX")
-    from kflume.cluster import Cluster
-
     two = torch.cuda.device_count() > 1
     prompts = {"a": 300, "b": 17, "c": 1000, "d": 64}
     with Cluster.local(1, layers=LAYERS, kv_heads=HKV, head_dim=D, dtype="float32",
                        capacity_tokens=8192, device="cuda", range_tokens=250,
-                       env={"CUDA_VISIBLE_DEVICES": "1,0" if two else "0"},
-                       stream_graphs=two) as cl:
+                       env={"CUDA_VISIBLE_DEVICES": "1,0" if two else "0"}) as cl:
         _fill(cl, prompts)
         before, after = _model(4)
-        b = len(prompts)
-        x_in = torch.zeros(b, DIM, device="cuda")
-        rows = LayerPipeline(LAYERS, before, after, None, 2).split(b)
-        cap = CapturedRemoteAttention(cl.remote, batch=b, num_layers=LAYERS, row_ranges=rows,
-                                      max_nodes=2, mechanism="kernel", dtype=torch.float32,
-                                      pull=pull)
-        pipe = LayerPipeline(LAYERS, before, after, cap, 2)
-        out_buf = torch.zeros(b, DIM, device="cuda")
-
-        def step():
-            out_buf.copy_(torch.cat(pipe([x_in[r] for r in rows], rows)))
-
-        s = torch.cuda.Stream()
+        step = CapturedStep(cl, num_layers=LAYERS, before=before, after=after,
+                            microbatches=2, max_nodes=2, device="cuda")
         gen = torch.Generator(device="cuda").manual_seed(3)
-        graph = None
         checked = 0
         for i in range(60):
-            if i > 0:
-                cl.remote.end_step(wait=True)
-                for rid in prompts:
-                    cl.router.advance(rid)
-            cap.load(cl.begin_step())
-            if i == 0 and two:  # the node captured its streams' graphs when first loaded
+            if i == 20:  # a new request: prefilled at a boundary of its own, then stepped
+                cl.router.add_request("e", 40)
+                cl.begin_step()
+                for layer in range(LAYERS):
+                    kv = torch.randn(40, HKV, D, device="cuda", generator=gen)
+                    cl.remote.prefill(layer, "e", kv, kv)
+                cl.end_step(wait=True)
+            if i == 40:
+                cl.router.finish_request("b")
+            b = len(step.boundary().requests)
+            x = torch.randn(b, 128, device="cuda", generator=gen)
+            ref = _eager(cl, before, after, x) if i % 10 == 0 else None
+            out = step(x)
+            if i == 0:  # the node captured its streams' graphs when first prepared
                 assert cl.clients["node0"].stats()["graphs_captured"] >= 2 * LAYERS
-            x_in.copy_(torch.randn(b, DIM, device="cuda", generator=gen))
-            s.wait_stream(torch.cuda.current_stream())
-            if graph is None:
-                graph = warm_and_capture(step, s, cap.serve_step, timeout=60)
-            ref = _eager(cl.remote, before, after, x_in) if i % 10 == 0 else None
-            with torch.cuda.stream(s):
-                graph.replay()
-            cap.serve_step(timeout=30)
-            s.synchronize()
             if ref is not None:
-                torch.testing.assert_close(out_buf, ref, rtol=2e-4, atol=2e-4)
+                torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
                 checked += 1
-        assert checked == 6 and cap.delivers("node0") and cap.pull == pull
-        cap.close()
+        assert checked == 6 and step.captured.delivers("node0")
+        assert sorted(step.batch_sizes) == [4, 5]  # "e" joined: 5 rows; "b" left: 4 again
+        step.close()

@@ -12,11 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kflume.client import NodeClient
 from kflume.comm import InProcHub, InProcTransport
-from kflume.node import AttentionNode, NodeConfig
-from kflume.server import NodeServer
+from kflume.node import AttentionNode, NodeConfig, NodeServer
 from kflume.testing import ReferenceKV, assert_close_rel
+from kflume.weight.client import NodeClient
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 import kflume  # noqa: E402
-from kflume.cluster import Cluster  # noqa: E402
+from kflume import Cluster  # noqa: E402
 
 TINY = dict(vocab_size=128, intermediate_size=96, num_hidden_layers=2,
             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=None,
@@ -91,7 +91,7 @@ def test_generate_matches_unpatched(name, tmp_path):
                              stopping_criteria=StoppingCriteriaList([hook]), **gen)
         assert torch.equal(out, ref), f"{name}: tokens differ from the unpatched model"
         assert hook.added in cluster.clients and hook.max_load > 0
-        nodes = cluster._inproc
+        nodes = cluster.provider.nodes
         # The node added mid-run took tokens; the cache freed everything at the end.
         assert cluster.router.epoch > 24
         assert all(n.stats()["requests"] == 0 for n, _ in nodes.values())
@@ -109,14 +109,14 @@ def test_kv_stays_on_nodes_and_cache_can_be_kept(tmp_path):
         cache = kflume.KflumeCache(cluster, model.config)
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                        max_new_tokens=9, do_sample=False)
-        held = sum(n.stats()["tokens_held"] for n, _ in cluster._inproc.values())
+        held = sum(n.stats()["tokens_held"] for n, _ in cluster.provider.nodes.values())
         # every real token's KV, once, on some node: prompts + generated (the last token
         # is never fed back), and nothing kept locally.
         assert held == (5 + 11) + 2 * (9 - 1)
         assert all(getattr(layer, "keys", None) is None for layer in cache.layers)
-        assert sum(n.stats()["tokens_held"] > 0 for n, _ in cluster._inproc.values()) == 3
+        assert sum(n.stats()["tokens_held"] > 0 for n, _ in cluster.provider.nodes.values()) == 3
         cache.close()
-        assert sum(n.stats()["tokens_held"] for n, _ in cluster._inproc.values()) == 0
+        assert sum(n.stats()["tokens_held"] for n, _ in cluster.provider.nodes.values()) == 0
 
 
 def test_patch_checks_geometry_and_unsupported_modes(tmp_path):

@@ -10,7 +10,7 @@ from kflume.kernels.append import launch_append
 from kflume.kernels.reference import append_kv_ref
 from kflume.testing import random_paged_kv
 
-from .helpers import BACKENDS, device_of
+from .helpers import BACKENDS, INTERPRET, device_of
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -68,15 +68,72 @@ def test_append_rejects_bad_input():
     pool = random_paged_kv(2, 32, 2, 64, 16)
     k = torch.randn(2, 2, 64)
     ok = torch.tensor([0, 5], dtype=torch.int32)
-    with pytest.raises(ValueError, match="beyond"):
+    with pytest.raises(ValueError, match="beyond"):  # value checks: the debug switch
         append_kv(pool.k_cache, pool.v_cache, pool.page_table, torch.tensor([0, 32],
-                  dtype=torch.int32), k, k)
+                  dtype=torch.int32), k, k, debug_checks=True)
     with pytest.raises(ValueError, match="offsets must be >= 0"):
         append_kv(pool.k_cache, pool.v_cache, pool.page_table, torch.tensor([0, -1],
-                  dtype=torch.int32), k, k)
+                  dtype=torch.int32), k, k, debug_checks=True)
+    with pytest.raises(ValueError, match="offsets must be contiguous"):
+        append_kv(pool.k_cache, pool.v_cache, pool.page_table,
+                  torch.tensor([[0, 9], [5, 9]], dtype=torch.int32)[:, 0], k, k)
     with pytest.raises(TypeError, match="offsets must have dtype int32"):
         append_kv(pool.k_cache, pool.v_cache, pool.page_table, ok.long(), k, k)
     with pytest.raises(ValueError, match="k has shape"):
         append_kv(pool.k_cache, pool.v_cache, pool.page_table, ok, torch.randn(2, 3, 64), k)
     with pytest.raises(ValueError, match="v has shape"):
         append_kv(pool.k_cache, pool.v_cache, pool.page_table, ok, k, torch.randn(2, 2, 32))
+
+
+def test_grids_stay_within_cuda_limits():
+    """The interpreter does not enforce CUDA's grid limits (x 2^31 - 1, y and z 65,535):
+    the grids are computed by functions, checked here at sizes that broke them."""
+    from kflume.kernels._launcher import MAX_GRID, check_grid
+    from kflume.kernels.append import append_grid
+    from kflume.kernels.split_kv_plan import merge_grid, split_kv_grid
+
+    def within(grid):
+        return len(grid) == 3 and all(1 <= n <= lim for n, lim in zip(grid, MAX_GRID))
+
+    for b, t in ((1, 65_536), (1, 1 << 20), (3, 200_000), (100_000, 1), (80 * 1024, 4)):
+        assert within(append_grid(b, t)), (b, t)  # was (B, T): T > 65,535 failed on CUDA
+    for b, hkv, splits in ((70_000, 8, 64), (1, 1, 1024), (65_536, 1, 2)):
+        assert within(split_kv_grid(b, hkv, splits))  # was (Hkv, B, splits)
+    assert within(merge_grid(100_000 * 64))
+    with pytest.raises(ValueError, match="append_kv: grid .* along x"):
+        append_grid(1 << 16, 1 << 16)
+    with pytest.raises(ValueError, match="along y"):
+        check_grid((1, 65_536), "test")
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not INTERPRET, reason="Triton interpreter runs only with TRITON_INTERPRET=1")
+def test_append_many_tokens_one_grid_axis():
+    """B * T programs along one axis: every (request, token) lands once (interpreter)."""
+    gen = torch.Generator().manual_seed(12)
+    pool = random_paged_kv(3, 140, 1, 16, 16, generator=gen)
+    offsets = torch.tensor([5, 0, 31], dtype=torch.int32)
+    k = torch.randn(3, 100, 1, 16, generator=gen)
+    v = torch.randn(3, 100, 1, 16, generator=gen)
+    ref_k, ref_v = pool.k_cache.clone(), pool.v_cache.clone()
+    append_kv_ref(ref_k, ref_v, pool.page_table, offsets, k, v)
+    launch_append(pool.k_cache, pool.v_cache, pool.page_table, offsets, k, v)
+    assert torch.equal(pool.k_cache, ref_k) and torch.equal(pool.v_cache, ref_v)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b,t", [(1, 70_000), (70_000, 1)])
+def test_long_append_on_gpu(b, t):
+    """One range of more than 65,535 tokens (a long prefill), and more than 65,535
+    requests: both failed with 'Triton Error [CUDA]: invalid argument' before."""
+    gen = torch.Generator().manual_seed(b)
+    hkv, d = (8, 128) if b == 1 else (1, 16)
+    pool = random_paged_kv(b, t + 20, hkv, d, 16, dtype=torch.bfloat16, device="cuda",
+                           generator=gen)
+    offsets = torch.randint(0, 20, (b,), generator=gen).int().cuda()
+    k = torch.randn(b, t, hkv, d, generator=gen).to("cuda", torch.bfloat16)
+    v = torch.randn(b, t, hkv, d, generator=gen).to("cuda", torch.bfloat16)
+    ref_k, ref_v = pool.k_cache.clone(), pool.v_cache.clone()
+    append_kv_ref(ref_k, ref_v, pool.page_table, offsets, k, v)
+    append_kv(pool.k_cache, pool.v_cache, pool.page_table, offsets, k, v)
+    assert torch.equal(pool.k_cache, ref_k) and torch.equal(pool.v_cache, ref_v)

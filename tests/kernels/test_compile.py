@@ -14,17 +14,20 @@ from kflume.kernels import (
 from kflume.testing import random_paged_kv
 
 
-def decode_attention(q, k_new, v_new, k_cache, v_cache, page_table, start, length):
+def decode_attention(q, k_new, v_new, k_cache, v_cache, page_table, start, length, sinks):
     append_kv(k_cache, v_cache, page_table, start + length, k_new, v_new, check=False)
     out, lse = split_kv_attention(q, k_cache, v_cache, page_table, start, length + 1,
                                   check=False)
-    out2, lse2 = split_kv_attention(q, k_cache, v_cache, page_table, start, length, check=False)
-    merged, mlse = merge_attention_states(torch.stack([out, out2]), torch.stack([lse, lse2]))
+    out2, lse2 = split_kv_attention(q, k_cache, v_cache, page_table, start, length, check=False,
+                                    softcap=5.0)
+    merged, mlse = merge_attention_states(torch.stack([out, out2]), torch.stack([lse, lse2]),
+                                          sinks=sinks)
     merge_state_(merged, mlse, out, lse)
     # the new token against the two partials above (as two sources of one row each)
     index = torch.arange(q.shape[0]).expand(2, -1)
     new_out, new_lse = merge_new_token(q, k_new, v_new, torch.stack([out, out2]),
-                                       torch.stack([lse, lse2]), index, 0.125)
+                                       torch.stack([lse, lse2]), index, 0.125, softcap=5.0,
+                                       sinks=sinks)
     return merged, mlse, new_out, new_lse
 
 
@@ -42,10 +45,11 @@ def test_fullgraph_compile_matches_eager():
     v_new = torch.randn(3, 2, 64, generator=gen)
     start = torch.tensor([0, 3, 10], dtype=torch.int32)
     length = torch.tensor([20, 0, 41], dtype=torch.int32)
+    sinks = torch.randn(8, generator=gen)
     caches = [(pool.k_cache.clone(), pool.v_cache.clone()) for _ in range(2)]
-    eager = decode_attention(q, k_new, v_new, *caches[0], pool.page_table, start, length)
+    eager = decode_attention(q, k_new, v_new, *caches[0], pool.page_table, start, length, sinks)
     compiled_fn = torch.compile(decode_attention, fullgraph=True, backend="aot_eager")
-    compiled = compiled_fn(q, k_new, v_new, *caches[1], pool.page_table, start, length)
+    compiled = compiled_fn(q, k_new, v_new, *caches[1], pool.page_table, start, length, sinks)
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
     torch.testing.assert_close(compiled[2:], eager[2:])

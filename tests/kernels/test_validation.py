@@ -1,11 +1,15 @@
-"""Bad input to split_kv_attention raises an error that names the argument."""
+"""Bad input to split_kv_attention raises an error that names the argument.
+
+Shape, dtype, device and layout checks run on every call; checks of range values run
+behind the debug switch (`debug_checks=True` or KFLUME_DEBUG_CHECKS=1).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kflume.kernels import split_kv_attention
+from kflume.kernels import _validate, split_kv_attention
 from kflume.testing import random_paged_kv
 
 
@@ -19,10 +23,11 @@ def args():
                 kv_start=start, kv_len=length)
 
 
-def call(args, **changes):
+def call(args, debug_checks=True, **changes):
     a = {**args, **changes}
     return split_kv_attention(a["q"], a["k_cache"], a["v_cache"], a["page_table"],
-                              a["kv_start"], a["kv_len"])
+                              a["kv_start"], a["kv_len"], out=a.get("out"), lse=a.get("lse"),
+                              debug_checks=debug_checks)
 
 
 CASES = [
@@ -43,6 +48,11 @@ CASES = [
     (dict(kv_start="start_i64"), TypeError, "kv_start must have dtype int32"),
     (dict(page_table="pt_bad_id"), ValueError, r"page ids outside \[0, "),
     (dict(k_cache="k_strided"), ValueError, "k_cache must be contiguous in its last dimension"),
+    (dict(kv_len="len_strided"), ValueError, "kv_len must be contiguous"),
+    (dict(page_table="pt_strided"), ValueError, "page_table must be contiguous"),
+    (dict(lse="lse_strided"), ValueError, "lse must be contiguous"),
+    (dict(out="out_4d"), ValueError, "out must have 3 dimensions"),
+    (dict(out="out_bf16"), TypeError, "out must have dtype float32"),
 ]
 
 
@@ -66,6 +76,11 @@ def make(args, what):
         "start_i64": args["kv_start"].long(),
         "pt_bad_id": args["page_table"].clone().fill_(10_000),
         "k_strided": k.transpose(1, 3).contiguous().transpose(1, 3),
+        "len_strided": torch.tensor([[40, 0], [30, 0]], dtype=torch.int32)[:, 0],
+        "pt_strided": args["page_table"].t().contiguous().t(),
+        "lse_strided": torch.empty(8, 2).t(),
+        "out_4d": torch.empty(2, 8, 64, 1),
+        "out_bf16": torch.empty(2, 8, 64, dtype=torch.bfloat16),
     }[what]
 
 
@@ -79,6 +94,46 @@ def test_bad_input_names_the_argument(args, change, exc, match):
 def test_good_input_passes(args):
     out, lse = call(args)
     assert out.shape == (2, 8, 64) and lse.shape == (2, 8) and torch.isfinite(lse).all()
+
+
+def test_good_input_takes_the_fast_check(args):
+    """The one-expression check accepts good input (else every call pays the detailed
+    checks); bad input is caught by the detailed checks in the cases above."""
+    a = args
+    base = (a["q"], a["k_cache"], a["v_cache"], a["page_table"], a["kv_start"], a["kv_len"])
+    out, lse = torch.empty(2, 8, 64), torch.empty(2, 8)
+    assert _validate.split_kv_args_ok(*base, None, None)
+    assert _validate.split_kv_args_ok(*base, out, lse)
+    wire = torch.empty(2, 8 * 64 + 8)  # out and lse of a row side by side, as on the wire
+    assert _validate.split_kv_args_ok(*base, wire[:, :512].view(2, 8, 64), wire[:, 512:])
+    k = torch.randn(2, 40, 2, 64)  # a contiguous cache [B, L, Hkv, D]
+    assert _validate.split_kv_args_ok(a["q"], k, k, None, a["kv_start"], a["kv_len"], None, None)
+    assert not _validate.split_kv_args_ok(*base, out.bfloat16(), lse)
+
+
+def test_value_checks_are_a_debug_switch(args, monkeypatch):
+    """Range values are checked with debug_checks=True or the process default
+    (KFLUME_DEBUG_CHECKS=1 at import), not by default: they cost a host sync on CUDA."""
+    monkeypatch.setattr(_validate, "DEBUG_CHECKS", False)
+    neg = torch.tensor([-3, 30], dtype=torch.int32)
+    out, lse = call(args, debug_checks=None, kv_len=neg)  # unchecked: an empty range
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+    with pytest.raises(ValueError, match="kv_len must be >= 0"):
+        call(args, debug_checks=True, kv_len=neg)
+    monkeypatch.setattr(_validate, "DEBUG_CHECKS", True)
+    with pytest.raises(ValueError, match="kv_len must be >= 0"):
+        call(args, debug_checks=None, kv_len=neg)
+    call(args, debug_checks=False, kv_len=neg)
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("", False), ("0", False),
+                                      ("off", False), (None, False)])
+def test_debug_switch_from_environment(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv(_validate.DEBUG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(_validate.DEBUG_ENV, value)
+    assert _validate.debug_checks_from_env() is on
 
 
 @pytest.mark.cuda

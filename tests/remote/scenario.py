@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from kflume.remote import RemoteAttention
 from kflume.router import FillThenLeastLoaded, TokenRangeRouter
 from kflume.testing import TOLERANCE, ReferenceKV, rel_err
+from kflume.weight import RemoteAttention
+from kflume.weight.boundary import carry_out
 
 
 class Scenario:
@@ -38,6 +39,7 @@ class Scenario:
         for rid, n in prompts.items():
             self.router.add_request(rid, n)
         plan = self.router.begin_step()
+        carry_out(plan, self.clients, 30.0)
         self.remote.begin_step(plan)
         for layer in range(self.layers):
             for rid, n in prompts.items():
@@ -49,6 +51,7 @@ class Scenario:
     def step(self) -> float:
         """One decode step of every request; returns the worst relative error."""
         plan = self.router.begin_step()
+        carry_out(plan, self.clients, 30.0)  # frees and migrations first
         self.remote.begin_step(plan)
         b = len(plan.requests)
         worst = 0.0

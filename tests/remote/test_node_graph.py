@@ -13,7 +13,8 @@ import torch
 from kflume.comm.wire import pack_states, state_row_bytes, unpack_states
 from kflume.kernels.reference import split_kv_attention_ref
 from kflume.node import AttentionNode, NodeConfig
-from kflume.node_graph import AttendGraphs
+from kflume.node.graphs import AttendGraphs
+from kflume.node.pages import DeviceBatch
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -29,6 +30,16 @@ def _ref(q, kp, vp, layer, pt, lens, scale):
     return split_kv_attention_ref(q.double().cpu(), kp[layer].double().cpu(),
                                   vp[layer].double().cpu(), pt.cpu(), start.cpu(), lens.cpu(),
                                   scale)
+
+
+def _batch(pt, lens) -> DeviceBatch:
+    return DeviceBatch(pt, lens, torch.zeros_like(lens))
+
+
+def _attend(graphs, layer, q, pt, lens, scale, out=None):
+    """`AttendGraphs.attend` as (out, lse) views of its reply."""
+    res = graphs.attend(layer, q, _batch(pt, lens), scale, out=out)
+    return unpack_states(res, q.shape[1], q.shape[2], q.dtype)
 
 
 def _close(out, lse, ref_out, ref_lse, lens, dtype):
@@ -59,7 +70,7 @@ def test_graphs_match_the_reference_across_layers_steps_and_shapes(device, group
             lens = lens.to(device, torch.int32)
             for layer in (2, 0, 1):
                 q = torch.randn(b, hkv * group, d, generator=gen).to(device, dtype)
-                out, lse = graphs.attend(layer, q, pt, lens, scale)
+                out, lse = _attend(graphs, layer, q, pt, lens, scale)
                 _close(out, lse, *_ref(q, kp, vp, layer, pt, lens, scale), lens, dtype)
     if device == "cuda":  # one graph per (batch, page-table width): reused across layers
         assert graphs.captured == 3
@@ -74,43 +85,21 @@ def test_results_survive_the_next_call_and_fill_given_buffers(device):
     pt = torch.arange(8, dtype=torch.int32, device=device).view(2, 4)
     lens = torch.tensor([50, 17], dtype=torch.int32, device=device)
     q1, q2 = (torch.randn(2, 4, 64, generator=gen).to(device) for _ in range(2))
-    o1, s1 = graphs.attend(0, q1, pt, lens, 0.125)
-    keep = o1.clone(), s1.clone()
-    out, lse = torch.full_like(q2, float("nan")), torch.empty(2, 4, device=device)
-    o2, s2 = graphs.attend(1, q2, pt, lens, 0.125, out=out, lse=lse)
-    assert o2 is out and s2 is lse
-    torch.testing.assert_close((o1, s1), keep)
+    first = graphs.attend(0, q1, _batch(pt, lens), 0.125)
+    keep = first.clone()
+    into = torch.full_like(first, 255)
+    second = graphs.attend(1, q2, _batch(pt, lens), 0.125, out=into)
+    assert second is into
+    assert torch.equal(first, keep)
+    o2, s2 = unpack_states(second, 4, 64, torch.float32)
     _close(o2, s2, *_ref(q2, kp, vp, 1, pt, lens, 0.125), lens, torch.float32)
-    packed = graphs.attend(1, q2, pt, lens, 0.125, packed=True)  # a node's reply
-    assert torch.equal(packed, pack_states(o2, s2))
-    assert o1.is_contiguous() and s1.is_contiguous()
+    assert torch.equal(second, pack_states(o2, s2))
 
 
 def test_graphs_need_one_allocation_per_pool():
     kp = torch.zeros(2, 4, 16, 2, 64)[:, :3]
     with pytest.raises(ValueError, match="contiguous pools"):
         AttendGraphs(kp, kp)
-
-
-@pytest.mark.cuda
-def test_a_cuda_node_with_graphs_answers_like_one_without():
-    torch.manual_seed(0)
-    cfg = dict(layers=3, kv_heads=2, head_dim=128, capacity_tokens=4096, device="cuda")
-    nodes = [AttentionNode(NodeConfig(**cfg, graphs=g)) for g in (True, False)]
-    reqs, lens = ["a", "b", "c"], [700, 1, 333]
-    for layer in range(3):
-        for r, n in zip(reqs, lens):
-            k, v = torch.randn(2, 1, n, 2, 128, device="cuda").to(torch.bfloat16)
-            for node in nodes:
-                node.append(layer, [r], [0], [0], k, v)
-    for step in range(3):
-        kv_len = [max(n - step, 0) for n in lens[:2]] + [0]
-        for layer in (1, 2, 0):
-            q = torch.randn(3, 8, 128, device="cuda").to(torch.bfloat16)
-            (o1, s1), (o2, s2) = (node.attend(layer, reqs, kv_len, q) for node in nodes)
-            torch.testing.assert_close(o1, o2, rtol=0, atol=0)
-            torch.testing.assert_close(s1, s2, rtol=0, atol=0)
-    assert nodes[0]._graphs.captured == 1 and nodes[1]._graphs is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,7 +129,7 @@ def test_stream_graphs_read_and_write_the_stream_buffers(device, group, d, page_
         lens = torch.randint(0, width * page_size + 1, (b,), generator=gen)
         lens[step % b] = 0 if step % 2 else width * page_size - 1  # empty, odd and full
         lens = lens.to(device, torch.int32)
-        run = graphs.stream(span, q, res, pt, lens, scale)
+        run = graphs.stream(span, q, res, _batch(pt, lens), scale)
         for i in (2, 0, 1):  # layers may land in any order
             q[i].copy_(torch.randn(b, hq, d, generator=gen).to(device, dtype))
             res[i].fill_(255)  # NaN bytes: every byte must be written
@@ -158,7 +147,7 @@ def test_stream_graphs_read_and_write_the_stream_buffers(device, group, d, page_
         assert captured == [0] * 5  # eager from the start
 
 
-def test_attend_batch_checks_its_buffers():
+def test_attend_stream_checks_its_buffers():
     node = AttentionNode(NodeConfig(layers=2, kv_heads=2, head_dim=64, capacity_tokens=64,
                                     dtype="float32"))
     node.append(0, ["a"], [0], [0], torch.randn(1, 5, 2, 64), torch.randn(1, 5, 2, 64))
@@ -166,24 +155,24 @@ def test_attend_batch_checks_its_buffers():
     q, row = torch.zeros(2, 1, 8, 64), state_row_bytes(8, 64, torch.float32)
     out = torch.zeros(2, 1, row, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"q must be \[2, R >= 1, Hq, 64\]"):
-        node.attend_batch(range(2), ["a"], [5], q[:1], out)
+        node.attend_stream(range(2), ["a"], [5], q[:1], out)
     node.append(0, ["b"], [0], [0], torch.randn(1, 3, 2, 64), torch.randn(1, 3, 2, 64))
     with pytest.raises(ValueError, match=r"q must be \[1, R >= 2, Hq, 64\]"):
-        node.attend_batch(range(1), ["a", "b"], [5, 3], q[:1], out[:1])  # 1 row, 2 requests
+        node.attend_stream(range(1), ["a", "b"], [5, 3], q[:1], out[:1])  # 1 row, 2 requests
     with pytest.raises(TypeError, match="q must be float32"):
-        node.attend_batch(range(2), ["a"], [5], q.double(), out)
+        node.attend_stream(range(2), ["a"], [5], q.double(), out)
     with pytest.raises(ValueError, match=f"out must be uint8 \\[2, 1, {row}\\]"):
-        node.attend_batch(range(2), ["a"], [5], q, out[:, :, :-1])
+        node.attend_stream(range(2), ["a"], [5], q, out[:, :, :-1])
     with pytest.raises(ValueError, match="kv_len 6"):
-        node.attend_batch(range(2), ["a"], [6], q, out)
-    run = node.attend_batch(range(2), ["a"], [5], q.normal_(), out)
+        node.attend_stream(range(2), ["a"], [6], q, out)
+    run = node.attend_stream(range(2), ["a"], [5], q.normal_(), out)
     run(1)
     got = unpack_states(out[1], 8, 64, torch.float32)
     want = node.attend(1, ["a"], [5], q[1])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_attend_batch_pads_rows_past_the_requests():
+def test_attend_stream_pads_rows_past_the_requests():
     """A stream's buffers may have more rows than its batch (a mailbox place's, which
     stays the same while the batch changes): the requests' rows are what attend gives,
     the rest attend over nothing, (0, -inf)."""
@@ -194,7 +183,7 @@ def test_attend_batch_pads_rows_past_the_requests():
         node.append(1, [rid], [0], [0], torch.randn(1, n, 2, 64), torch.randn(1, n, 2, 64))
     q, row = torch.randn(2, 4, 8, 64), state_row_bytes(8, 64, torch.float32)
     out = torch.full((2, 4, row), 7, dtype=torch.uint8)
-    run = node.attend_batch(range(2), ["b", "a"], [30, 5], q, out)
+    run = node.attend_stream(range(2), ["b", "a"], [30, 5], q, out)
     for i in range(2):
         run(i)
         o, lse = unpack_states(out[i], 8, 64, torch.float32)
@@ -205,23 +194,24 @@ def test_attend_batch_pads_rows_past_the_requests():
 
 def _capturing_on_cpu(monkeypatch, gen, **kwargs):
     """AttendGraphs over CPU pools that runs a CUDA node's bookkeeping: a "capture"
-    returns the eager launch (the real one needs a GPU), and refuses a replay (a graph
-    captured twice); `captures` lists each one's `warm` flag."""
+    returns the eager launch (the real one needs a GPU) and refuses a replay (a graph
+    captured twice); `captures` counts them."""
     kp, vp = _pools(3, 30, 16, 2, 128, torch.float32, "cpu", gen)
     graphs = AttendGraphs(kp, vp, **kwargs)
-    graphs.capture = True
+    graphs.capturing = True
     captures = []
 
-    def captured(launch, warm=True):
+    def capture(launch):
         assert not getattr(launch, "replay", False), "a graph captured twice"
-        captures.append(warm)
+        captures.append(True)
 
         def replay():
             launch()
         replay.replay = True
+        graphs.captured += 1
         return replay
 
-    monkeypatch.setattr(graphs, "_captured", captured)
+    monkeypatch.setattr(graphs, "_capture", capture)
     return kp, vp, graphs, captures
 
 
@@ -242,7 +232,7 @@ def test_shapes_first_seen_while_serving_wait_for_capture_pending(monkeypatch):
         pt = torch.randperm(30, generator=gen)[: b * width].view(b, width).int()
         q = torch.randn(b, hq, 128, generator=gen)
         for layer in (0, 2):
-            out, lse = graphs.attend(layer, q, pt, lens, 0.1)
+            out, lse = _attend(graphs, layer, q, pt, lens, 0.1)
             _close(out, lse, *_ref(q, kp, vp, layer, pt, lens, 0.1), lens, torch.float32)
 
     for width in (3, 5, 7):
@@ -252,7 +242,7 @@ def test_shapes_first_seen_while_serving_wait_for_capture_pending(monkeypatch):
     assert len(syncs) == 1
     serve(3)  # back: made again, uncaptured
     assert graphs.capture_pending(None) == 2  # widths 5 and 3, once each
-    assert graphs.capture_pending(None) == 0 and captures == [False] * 3
+    assert graphs.capture_pending(None) == 0 and len(captures) == 3
     for width in (3, 7):  # replays of the captured ones, still right
         serve(width)
 
@@ -272,7 +262,7 @@ def test_stream_layers_wait_for_capture_pending_and_skip_misaligned_buffers(monk
     lens = torch.tensor([64, 0, 37], dtype=torch.int32)
     counts = []
     for _ in range(3):
-        run = graphs.stream(range(3), q, res, pt, lens, 0.1)
+        run = graphs.stream(range(3), q, res, _batch(pt, lens), 0.1)
         for i in range(3):
             q[i].normal_(generator=gen)
             run(i)
@@ -280,11 +270,11 @@ def test_stream_layers_wait_for_capture_pending_and_skip_misaligned_buffers(monk
             _close(out, lse, *_ref(q[i], kp, vp, i, pt, lens, 0.1), lens, torch.float32)
         counts.append(graphs.capture_pending(limit=1))
     assert counts == [1, 1, 0]  # layers 0 and 2; layer 1 is misaligned
-    assert captures == [True, False, False]  # the per-shape graph (warmed), then 2 layers
+    assert len(captures) == 3  # the per-shape graph, then 2 layers
 
 
-def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
-    """`prepare` captures a stream set's layers at once (the kernels run first on lengths
+def test_capture_set_captures_every_layer_before_the_first_stream(monkeypatch):
+    """`capture_set` captures a stream set's layers at once (the kernels run first on lengths
     of 0, so no capture warms them), before any stream: the first stream on those buffers
     replays every layer, with nothing left for capture_pending, and computes the same as
     the per-layer kernel, however wide the node's page table has grown since (a set's
@@ -294,32 +284,32 @@ def test_prepare_captures_every_layer_before_the_first_stream(monkeypatch):
     rows, hq = 4, 4  # 2064-byte reply rows: every layer 16-byte aligned
     q = torch.zeros(3, rows, hq, 128)
     res = torch.zeros(3, rows, state_row_bytes(hq, 128, torch.float32), dtype=torch.uint8)
-    assert graphs.prepare(0, q, res, 0.1) == 3
-    assert graphs.prepare(0, q, res, 0.1) == 0  # done already
-    assert captures == [False] * 3
+    assert graphs.capture_set(0, q, res, 0.1) == 3
+    assert graphs.capture_set(0, q, res, 0.1) == 0  # done already
+    assert len(captures) == 3
     lens = torch.tensor([64, 1, 37, 0], dtype=torch.int32)  # the last row: padding
     for width in (4, 7, 48):  # the node's table grew wider (48: than a layer's 30 pages,
         # as a table that doubles can): the same graphs
         pt = torch.zeros(rows, width, dtype=torch.int32)
         pt[:, : min(width, 7)] = torch.randperm(30, generator=gen)[: rows * min(width, 7)].view(
             rows, -1)
-        run = graphs.stream(range(3), q, res, pt, lens, 0.1)
+        run = graphs.stream(range(3), q, res, _batch(pt, lens), 0.1)
         for i in (0, 1, 2):
             q[i].normal_(generator=gen)
             run(i)
             out, lse = unpack_states(res[i], hq, 128, torch.float32)
             _close(out, lse, *_ref(q[i], kp, vp, i, pt, lens, 0.1), lens, torch.float32)
         assert graphs.capture_pending(limit=8) == 0
-    assert captures == [False] * 3  # no per-shape graph was needed
+    assert len(captures) == 3  # no per-shape graph was needed
     q2, res2 = torch.zeros_like(q), torch.zeros_like(res)  # another place, later
-    assert graphs.prepare(0, q2, res2, 0.1, now=False) == 0
+    assert graphs.capture_set(0, q2, res2, 0.1, now=False) == 0
     assert graphs.capture_pending(limit=2) == 2 and graphs.capture_pending(limit=2) == 1
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("group,d,page_size", [(4, 128, 16), (8, 64, 5)])
-def test_prepared_cuda_graphs_serve_the_first_stream(group, d, page_size):
-    """On a GPU: `prepare` captures every layer of a set before its first stream (no
+def test_cuda_graphs_captured_ahead_serve_the_first_stream(group, d, page_size):
+    """On a GPU: `capture_set` captures every layer of a set before its first stream (no
     per-shape graph, nothing left pending), and those graphs compute the reference on
     the streams' lengths and page tables, padding rows (0, -inf) included, as the node's
     table grows wider."""
@@ -330,12 +320,12 @@ def test_prepared_cuda_graphs_serve_the_first_stream(group, d, page_size):
     q = torch.zeros(3, rows, hq, d, dtype=torch.bfloat16, device="cuda")
     res = torch.zeros(3, rows, state_row_bytes(hq, d, torch.bfloat16), dtype=torch.uint8,
                       device="cuda")
-    assert graphs.prepare(0, q, res, d**-0.5) == 3 and graphs.captured == 3
+    assert graphs.capture_set(0, q, res, d**-0.5) == 3 and graphs.captured == 3
     for step, width in enumerate((5, 11)):
         pt = torch.randperm(48, generator=gen)[: rows * width].view(rows, width)
         lens = torch.tensor([width * page_size - 1, 1 + step, 0, 0])  # odd, short, padding
         pt, lens = pt.to("cuda", torch.int32), lens.to("cuda", torch.int32)
-        run = graphs.stream(range(3), q, res, pt, lens, d**-0.5)
+        run = graphs.stream(range(3), q, res, _batch(pt, lens), d**-0.5)
         for i in (1, 2, 0):
             q[i].copy_(torch.randn(rows, hq, d, generator=gen).to("cuda", torch.bfloat16))
             res[i].fill_(255)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kflume.captured import CapturedRemoteAttention, StepServer
-from kflume.cluster import Cluster
-from kflume.graph import SignalTimeout
-from kflume.pipeline import LayerPipeline
+from kflume import Cluster
+from kflume.graph import CapturedRemoteAttention, SignalTimeout, StepServer
+from kflume.weight import LayerPipeline
 
 LAYERS, HQ, HKV, D, DIM = 3, 8, 2, 32, 64
 
@@ -73,7 +72,7 @@ def served_step(model, ref_cl, cl, cap, pipe, rows, server, g, advance=True):
     torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
     if advance:
         for c in (ref_cl, cl):
-            c.remote.end_step(wait=True)
+            c.end_step(wait=True)
             for rid in PROMPTS:
                 c.router.advance(rid)
 
@@ -83,8 +82,7 @@ def captured_pipeline(cl, model, **kwargs):
     signals, float32): (row ranges, the captured attention, the pipeline)."""
     rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
     cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
-                                  row_ranges=rows, mechanism="host", dtype=torch.float32,
-                                  **kwargs)
+                                  row_ranges=rows, dtype=torch.float32, **kwargs)
     return rows, cap, LayerPipeline(LAYERS, model.before, model.after, cap, 2)
 
 
@@ -103,21 +101,19 @@ def test_pipeline_matches_sequential(microbatches):
         outs = pipe([x[r] for r in rows], rows)
         torch.testing.assert_close(torch.cat(outs), ref, rtol=1e-5, atol=1e-5)
         for c in (ref_cl, cl):
-            c.remote.end_step(wait=True)
+            c.end_step(wait=True)
             for rid in PROMPTS:
                 c.router.advance(rid)
 
 
-@pytest.mark.parametrize("streams", [True, False])
-def test_captured_attention_with_host_signals_matches_eager(streams):
+def test_captured_attention_with_host_signals_matches_eager():
     """The capturable path (gather, signals, host serving, scatter, merge) on CPU: the host
     side serves each step from a thread while the 'device' side runs the pipeline."""
     model = TinyModel(3)
     ref_cl, cl = make_cluster(PROMPTS, 4), make_cluster(PROMPTS, 4)
     pipe_rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
     cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
-                                  row_ranges=pipe_rows, max_nodes=3, mechanism="host",
-                                  dtype=torch.float32, streams=streams)
+                                  row_ranges=pipe_rows, max_nodes=3, dtype=torch.float32)
     pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
     server = StepServer(cap, timeout=20)
     g = torch.Generator().manual_seed(5)
@@ -125,10 +121,9 @@ def test_captured_attention_with_host_signals_matches_eager(streams):
         if step == 3:  # a routing change between steps: a node joins, no new buffers
             cl.add_node()
         served_step(model, ref_cl, cl, cap, pipe, pipe_rows, server, g)
-    assert cap.steps == 6 and "node2" in cap.node_slots
+    assert cap.steps == 6 and "node2" in cap.lanes.names
     served = sum(c.stats()["attend_streams"] for c in cl.remote.clients.values())
-    # one stream per (node, micro-batch) with rows, each step; none without streams
-    assert served >= 2 * 6 if streams else served == 0
+    assert served >= 2 * 6  # one stream per (node, micro-batch) with rows, each step
     # A step nobody runs: serving gives up at its deadline and end() raises it.
     server.timeout = 0.5
     server.begin()
@@ -143,47 +138,51 @@ def test_captured_attention_with_host_signals_matches_eager(streams):
     server.close()
 
 
+def elsewhere(cap) -> None:
+    """The step's mailboxes describe another host: nodes refuse them (messages)."""
+    for box in cap.mailboxes:
+        desc = box.describe()
+        box.describe = lambda desc=desc: {**desc, "host": "elsewhere/0"}
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mailbox,pull", [(None, None), (None, False), (False, None)])
-def test_captured_attention_over_node_processes(mailbox, pull):
+@pytest.mark.parametrize("mailboxes", [True, False])
+def test_captured_attention_over_node_processes(mailboxes):
     """`kflume node` processes over UCX loopback, CPU: nodes of this host read the
     queries from the send buffers once posted and deliver replies into the reply
-    buffers (default), or get queries as messages (pull=False), or answer with messages
-    too (mailbox=False); a node joining mid-run gets the mailboxes when it first
-    appears."""
+    buffers, or (mailboxes of another host) get queries and answer with messages; a node
+    joining mid-run gets the mailboxes when it first appears."""
     pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
     model = TinyModel(6)
     ref_cl = make_cluster(PROMPTS, 7)
     with make_cluster(PROMPTS, 7, local=True) as cl:
-        rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
-        cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
-                                      row_ranges=rows, max_nodes=3, mechanism="host",
-                                      dtype=torch.float32, mailbox=mailbox, pull=pull)
-        assert cap.pull == (mailbox is None and pull is None)
-        pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
+        rows, cap, pipe = captured_pipeline(cl, model, max_nodes=3)
+        if not mailboxes:
+            elsewhere(cap)
         g = torch.Generator().manual_seed(8)
         with StepServer(cap, timeout=60) as server:
             for step in range(5):
                 if step == 2:
                     cl.add_node()
                 served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
-            names = [n for n in cap.node_slots if n]
+            names = [n for n in cap.lanes.names if n]
             assert len(names) == 3  # the joined node is in the plan and holds rows
-            assert any(s.requests for s in cap.plan_slots[cap.node_slots.index("node2")])
-            assert all(cap.delivers(n) == (mailbox is None) for n in names)
-            assert all(st.pull == cap.pull for st in cap._open.values())
+            lane = cap.lanes.names.index("node2")
+            assert any(mb.shares[lane] and mb.shares[lane].requests for mb in cap.micro)
+            assert all(cap.delivers(n) == mailboxes for n in names)
+            streams = cap.serving.streams
+            assert all((st.mail is not None) == mailboxes for st in streams.values())
             # A step nobody runs: serving gives up; reset() then waits until the nodes
-            # have answered the given-up streams (sent their other queries at the
-            # failure, or, pulling, cancelled), so nothing of them lands later; the next
-            # step is right.
+            # have answered the given-up mailbox streams (cancelled), so nothing of them
+            # lands later; the next step is right.
             server.timeout = 0.5
             server.begin()
             with pytest.raises(SignalTimeout):
                 server.end()
-            given_up = list(cap._settling)  # the mailbox streams
-            assert cap._open and len(given_up) == (len(cap._open) if mailbox is None else 0)
+            given_up = list(cap.serving.settling)  # the mailbox streams
+            assert streams and len(given_up) == (len(streams) if mailboxes else 0)
             cap.reset()
-            assert all(st.ack.done for st in given_up) and not cap._settling
+            assert all(st.ack.done for st in given_up) and not cap.serving.settling
             # A step that fails partway (the model raises at layer 1): the first slots
             # were posted, the others not; the next steps still pair posts and waits
             server.begin()
@@ -224,25 +223,24 @@ def test_a_joining_node_is_prepared_before_it_takes_rows(refuse):
         with StepServer(cap, timeout=60) as server:
             if refuse:  # (nodes 0 and 1 took them when the first plan was loaded)
                 served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
-                for box in cap._boxes:
-                    desc = box.describe()
-                    box.describe = lambda desc=desc: {**desc, "host": "elsewhere/0"}
+                elsewhere(cap)
             name = cl.add_node(wait=False)
             cl.processes[name].wait_ready()
             for _ in range(6):
                 served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
-                seen.append((name in cap.node_slots, name in cl.router.nodes(),
+                seen.append((name in cap.lanes.names, name in cl.router.nodes(),
                              f"{name}: preparing" in cl.table()))
-        assert seen[0] == (True, False, True)  # connected, a slot kept, not routed to
+        assert seen[0] == (True, False, True)  # connected, a lane kept, not routed to
         assert seen[-1] == (True, True, False)
         assert cap.delivers(name) != refuse and cap.delivers("node0")
-        assert any(s.requests for s in cap.plan_slots[cap.node_slots.index(name)])
-        if not refuse:  # one prepared that then does not join gives its slot back
+        lane = cap.lanes.names.index(name)
+        assert any(mb.shares[lane] and mb.shares[lane].requests for mb in cap.micro)
+        if not refuse:  # one prepared that then does not join gives its lane back
             for p in cl.remote.prepare_node("ghost", cl.clients["node1"]):
                 p.result()
-            assert "ghost" in cap.node_slots
+            assert "ghost" in cap.lanes.names
             cl.remote.forget_node("ghost")
-            assert "ghost" not in cap.node_slots and not cap.delivers("ghost")
+            assert "ghost" not in cap.lanes.names and not cap.delivers("ghost")
         cap.close()
 
 
@@ -267,9 +265,9 @@ def test_nodes_that_die_while_joining_are_dropped_and_the_steps_go_on(caplog):
                 served_step(model, ref_cl, cl, cap, pipe, rows, server, g)
         for name in (early, late):
             assert name not in cl.router.nodes() and name not in cl.processes
-            assert name not in cap.node_slots
+            assert name not in cap.lanes.names
             assert f"node {name} could not join" in caplog.text
-        assert not cl._joining
+        assert not cl.joining.nodes
         cap.close()
 
 
@@ -292,8 +290,7 @@ def test_a_node_that_does_not_take_the_mailboxes_answers_with_messages(monkeypat
     monkeypatch.setattr(refuse, "register_mailbox", no_answer)
     rows = LayerPipeline(LAYERS, None, None, None, 2).split(len(PROMPTS))
     cap = CapturedRemoteAttention(cl.remote, batch=len(PROMPTS), num_layers=LAYERS,
-                                  row_ranges=rows, max_nodes=2, mechanism="host",
-                                  dtype=torch.float32)
+                                  row_ranges=rows, max_nodes=2, dtype=torch.float32)
     pipe = LayerPipeline(LAYERS, model.before, model.after, cap, 2)
     g = torch.Generator().manual_seed(11)
     with StepServer(cap, timeout=20) as server:

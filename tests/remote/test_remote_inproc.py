@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kflume.client import NodeClient
 from kflume.comm import InProcHub, InProcTransport, RemoteError
-from kflume.node import AttentionNode, NodeConfig
-from kflume.server import NodeServer
+from kflume.node import AttentionNode, NodeConfig, NodeServer
+from kflume.weight.client import NodeClient
 
 from .scenario import Scenario
 

@@ -13,12 +13,15 @@ import torch
 
 pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
 
-from kflume.client import NodeClient  # noqa: E402
 from kflume.comm import DeadlineExceeded, RemoteError, TransportError  # noqa: E402
-from kflume.comm.ucx import UcxTransport, _tag  # noqa: E402
+from kflume.comm.ucx import UcxTransport  # noqa: E402
+from kflume.comm.ucx_conn import _tag  # noqa: E402
 from kflume.comm.wire import unpack_states  # noqa: E402
-from kflume.launch import NodeProcess  # noqa: E402
-from kflume.node import NodeConfig  # noqa: E402
+from kflume.node import (
+    NodeConfig,  # noqa: E402
+    NodeProcess,  # noqa: E402
+)
+from kflume.weight.client import NodeClient  # noqa: E402
 
 from .scenario import Scenario  # noqa: E402
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kflume.segments import add_segment, locate
+from kflume.node.segments import add_segment, locate
 
 
 def test_contiguous_appends_merge_and_rewrites_add_nothing():

@@ -10,13 +10,12 @@ import time
 import pytest
 import torch
 
-from kflume.client import NodeClient
 from kflume.comm import InProcHub, InProcTransport, RemoteError
 from kflume.comm.mailbox import Mailbox, SharedWords
 from kflume.comm.wire import state_row_bytes, unpack_states
-from kflume.node import AttentionNode, NodeConfig
-from kflume.server import NodeServer
+from kflume.node import AttentionNode, NodeConfig, NodeServer
 from kflume.testing import ReferenceKV, assert_close_rel
+from kflume.weight.client import NodeClient
 
 TOKEN = "stream-test-token"
 CONFIG = NodeConfig(layers=3, kv_heads=2, head_dim=64, capacity_tokens=4096, dtype="float32",
@@ -27,7 +26,7 @@ HQ = 8  # GQA ratio 4
 @pytest.fixture(scope="module")
 def ucx_node():
     pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
-    from kflume.launch import NodeProcess
+    from kflume.node import NodeProcess
 
     proc = NodeProcess(CONFIG, token=TOKEN)
     yield proc
@@ -130,33 +129,42 @@ def test_replies_posted_ahead_land_in_one_buffer(client):
 
 
 def test_mailbox_stream_replies_land_in_the_mailbox(client):
-    """A stream opened on a registered mailbox: the node copies each layer's reply into
-    the mailbox rows and raises the layer's doorbell (stream seq + 1); the next stream on
-    the same rows lowers the doorbells first, so a stale one never reads as answered."""
+    """A stream opened on a registered mailbox: the node reads each layer's query once its
+    post flag is up, copies the reply into the mailbox rows and raises the layer's
+    doorbell to the stream's value; the next stream on the same rows lowers the doorbells
+    first, and raises another value, so a stale one never reads as answered."""
     ref = ReferenceKV(CONFIG.layers)
     rids = fill(client, ref, {"m": 33, "n": 1, "o": 17}, seed=21)
     row = state_row_bytes(HQ, 64, torch.float32)
-    box = Mailbox(rows=5, row_bytes=row, words=2 * CONFIG.layers)
+    flags = SharedWords(CONFIG.layers)
+    box = Mailbox(rows=5, row_bytes=row, words=2 * CONFIG.layers, query_row_bytes=HQ * 64 * 4,
+                  flags=flags)
+    queries = box.queries.view(torch.float32).view(5, HQ, 64)
     with pytest.raises(ValueError, match="was not registered"):
         client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
-                           mailbox=(box, 2, 3))
+                           mailbox=(box, 2, 3), pull=(0, 1, [1, 1, 1]))
     client.register_mailbox([box])
     box.buffer.fill_(255)
     g = torch.Generator().manual_seed(22)
     with pytest.raises(ValueError, match="rows hold .* bytes; this stream's replies"):
         client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 32, torch.float32,
-                           mailbox=(box, 2, 3))
+                           mailbox=(box, 2, 3), pull=(0, 1, [1, 1, 1]))
     values = []
     for step in range(2):
+        post = [step + 1] * 3
         st = client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
-                                mailbox=(box, 2, 3))  # rows 2..4, words 3..5
+                                mailbox=(box, 2, 3), pull=(0, 1, post))  # rows 2..4, words 3..5
         assert all(box.bells[3:6] == 0)  # lowered before the node could raise them
-        values.append(st.mailbox[3])
+        values.append(st.mail.value)
         if step:  # a late delivery of the stream before raises its own value: not an answer
             box.bells[3] = values[0]
+        with pytest.raises(ValueError, match="reads this stream's queries itself"):
+            st.attend(0, torch.zeros(3, HQ, 64))
         for layer in range(3):
             q = torch.randn(3, HQ, 64, generator=g)
-            r = st.attend(layer, q)
+            queries[2:5] = q
+            r = st.expect(layer)
+            flags.tensor[layer] = post[layer]  # "posted" (a GPU's post kernel, in a graph)
             assert r.result() is None and r.done
             assert box.bells[3 + layer] == values[-1]
             out, lse = unpack_states(box.buffer[2:5], HQ, 64, torch.float32)
@@ -168,7 +176,7 @@ def test_mailbox_stream_replies_land_in_the_mailbox(client):
     assert values[1] != values[0]
     with pytest.raises(ValueError, match="do not fit in the mailbox"):
         client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
-                           mailbox=(box, 3, 0))
+                           mailbox=(box, 3, 0), pull=(0, 1, [3, 3, 3]))
     # a mailbox the node cannot map (another host's) is refused as a whole, naming why;
     # the node keeps serving
     other = Mailbox(rows=1, row_bytes=row, words=1)
@@ -177,16 +185,19 @@ def test_mailbox_stream_replies_land_in_the_mailbox(client):
     with pytest.raises(RemoteError, match="mailbox of host 'elsewhere/0'"):
         client.register_mailbox([other])
     q = torch.randn(3, HQ, 64, generator=g)
+    queries[0:3] = q
     st = client.open_stream(range(3), 1, rids, [33, 1, 17], HQ, 64, torch.float32,
-                            mailbox=(box, 0, 0))
+                            mailbox=(box, 0, 0), pull=(0, 1, [3, 3, 3]))
+    flags.tensor[:] = 3
     for layer in range(3):
-        st.attend(layer, q).result()
+        st.expect(layer).result()
     st.ack.result()
     out, _ = unpack_states(box.buffer[0:3], HQ, 64, torch.float32)
     assert_close_rel(out, ref.attend(2, rids, q, 64**-0.5), torch.float32, "after refusal")
     client.free(rids)
     box.close()
     other.close()
+    flags.close()
 
 
 def test_pull_stream_reads_posted_queries_and_can_be_given_up(client):
@@ -241,11 +252,11 @@ def test_pull_stream_reads_posted_queries_and_can_be_given_up(client):
     flags.close()
 
 
-def test_padded_mailbox_place_is_prepared_and_serves_changing_batches(client):
+def test_padded_mailbox_place_is_captured_ahead_and_serves_changing_batches(client):
     """A mailbox stream over a fixed place of `rows` rows: the requests' rows get their
     attention, the rows past them (0, -inf), while the batch changes from step to step.
-    `prepare_stream` for the place is answered first (a CPU node captures nothing); a
-    prepare without a place is refused, naming why, and the node keeps serving."""
+    `capture_ahead` for the place is answered first (a CPU node captures nothing); a
+    capture without a place is refused, naming why, and the node keeps serving."""
     from kflume.comm.wire import Header
 
     ref = ReferenceKV(CONFIG.layers)
@@ -256,12 +267,12 @@ def test_padded_mailbox_place_is_prepared_and_serves_changing_batches(client):
                   flags=flags)
     client.register_mailbox([box])
     place = dict(mailbox=(box, 2, 3), pull=(1, 2))
-    with pytest.raises(RemoteError, match="give info rows and mailbox"):
-        client.call(Header("prepare", info={"layers": 3})).result()
+    with pytest.raises(RemoteError, match="give info rows, mailbox and pull"):
+        client.call(Header("capture", info={"layers": 3})).result()
     with pytest.raises(ValueError, match="do not fit in the mailbox"):
-        client.prepare_stream(range(3), 5, HQ, 64, torch.float32, **place)
-    assert client.prepare_stream(range(3), 4, HQ, 64, torch.float32,
-                                 **place).result().header.info["captured"] == 0
+        client.capture_ahead(range(3), 5, HQ, 64, torch.float32, **place)
+    assert client.capture_ahead(range(3), 4, HQ, 64, torch.float32,
+                                **place).result().header.info["captured"] == 0
     queries = box.queries.view(torch.float32).view(6, HQ, 64)
     g = torch.Generator().manual_seed(42)
     for step, (batch, lens) in enumerate(((rids[:2], [40, 3]), (rids, [40, 3, 18]),
@@ -330,7 +341,7 @@ def test_refused_streams_raise_and_the_node_keeps_serving(client):
 
 def test_a_stream_whose_queries_stop_is_given_up():
     c = InProc()
-    c.server.stream_deadline = 0.2
+    c.server.streams.stream_deadline = 0.2
     ref = ReferenceKV(CONFIG.layers)
     rids = fill(c.client, ref, {"s": 9}, seed=4)
     row = state_row_bytes(HQ, 64, torch.float32)
@@ -355,7 +366,7 @@ def test_cuda_stream_over_ucx_matches_reference():
     one), several steps reusing the same buffers."""
     pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
     from kflume.comm.ucx import UcxTransport
-    from kflume.launch import NodeProcess
+    from kflume.node import NodeProcess
 
     gpu = "1,0" if torch.cuda.device_count() > 1 else "0"
     cfg = NodeConfig(layers=4, kv_heads=8, head_dim=128, capacity_tokens=1 << 17,
@@ -392,24 +403,10 @@ def test_cuda_stream_over_ucx_matches_reference():
                 assert (lse[5] == float("-inf")).all() and (out[5] == 0).all()
             st.ack.result()
         assert c.stats()["attend_streams"] == 3
-        # the same through a mailbox in this process's GPU memory, which the node maps
-        # (CUDA IPC) and its kernel writes, doorbells last
-        box = Mailbox(b + 3, row, 2 * 4, device="cuda")
-        c.register_mailbox([box])
-        for _ in range(3):
-            st = c.open_stream(range(4), 1, rids, list(lengths.values()), hq, 128,
-                               torch.bfloat16, mailbox=(box, 3, 4))
-            for layer in range(4):
-                q.copy_(torch.randn(b, hq, 128, generator=g).to(torch.bfloat16))
-                assert st.attend(layer, q).result() is None
-                out, lse = unpack_states(box.buffer[3:], hq, 128, torch.bfloat16)
-                want = ref.attend(layer, live, q[live].cpu(), 128**-0.5)
-                assert_close_rel(out[live], want, torch.bfloat16, f"mailbox layer {layer}")
-                assert (lse[5] == float("-inf")).all() and (out[5] == 0).all()
-            st.ack.result()
-        # and pulled: the node reads each layer's q from this process's GPU memory once
-        # its post flag (shared memory) is up (two layers' graphs are captured after each
-        # stream: the first step runs none of them, the last all)
+        # through a mailbox in this process's GPU memory, which the node maps (CUDA IPC):
+        # it reads each layer's q there once its post flag (shared memory) is up, and its
+        # kernel writes the reply, doorbell last (two layers' graphs are captured after
+        # each stream: the first step runs none of them, the last all)
         flags = SharedWords(4, cuda=True)
         pbox = Mailbox(b, row, 4, device="cuda", query_row_bytes=hq * 128 * 2, flags=flags)
         c.register_mailbox([pbox])

@@ -16,14 +16,23 @@ written decode loops, patched models, eager code and captured CUDA graphs alike:
 - `before(layer, state) -> (q, k, v)`: norm, projections, RoPE of one micro-batch;
 - `after(layer, state, out) -> state`: output projection, residual, FFN;
 - `attention.start(layer, q, k, v, rows) -> handle` and `attention.finish(handle) -> out`:
-  `RemoteAttention` (eager), or `CapturedRemoteAttention` inside a graph.
+  `RemoteAttention` (eager), or `CapturedRemoteAttention` inside a graph (what
+  `kflume.CapturedStep` composes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-__all__ = ["LayerPipeline"]
+__all__ = ["LayerPipeline", "split_rows"]
+
+
+def split_rows(batch: int, microbatches: int) -> list[slice]:
+    """Row ranges of `microbatches` micro-batches of `batch` rows: contiguous, sizes
+    differing by at most one (fewer micro-batches than asked when the batch is smaller)."""
+    n = min(microbatches, max(batch, 1))
+    bounds = [batch * i // n for i in range(n + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(n)]
 
 
 class LayerPipeline:
@@ -45,9 +54,7 @@ class LayerPipeline:
 
     def split(self, batch: int) -> list[slice]:
         """Row ranges of the micro-batches: contiguous, sizes differing by at most one."""
-        n = min(self.microbatches, max(batch, 1))
-        bounds = [batch * i // n for i in range(n + 1)]
-        return [slice(bounds[i], bounds[i + 1]) for i in range(n)]
+        return split_rows(batch, self.microbatches)
 
     def __call__(self, states: Sequence, rows: Sequence[slice]) -> list:
         """Run every layer; `states[m]` is micro-batch m's state (covering plan rows

@@ -1,6 +1,6 @@
-"""Where a request's global positions sit among a node's local slots.
+"""Where a request's global positions sit among a node's local positions.
 
-A node keeps a request's tokens in its first `n` local slots, in arrival order
+A node keeps a request's tokens in its first `n` local positions, in arrival order
 (attention does not depend on order), and records the global positions as segments
 `[global_start, global_end, local_start]`, so that a global range can be exported
 for migration.
@@ -12,7 +12,7 @@ __all__ = ["add_segment", "locate"]
 
 
 def add_segment(segments: list[list[int]], start: int, end: int, local: int) -> None:
-    """Record that global [start, end) sits at local slots [local, local + end - start)."""
+    """Record that global [start, end) sits at local positions [local, local + end - start)."""
     if segments:
         last = segments[-1]
         if last[1] == start and last[2] + (last[1] - last[0]) == local:
@@ -24,7 +24,7 @@ def add_segment(segments: list[list[int]], start: int, end: int, local: int) -> 
 
 
 def locate(segments: list[list[int]], start: int, end: int, rid) -> list[int]:
-    """Local slots of global positions [start, end); all must be held."""
+    """Local positions of global positions [start, end); all must be held."""
     out: list[int] = []
     pos = start
     for g0, g1, local in sorted(segments):

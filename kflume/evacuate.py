@@ -1,0 +1,105 @@
+"""Moving a node's ranges off it at a token boundary: a node removed (its KV migrates to
+the others) or a node lost (its KV is gone and is recomputed on the others).
+
+Plain Python, part of the router (kflume/router.py): each function takes the router and
+changes its state whole or not at all.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .placement import CapacityError
+from .plan import Migration, Restore, TokenRange
+
+if TYPE_CHECKING:
+    from .router import TokenRangeRouter
+
+__all__ = ["lose", "remove"]
+
+
+def remove(router: TokenRangeRouter, node: str, migrations: list[Migration]) -> None:
+    """Every range of `node` to the least-loaded others, as migrations; refused whole
+    (CapacityError naming the range) if one does not fit."""
+    router._node(node)
+    moves = _placements(router, node)
+    for rid, r, dst in moves:
+        if dst is None:
+            raise CapacityError(f"cannot remove node {node!r}: no other node has room for "
+                                f"tokens [{r.start}, {r.end}) of request {rid!r}")
+    router._node(node).draining = True
+    router._free.pop(node, None)
+    for rid, r, dst in moves:
+        req = router._requests[rid]
+        migrations.append(Migration(rid, r.start, min(r.end, req.length), node, dst))
+    _apply(router, node, moves)
+
+
+def lose(router: TokenRangeRouter, node: str, b) -> None:
+    """`node` is gone: its ranges placed on the others, each as a span to recompute
+    (`b.restores`, in position order per request); a request whose ranges do not all fit
+    is dropped whole (`b.dropped`, its capacity given back)."""
+    router._node(node)
+    router._node(node).draining = True
+    router._free.pop(node, None)
+    while True:  # drop requests that do not fit, the one with most lost tokens first
+        moves = _placements(router, node)
+        need: dict = {}
+        for rid, r, dst in moves:
+            if dst is None:
+                need[rid] = need.get(rid, 0) + len(r)
+        if not need:
+            break
+        rid = max(need, key=need.__getitem__)
+        for other in router._release(rid):
+            if other != node:
+                b.freed.append((rid, other))
+        b.dropped.append(rid)
+    for rid, r, dst in moves:
+        length = router._requests[rid].length
+        if r.start < length:
+            b.restores.append(Restore(rid, r.start, min(r.end, length), dst))
+    _apply(router, node, moves)
+
+
+def _placements(router: TokenRangeRouter, node: str) -> list[tuple]:
+    """(request, range, destination or None) for every range on `node`, each placed on
+    the least-loaded other node with room, counting the ones placed before it. Nothing
+    changes."""
+    out, taken = [], {}  # tokens taken on each node so far, in whole pages
+    for rid, req in router._requests.items():
+        if node not in req.held:
+            continue
+        for r in req.ranges:
+            if r.node != node:
+                continue
+            free = {n: f - taken.get(n, 0) for n, f in router._free.items() if n != node}
+            fits = [n for n in free if router.room(n, rid) - taken.get(n, 0) >= len(r)]
+            dst = max(fits, key=free.__getitem__, default=None)
+            if dst is not None:
+                ps = router._nodes[dst].page_size
+                taken[dst] = taken.get(dst, 0) + -(-len(r) // ps) * ps
+            out.append((rid, r, dst))
+    return out
+
+
+def _apply(router: TokenRangeRouter, node: str, moves: list[tuple]) -> None:
+    for rid, r, dst in moves:
+        req = router._requests[rid]
+        router._hold(dst, req, len(r))
+        req.ranges = [TokenRange(r.start, r.end, dst) if x == r else x for x in req.ranges]
+    for req in router._requests.values():
+        if node in req.held:
+            router._hold(node, req, -req.held[node])
+        req.ranges = _coalesce(req.ranges)
+    del router._nodes[node]
+
+
+def _coalesce(ranges: list[TokenRange]) -> list[TokenRange]:
+    out: list[TokenRange] = []
+    for r in ranges:
+        if out and out[-1].node == r.node and out[-1].end == r.start:
+            out[-1] = TokenRange(out[-1].start, r.end, r.node)
+        else:
+            out.append(r)
+    return out

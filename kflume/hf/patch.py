@@ -1,0 +1,112 @@
+"""kflume.patch(model, cluster): a Hugging Face model's core attention on attention nodes,
+through transformers' public extension points only.
+
+- `AttentionInterface.register("kflume", ...)` and `AttentionMaskInterface.register`:
+  kflume/hf/attention.py. Models that use the attention-function interface (Llama,
+  Mistral, Qwen2, Qwen3, ...) call it after RoPE.
+- `model.generate` is wrapped on the instance: a generation without a cache gets a
+  `KflumeCache` (freed when it returns), and while it runs the cluster's recompute
+  callback is the session's (a node lost mid-generation is recovered inside the step,
+  and `generate()` returns the same tokens).
+- a forward pre-hook (`register_forward_pre_hook`) records the tokens each forward with
+  a KflumeCache is fed, which a recomputation reads.
+
+`kflume.unpatch(model)` restores the attention implementation and removes the wrapper
+and the hook. Model files are untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .attention import kflume_attention, kflume_padding_mask
+from .cache import KflumeCache, cache_keyword, hf
+
+__all__ = ["patch", "unpatch"]
+
+NAME = "kflume"
+
+
+def _register() -> None:
+    _, AttentionInterface, AttentionMaskInterface, _, _ = hf()
+    AttentionInterface.register(NAME, kflume_attention)
+    AttentionMaskInterface.register(NAME, kflume_padding_mask)
+
+
+def patch(model, cluster):
+    """Route `model`'s core attention to `cluster`'s attention nodes; returns the model.
+
+    The model's KV geometry must match the cluster's (layers, KV heads, head size, dtype).
+    After this, `model.generate(...)` keeps its KV on the nodes; `kflume.unpatch(model)`
+    undoes it.
+    """
+    if getattr(model, "_kflume", None) is not None:
+        raise ValueError("model is already patched; unpatch it first")
+    cfg = model.config.get_text_config(decoder=True)
+    g = cluster.geometry
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    for what, have, want in (("layers", cfg.num_hidden_layers, g.layers),
+                             ("KV heads", kv_heads, g.kv_heads),
+                             ("head size", head_dim, g.head_dim), ("dtype", dtype, g.dtype)):
+        if have != want:
+            raise ValueError(f"model has {what} {have!r} but the cluster's nodes hold {want!r}")
+    _register()
+    original = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:
+        raise ValueError(f"{type(model).__name__} does not use transformers' attention-function "
+                         "interface, so kflume cannot plug into it")
+    inner = model.generate
+
+    @functools.wraps(inner)
+    def generate(*args, **kwargs):
+        key = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None),
+                   cache_keyword(model))
+        own = kwargs.get(key) is None and kwargs.get("use_cache", True)
+        if own:
+            kwargs[key] = KflumeCache(cluster, model.config)
+        session = getattr(kwargs.get(key), "session", None)
+        before = cluster.recompute
+        if session is not None:
+            session.model = model
+            cluster.recompute = session.recompute
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            cluster.recompute = before
+            if session is not None:
+                session.model = None
+            if own:
+                kwargs[key].close()
+
+    hook = model.register_forward_pre_hook(_record, with_kwargs=True)
+    model.generate = generate
+    model._kflume = (original, cluster, hook)
+    return model
+
+
+def _record(module, args, kwargs):
+    """The tokens a forward with a KflumeCache is fed, kept by its session (a lost span
+    is recomputed from them)."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    session = getattr(cache, "session", None)
+    if session is None or getattr(cache, "restore", None) is not None:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is not None:
+        session.record(ids, kwargs.get("attention_mask"))
+    return None
+
+
+def unpatch(model):
+    """Undo `patch`: the original attention implementation, no generate wrapper, no hook."""
+    state = getattr(model, "_kflume", None)
+    if state is None:
+        raise ValueError("model is not patched by kflume")
+    model.set_attn_implementation(state[0])
+    model.__dict__.pop("generate", None)
+    state[2].remove()
+    del model._kflume
+    return model

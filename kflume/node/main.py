@@ -1,0 +1,109 @@
+"""`kflume node`: an attention node process, an AttentionNode behind a NodeServer on UCX.
+
+It warms its kernels up, listens, prints `kflume node listening on HOST:PORT` as its
+first line of output (what `NodeProcess` waits for), and serves until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..config import DTYPES, NodeConfig
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("kflume.node")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import parser
+
+    p = parser("kflume node", "Start a weightless attention node: it holds token ranges of "
+               "KV and attends over them for weight nodes that present the cluster token.")
+    p.add_argument("--listen", default="127.0.0.1:0",
+                   help="HOST:PORT to listen on; port 0 takes a free port")
+    p.add_argument("--device", default="cpu", help="where the KV pools live: cpu, cuda or cuda:N")
+    p.add_argument("--capacity-tokens", type=int, required=True,
+                   help="tokens of KV (in every layer) this node holds at most")
+    p.add_argument("--layers", type=int, required=True, help="the model's decoder layers")
+    p.add_argument("--kv-heads", type=int, required=True, help="the model's KV heads")
+    p.add_argument("--head-dim", type=int, required=True, help="the model's head size")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="KV dtype")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--q-heads", type=int, default=None,
+                   help="the model's query heads, to compile its kernels before listening "
+                        "(default: the KV heads)")
+    p.add_argument("--token", default=None,
+                   help="cluster token peers must present (default: $KFLUME_TOKEN)")
+    p.add_argument("--progress", default=None, choices=["poll", "blocking"],
+                   help="how the UCX worker is driven: poll spins (lowest latency), blocking "
+                        "sleeps on its event fd (leaves the cores to the computation); "
+                        "default: poll on a GPU, blocking on CPU")
+    p.add_argument("--stream-deadline", type=float, default=60.0,
+                   help="seconds an attend stream may wait for its queries before the node "
+                        "gives it up (and reports it to the peer)")
+    p.add_argument("--port-file", default=None,
+                   help="also write the address listened on to this file")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="log verbosity")
+    return p
+
+
+def main(argv=None) -> int:
+    import gc
+    import signal
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s kflume-node %(levelname)s %(message)s")
+    if args.stream_deadline <= 0:
+        raise SystemExit("kflume node: --stream-deadline must be positive")
+    try:
+        config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                            capacity_tokens=args.capacity_tokens, dtype=args.dtype,
+                            device=args.device, page_size=args.page_size, q_heads=args.q_heads)
+    except ValueError as e:
+        raise SystemExit(f"kflume node: {e}") from None
+    import torch
+
+    from ..comm.mailbox import host_id
+    from ..comm.ucx import SERVER_INLINE_BYTES, UcxTransport
+    from .node import AttentionNode
+    from .process import default_progress
+    from .server import NodeServer
+
+    if torch.device(config.device).index is not None:  # cuda:N: streams and events default
+        torch.cuda.set_device(torch.device(config.device))  # to that GPU
+    node = AttentionNode(config)
+    node.warmup()
+    # What exists now (torch, the pools, compiled kernels) lives as long as the process:
+    # out of the collector's way, so that a full collection cannot stall a step.
+    gc.collect()
+    gc.freeze()
+    # the host lets a weight node of this host hand it mailboxes (kflume/comm/mailbox.py)
+    transport = UcxTransport(token=args.token, info={**node.stats(), "host": host_id()},
+                             progress=args.progress or default_progress(args.device),
+                             inline_bytes=SERVER_INLINE_BYTES)
+    server = NodeServer(node, transport, transport.listen(args.listen),
+                        stream_deadline=args.stream_deadline)
+    stop: list[bool] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    log.info("listening on %s: %d layers x %d KV heads x %d, %s on %s, %d tokens in %d pages",
+             server.address, config.layers, config.kv_heads, config.head_dim, config.dtype,
+             node.device, config.num_pages * config.page_size, config.num_pages)
+    print(f"kflume node listening on {server.address}", flush=True)
+    if args.port_file:
+        with open(args.port_file, "w") as f:
+            f.write(server.address)
+    try:
+        server.serve(should_stop=lambda: bool(stop))
+    except BaseException:
+        log.exception("node at %s failed after %d messages", server.address, server.handled)
+        raise
+    finally:
+        server.close()
+        transport.close()
+        log.info("stopped")
+    return 0

@@ -1,0 +1,152 @@
+"""The messages a node serves, one handler each (kflume/node/server.py dispatches).
+
+A handler gets the server, the peer, the checked header and the message's tensors (on
+the node's device), and returns the `Reply` to send, or None for a stream (answered
+once its layers are). It raises to refuse: the server answers with an error naming the
+problem and the node is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..comm.wire import Header, WireError
+from .peer import Peer
+
+__all__ = ["OPS", "Reply"]
+
+log = logging.getLogger("kflume.node")
+
+
+@dataclass(slots=True)
+class Reply:
+    header: Header
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+def _tensors(h: Header, tensors, n: int) -> list[torch.Tensor]:
+    if len(tensors) != n:
+        raise ValueError(f"{h.op} carries {len(tensors)} tensors; it needs {n}")
+    return tensors
+
+
+def _joined(server, peer: Peer, new: list) -> None:
+    if not new:
+        return
+    peer.requests.update(new)
+    s = server.node.stats()
+    log.info("requests joined: %s; %d requests, %d of %d pages free", new, s["requests"],
+             s["pages_free"], s["pages_total"])
+
+
+def attend(server, peer: Peer, h: Header, tensors) -> Reply:
+    (q,) = _tensors(h, tensors, 1)
+    scale = h.info.get("scale")
+    if scale is not None and not isinstance(scale, float):
+        raise ValueError(f"attend: scale must be a float; got {scale!r}")
+    states = server.node.attend(h.layer, h.requests, server.ints(h, "kv_len", len(h.requests)),
+                                q, scale=scale, packed=True)
+    return Reply(Header("result", layer=h.layer, epoch=h.epoch), [states])
+
+
+def append(server, peer: Peer, h: Header, tensors) -> Reply:
+    k, v = _tensors(h, tensors, 2)
+    n, layers = len(h.requests), h.info.get("layers")
+    new = [r for r in h.requests if r not in server.node.requests]
+    args = (h.requests, server.ints(h, "offsets", n), server.ints(h, "positions", n), k, v)
+    if layers is None:
+        server.node.append(h.layer, *args)
+    elif type(layers) is int:
+        server.node.append_layers(range(h.layer, h.layer + layers), *args)
+    else:
+        raise ValueError(f"append: info['layers'] must be an int; got {layers!r}")
+    _joined(server, peer, new)
+    return Reply(Header("ok"))
+
+
+def open_(server, peer: Peer, h: Header, tensors) -> Reply:
+    new = [r for r in h.requests if r not in server.node.requests]
+    server.node.open(h.requests, server.ints(h, "tokens", len(h.requests)))
+    _joined(server, peer, new)
+    return Reply(Header("ok"))
+
+
+def free(server, peer: Peer, h: Header, tensors) -> Reply:
+    freed = server.node.free(h.requests)
+    peer.requests.difference_update(h.requests)
+    if h.requests:
+        s = server.node.stats()
+        log.info("freed %d requests (%d tokens); %d of %d pages free", len(h.requests), freed,
+                 s["pages_free"], s["pages_total"])
+    return Reply(Header("ok", info={"freed_tokens": freed}))
+
+
+def export(server, peer: Peer, h: Header, tensors) -> Reply:
+    if len(h.requests) != 1:
+        raise ValueError("export takes one request")
+    start, end = server.ints(h, "start", 1)[0], server.ints(h, "end", 1)[0]
+    k, v = server.node.export_range(h.requests[0], start, end)
+    return Reply(Header("result"), [k, v])
+
+
+def import_(server, peer: Peer, h: Header, tensors) -> Reply:
+    if len(h.requests) != 1:
+        raise ValueError("import takes one request")
+    k, v = _tensors(h, tensors, 2)
+    new = [r for r in h.requests if r not in server.node.requests]
+    server.node.import_range(h.requests[0], server.ints(h, "start", 1)[0], k, v)
+    _joined(server, peer, new)
+    return Reply(Header("ok"))
+
+
+def stream(server, peer: Peer, h: Header, tensors) -> None:
+    _tensors(h, tensors, 0)
+    server.streams.open(peer, h)
+    return None
+
+
+def capture(server, peer: Peer, h: Header, tensors) -> Reply:
+    _tensors(h, tensors, 0)
+    return Reply(server.streams.capture(peer, h))
+
+
+def cancel(server, peer: Peer, h: Header, tensors) -> Reply:
+    server.streams.cancel(peer, h)
+    return Reply(Header("ok"))
+
+
+def mailbox(server, peer: Peer, h: Header, tensors) -> Reply:
+    server.streams.register_mailboxes(peer, h)
+    return Reply(Header("ok"))
+
+
+def stats(server, peer: Peer, h: Header, tensors) -> Reply:
+    n = h.info.get("trace", 0)
+    if type(n) is not int or not 0 <= n <= 512:
+        raise ValueError("stats: trace must be an int in [0, 512]")
+    info = server.stats(trace=n, reset=bool(h.info.get("reset_timings")))
+    return Reply(Header("ok", info=info))
+
+
+def shutdown(server, peer: Peer, h: Header, tensors) -> Reply:
+    log.info("shutdown asked by %s", peer.conn.peer)
+    server.stopped = True
+    return Reply(Header("ok"))
+
+
+OPS: dict[str, Callable] = {
+    "attend": attend, "append": append, "open": open_, "free": free, "export": export,
+    "import": import_, "stream": stream, "capture": capture, "cancel": cancel,
+    "mailbox": mailbox, "stats": stats, "shutdown": shutdown,
+}
+
+
+def handler(op: str) -> Callable:
+    try:
+        return OPS[op]
+    except KeyError:
+        raise WireError(f"op {op!r} is not a request a node serves") from None

@@ -1,0 +1,109 @@
+"""Losing a node costs time, not tokens: recovery of the KV a lost node held.
+
+A node is lost when its link breaks (its process is gone: the connection's socket tells
+at once), when its process exits, or when it does not answer within the deadline. The
+cluster then forgets it at a token boundary (`lose`): the router places its ranges on
+the surviving nodes (`TokenRangeRouter.lose_node`), and each lost span is recomputed
+there, in position order, by the cluster's `recompute` callback: the ranges before a
+lost span are intact, so a chunked prefill over the span (`RemoteAttention.extend`)
+gives its KV again, exactly. `kflume.patch` installs one for `generate()`; in a decode
+loop of your own, give the cluster one (`cluster.recompute = fn`, `fn(restore)` with
+`restore.request`, `.start`, `.end`: kflume/plan.py's `Restore`).
+
+A loss found in the middle of a step (a layer whose node does not answer) is recovered
+at once, in a plan made for the rest of that step (`RemoteAttention.on_loss`); the step
+then goes on. Requests that no surviving node has room for are dropped, and the boundary
+raises `RequestsLost` naming them once the others are set to continue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ..comm.base import TransportError
+from ..placement import CapacityError
+from ..plan import Restore, StepPlan
+
+__all__ = ["Recovery", "RequestsLost"]
+
+log = logging.getLogger("kflume.cluster")
+
+
+class RequestsLost(CapacityError):
+    """Requests whose lost tokens no surviving node had room for: they are gone from the
+    cluster (the other requests continue)."""
+
+    def __init__(self, requests, nodes) -> None:
+        self.requests, self.nodes = tuple(requests), tuple(nodes)
+        super().__init__(f"requests {list(self.requests)} could not be restored after losing "
+                         f"{list(self.nodes)}: no surviving node has room for their tokens; "
+                         "add nodes (the other requests continue)")
+
+
+class Recovery:
+    """The lost nodes of `cluster`, and the recomputation of what they held."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.recompute: Callable[[Restore], None] | None = None
+        self.lost: dict[str, str] = {}  # every node lost, and why
+
+    def lose(self, name: str, why: str) -> None:
+        """Forget node `name` (its ranges restored at the next boundary)."""
+        c = self.cluster
+        if name not in c.clients or name in self.lost:
+            return
+        log.warning("node %s lost (%s): its KV is restored on the others", name, why)
+        self.lost[name] = why
+        c.router.lose_node(name)
+        client = c.clients.pop(name)
+        client.close()
+        c.forget(name)
+
+    def check(self) -> None:
+        """Lose the nodes whose link broke or whose process exited."""
+        for name, client in list(self.cluster.clients.items()):
+            proc = self.cluster.processes.get(name)
+            if not client.conn.alive:
+                self.lose(name, client.conn.why if hasattr(client.conn, "why") else "link gone")
+            elif proc is not None and getattr(proc, "running", True) is False:
+                self.lose(name, "its process exited")
+
+    def restore(self, plan: StepPlan) -> None:
+        """Recompute the plan's lost spans (per request, in position order), then check
+        that the nodes took them."""
+        if not plan.restores:
+            return
+        if self.recompute is None:
+            reqs = sorted({r.request for r in plan.restores}, key=str)
+            raise TransportError(
+                f"nodes {list(plan.lost_nodes)} were lost with tokens of requests {reqs}; "
+                "give the cluster a recompute callback (cluster.recompute) to restore them")
+        for r in sorted(plan.restores, key=lambda r: (str(r.request), r.start)):
+            self.recompute(r)
+        for node in {r.dst for r in plan.restores}:
+            self.cluster.clients[node].flush()
+
+    def recover(self, nodes: list[str]) -> StepPlan:
+        """Nodes lost in the middle of a step: a plan for the rest of the step without
+        them, their spans recomputed (`RemoteAttention.on_loss`)."""
+        c = self.cluster
+        for name in nodes:
+            self.lose(name, "no answer within the deadline" if name in c.clients and
+                      c.clients[name].conn.alive else "link gone")
+        plan = c.router.begin_step(only=("lose_node",))
+        c.remote.begin_step(plan, same_step=True)
+        self.finish(plan)
+        return plan
+
+    def finish(self, plan: StepPlan) -> None:
+        """After a plan with lost nodes: its frees, its restores, and the dropped
+        requests raised."""
+        c = self.cluster
+        for rid, node in plan.freed:
+            if node in c.clients:
+                c.clients[node].free([rid])
+        self.restore(plan)
+        if plan.dropped:
+            raise RequestsLost(plan.dropped, plan.lost_nodes)

@@ -1,0 +1,118 @@
+"""Attention of a span of new tokens over a request's history on the nodes (chunked prefill).
+
+A span is tokens `[start, start + S)` of one request whose KV is not on the nodes yet:
+the new tokens of a continued conversation, or a lost node's tokens being recomputed.
+Token `start + i` attends over every token before `start` (on the nodes: each node
+keeps a request's tokens in position order, so the ones before `start` are a prefix of
+its local positions) and causally over the span's tokens up to itself (computed here).
+The partials are merged by their log-sum-exp. Once every layer's k, v of the span are
+known, they go to the nodes the plan's routes name for the span, in one message per node
+(`import`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..comm.wire import unpack_states
+from ..kernels import merge_attention_states
+from ..plan import StepPlan, TokenRange
+from .client import NodeClient, wait_all
+
+__all__ = ["SpanWriter", "causal_states", "held_before", "span_attention"]
+
+
+def held_before(routes: tuple[TokenRange, ...], start: int) -> dict[str, int]:
+    """Per node, how many of the request's tokens before `start` it holds."""
+    held: dict[str, int] = {}
+    for r in routes:
+        if r.start < start:
+            held[r.node] = held.get(r.node, 0) + min(r.end, start) - r.start
+    return held
+
+
+def causal_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(out, lse)` of q `[S, Hq, D]` over k, v `[S, Hkv, D]`, token i over tokens <= i;
+    out in q's dtype, lse float32 `[S, Hq]` (docs/conventions.md)."""
+    s, hq, d = q.shape
+    hkv = k.shape[1]
+    qf = q.float().view(s, hkv, hq // hkv, d)
+    scores = torch.einsum("ihgd,jhd->hgij", qf, k.float()) * scale  # [Hkv, G, S, S]
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, -math.inf)
+    lse = torch.logsumexp(scores, -1)  # [Hkv, G, S]
+    out = torch.einsum("hgij,jhd->ihgd", torch.softmax(scores, -1), v.float())
+    return out.reshape(s, hq, d).to(q.dtype), lse.permute(2, 0, 1).reshape(s, hq)
+
+
+def span_attention(plan: StepPlan, clients: dict[str, NodeClient], layer: int, request,
+                   q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                   scale: float, timeout: float) -> torch.Tensor:
+    """Attention of the span's queries q `[S, Hq, D]` (k, v `[S, Hkv, D]`: the span's
+    own, RoPE applied) over the request's history before `start` and causally over the
+    span; returns `[S, Hq, D]`."""
+    if request not in plan.routes:
+        raise KeyError(f"request {request!r} is not in this step's plan")
+    hkv = k.shape[1] if k.dim() == 3 else -1
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[0] != q.shape[0] \
+            or q.shape[1] % max(hkv, 1) or q.shape[2] != k.shape[2]:
+        raise ValueError(f"extend: q must be [S, Hq, D] and k, v [S, Hkv, D]; got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    s, hq, d = q.shape
+    sent = [clients[node].attend(layer, plan.epoch, [request] * s, [n] * s, q.contiguous(),
+                                 scale=scale)
+            for node, n in held_before(plan.routes[request], start).items() if n > 0]
+    outs, lses = [], []
+    for m in wait_all(sent, timeout):
+        o, l = unpack_states(m.tensors[0], hq, d, q.dtype)
+        outs.append(o)
+        lses.append(l)
+    o, l = causal_states(q, k, v, scale)
+    if not outs:
+        return o
+    return merge_attention_states(torch.stack([o, *outs]), torch.stack([l, *lses]))[0]
+
+
+@dataclass(slots=True)
+class _Span:
+    start: int
+    k: list = field(default_factory=list)  # per layer [S, Hkv, D], filled in order
+    v: list = field(default_factory=list)
+
+
+class SpanWriter:
+    """Collects a span's k, v layer by layer and sends them to the nodes once the last
+    layer's are in (a node takes a span of every layer in one import)."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+        self._spans: dict[object, _Span] = {}
+
+    def add(self, plan: StepPlan, clients: dict[str, NodeClient], layer: int, request,
+            start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        span = self._spans.get(request)
+        if span is None or span.start != start or layer == 0:
+            span = self._spans[request] = _Span(start)
+        if layer != len(span.k):
+            raise ValueError(f"span of request {request!r} at {start}: layer {layer} came "
+                             f"after {len(span.k)} layers (give them in order, from 0)")
+        span.k.append(k.detach())
+        span.v.append(v.detach())
+        if len(span.k) == self.layers:
+            del self._spans[request]
+            kk, vv = torch.stack(span.k), torch.stack(span.v)  # [layers, S, Hkv, D]
+            end = start + kk.shape[1]
+            for r in plan.routes[request]:
+                a, b = max(r.start, start), min(r.end, end)
+                if a < b:
+                    clients[r.node].import_range(request, a, kk[:, a - start : b - start]
+                                                 .contiguous(), vv[:, a - start : b - start]
+                                                 .contiguous())
+
+    def drop(self) -> None:
+        """Forget spans not complete (a step given up)."""
+        self._spans.clear()

@@ -1,0 +1,111 @@
+"""A node lost in the middle of `generate()` costs time, not tokens: the output equals the
+unpatched model's, whether the node dies during the prompt, between decode steps, in the
+middle of a step, two of them, or while another joins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
+
+import kflume  # noqa: E402
+from kflume import Cluster  # noqa: E402
+
+
+def llama(layers=3):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                                   eos_token_id=None)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (3, 23), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding
+    return ids * mask, mask
+
+
+class Events(StoppingCriteria):
+    """Runs `events[step]()` after that many generated tokens (never stops)."""
+
+    def __init__(self, events: dict):
+        self.events, self.seen = events, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen += 1
+        if self.seen in self.events:
+            self.events[self.seen]()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def kill_in_layer(model, layer: int, forward: int, kill):
+    """Run `kill()` before decoder layer `layer` of the model's `forward`-th forward
+    (1: the prompt's): in the middle of a step."""
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] == forward:
+            kill()
+    return model.model.layers[layer].register_forward_pre_hook(hook)
+
+
+def generate(model, cl, ids, mask, events=None, new=14):
+    crit = StoppingCriteriaList([Events(events or {})])
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                          do_sample=False, stopping_criteria=crit)
+
+
+def run(kind, setup):
+    model = llama()
+    ids, mask = prompts()
+    want = generate(model, None, ids, mask)
+    kwargs = dict(capacity_tokens=1024, range_tokens=8, page_size=4)
+    with Cluster.for_model(4, model, kind=kind, **kwargs) as cl:
+        kflume.patch(model, cl)
+        events, hooks = setup(model, cl)
+        try:
+            got = generate(model, cl, ids, mask, events)
+        finally:
+            for h in hooks:
+                h.remove()
+            kflume.unpatch(model)
+        lost = dict(cl.recovery.lost)
+    assert torch.equal(got, want)
+    return lost
+
+
+def kill(cl, name):
+    return lambda: cl.processes[name].kill()
+
+
+CASES = {
+    "between steps": lambda m, cl: ({3: kill(cl, "node1")}, []),
+    "late": lambda m, cl: ({11: kill(cl, "node2")}, []),
+    "mid-step": lambda m, cl: ({}, [kill_in_layer(m, 2, 6, kill(cl, "node0"))]),
+    "during the prompt": lambda m, cl: ({}, [kill_in_layer(m, 1, 1, kill(cl, "node3"))]),
+    "two, then a join": lambda m, cl: ({2: kill(cl, "node0"), 5: kill(cl, "node2"),
+                                         6: lambda: cl.add_node()}, []),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generate_is_unchanged_when_an_in_process_node_dies(case):
+    lost = run("in_process", CASES[case])
+    assert lost, "no node was lost"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", list(CASES))
+def test_generate_is_unchanged_when_a_node_process_is_killed(case):
+    """The same with `kflume node` processes over UCX, each killed with SIGKILL."""
+    pytest.importorskip("ucxx", reason="node processes talk UCX")
+    lost = run("local", CASES[case])
+    assert lost, "no node was lost"
