@@ -2,8 +2,10 @@
 
 A tiny Llama-style transformer (random weights) whose attention KV lives on attention
 nodes: `TokenRangeRouter` decides which node holds which token range, `RemoteAttention`
-sends each layer's queries there and merges the partial results. The same model with a
-plain local KV cache generates the reference tokens.
+sends each layer's queries there and merges the partial results. Midway a node dies
+(`--kill-at`): the cluster recomputes what it held through the loop's recompute
+callback, a chunked prefill of the lost tokens over the history before them. The same
+model with a plain local KV cache generates the reference tokens.
 
     python examples/decode_loop.py                 # in-process attention nodes
     python examples/decode_loop.py --ucx           # kflume node processes over UCX
@@ -136,17 +138,41 @@ def decode_one_token(c: Config, w: dict, cluster: Cluster, ids, position: int):
     return (rms(x) @ w["out"].T).argmax(-1)
 
 
-def generate(c: Config, w: dict, cluster: Cluster, prompt, steps: int):
+def recompute(c: Config, w: dict, cluster: Cluster, tokens: dict):
+    """The cluster's recompute callback: tokens [start, end) of a request lost with a node
+    (`restore`, kflume.plan.Restore), run through the model on top of the history before
+    them; `RemoteAttention.extend` attends over that history on the nodes and writes the
+    span's KV where the router put it."""
+    def run(restore) -> None:
+        ids = torch.tensor(tokens[restore.request][restore.start : restore.end])[None]
+        pos = torch.arange(restore.start, restore.end)[None]
+        x = w["embed"][ids]
+        for i, lw in enumerate(w["layers"]):
+            q, k, v = qkv(c, lw, x, pos)
+            out = cluster.remote.extend(i, restore.request, q[0], k[0], v[0], restore.start)
+            x = finish_layer(lw, x, out.reshape(1, -1, c.heads * c.head_dim))
+    return run
+
+
+def generate(c: Config, w: dict, cluster: Cluster, prompt, steps: int, kill_at: int = -1):
+    tokens = {r: prompt[r].tolist() for r in range(prompt.shape[0])}  # what each request fed
+    cluster.recompute = recompute(c, w, cluster, tokens)
     ids, out = prefill(c, w, cluster, prompt), []
     for step in range(steps):
         out.append(ids)
         if step == steps - 1:
             break
+        if step == kill_at:  # a node dies; found at the next boundary, its KV recomputed
+            victim = cluster.router.ranges(0)[0].node
+            cluster.processes[victim].kill()
+            print(f"step {step}: killed {victim}, which held tokens of request 0")
         cluster.begin_step()  # boundary: routing edits (e.g. a node joining) apply here
+        for r in range(prompt.shape[0]):
+            tokens[r].append(int(ids[r, 0]))
         ids = decode_one_token(c, w, cluster, ids, prompt.shape[1] + step)
         for r in range(prompt.shape[0]):
             cluster.router.advance(r)  # the token just appended is history now
-    cluster.remote.end_step(wait=True)
+    cluster.end_step(wait=True)
     return torch.cat(out, 1)
 
 
@@ -155,6 +181,7 @@ def main() -> None:
     ap.add_argument("--ucx", action="store_true", help="node processes over UCX")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--kill-at", type=int, default=8, help="step at which a node dies (-1: none)")
     args = ap.parse_args()
     c, torch_gen = Config(), torch.Generator().manual_seed(1)
     w = init_weights(c)
@@ -164,8 +191,10 @@ def main() -> None:
     make = Cluster.local if args.ucx else Cluster.in_process
     with make(args.nodes, **geometry) as cluster:
         cluster.attention(num_q_heads=c.heads)
-        tokens = generate(c, w, cluster, prompt, args.steps)
+        tokens = generate(c, w, cluster, prompt, args.steps, args.kill_at)
         print(cluster.table())
+        for name, why in cluster.recovery.lost.items():
+            print(f"lost {name} ({why}); what it held was recomputed")
     ref = generate_local(c, w, prompt, args.steps)
     print("kflume:", tokens[0].tolist())
     print("local: ", ref[0].tolist())

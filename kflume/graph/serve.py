@@ -65,6 +65,7 @@ class Serving:
         self.trace: list[LayerTrace] = []  # the last `trace_steps` steps' points
         self.step_trace: list[StepTrace] = []
         self.trace_steps = 0  # 0: no tracing
+        self.unanswered: set[str] = set()  # nodes a failed step was waiting for
 
     def _open_streams(self) -> list[Pending]:
         """One attend stream per (node, micro-batch) with rows; their acknowledgements."""
@@ -122,6 +123,7 @@ class Serving:
         began = last = time.perf_counter() if tr else 0.0
         times: dict[int, list[float]] = {}
         appends: list[Pending] = []
+        acks: list[Pending] = []
         try:
             acks = self._open_streams()
             while released < total or not all(p.done for p in appends + acks):
@@ -153,7 +155,7 @@ class Serving:
             for p in acks:
                 p.result(0.0)  # a stream refused after its last reply (appends: check())
         except BaseException:
-            self._give_up(inflight)
+            self._give_up(inflight, appends + acks)
             raise
         self.steps += 1
         if tr:
@@ -169,11 +171,13 @@ class Serving:
                                      sent, answered, layer, seqs))
         return now
 
-    def _give_up(self, inflight: dict[int, list]) -> None:
+    def _give_up(self, inflight: dict[int, list], waiting: list) -> None:
         """A failed step: every point released, no reply may land later in the buffers
         the next step uses (receives cancelled; mailbox streams cancelled at the node,
         which `reset` waits for)."""
         self.cap.signal.abort()
+        self.unanswered = {p.stream.client.name if hasattr(p, "stream") else p.client.name
+                           for pend in [*inflight.values(), waiting] for p in pend if not p.done}
         for pend in inflight.values():
             for p in pend:
                 p.cancel()
@@ -197,6 +201,8 @@ class Serving:
         self.cap.signal.reset()
         settling, self.settling = self.settling, []
         for st in settling:  # until acknowledged, a node may still deliver into the rows
+            if not st.client.conn.alive:
+                continue  # gone: it delivers nothing more
             try:
                 st.ack.result()
             except Exception as e:  # noqa: BLE001 - answered (with an error): settled

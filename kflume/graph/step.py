@@ -25,7 +25,10 @@ outputs and captures the graph; later calls copy the inputs into the graph's buf
 replay it while a host thread (`StepServer`) drives the transport. A new batch size
 (requests added or finished) gets a graph of its own; the last `max_graphs` are kept. On
 CPU the same step runs eagerly, served the same way. After a step the cluster's
-requests have advanced by one token (their appends acknowledged).
+requests have advanced by one token (their appends acknowledged). A node lost during a
+step (its link broken, or silent past the deadline) is forgotten, what it held is
+recomputed through the cluster's recompute callback (kflume/weight/recovery.py), and the
+step runs again.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..comm.base import DeadlineExceeded, TransportError
 from ..weight.pipeline import LayerPipeline, split_rows
 from .captured import CapturedRemoteAttention
 from .serve import StepServer
-from .signal import warm_and_capture
+from .signal import SignalTimeout, warm_and_capture
 
 __all__ = ["CapturedStep"]
 
@@ -160,19 +164,50 @@ class CapturedStep:
             if x.shape[0] != batch:
                 raise ValueError(f"inputs must have the plan's {batch} rows first; got "
                                  f"{list(x.shape)}")
-        shape = self._shapes.get(batch)
-        if shape is None:
-            shape, out = self._first(plan, inputs)
-        else:
-            self._shapes.move_to_end(batch)
-            shape.cap.load(plan)
-            for dst, src in zip(shape.inputs, inputs):
-                dst.copy_(src)
-            self._replay(shape)
-            out = shape.outputs[0]
+        for attempt in range(4):
+            try:
+                out = self._step(plan, inputs)
+                break
+            except (TransportError, DeadlineExceeded, SignalTimeout) as e:
+                # nodes lost during the step: forgotten, their spans recomputed at a new
+                # boundary, and the step run again on its plan (nothing was advanced)
+                if not self._lose(e) or attempt == 3:
+                    raise
+                plan = self.cluster.begin_step()
+                if len(plan.requests) != batch:
+                    raise
         for rid in plan.requests:  # the step's tokens are history from the next boundary
             self.cluster.router.advance(rid)
         return _clone(out)
+
+    def _step(self, plan, inputs):
+        shape = self._shapes.get(len(plan.requests))
+        if shape is None:
+            shape, out = self._first(plan, inputs)
+            return out
+        self._shapes.move_to_end(len(plan.requests))
+        shape.cap.load(plan)
+        for dst, src in zip(shape.inputs, inputs):
+            dst.copy_(src)
+        self._replay(shape)
+        return shape.outputs[0]
+
+    def _lose(self, e: BaseException) -> bool:
+        """Lose the nodes a failed step points at (their link gone, or, past a deadline,
+        silent); False if none (the failure is not a node's loss) or nothing can be
+        recomputed."""
+        c = self.cluster
+        dead = [n for n, cl in c.clients.items() if not cl.conn.alive]
+        cap = self.captured
+        silent = [] if dead or cap is None or isinstance(e, TransportError) else sorted(
+            cap.serving.unanswered & set(c.clients))
+        if c.recompute is None or not (dead or silent):
+            return False
+        for name in dead:
+            c.recovery.lose(name, "its link broke during a step")
+        for name in silent:
+            c.recovery.lose(name, "it did not answer a step within the deadline")
+        return True
 
     def _first(self, plan, inputs) -> tuple[_Shape, object]:
         """A batch size seen first: its buffers, one eager step (this call's), then the

@@ -31,7 +31,7 @@ from ..plan import StepPlan
 from .client import NodeClient, Pending, wait_all
 from .joining import JoinHooks
 from .rows import NodeRows, node_rows
-from .span import SpanWriter, span_attention
+from .span import SpanWriter, scatter, span_attention
 
 __all__ = ["RemoteAttention"]
 
@@ -134,26 +134,11 @@ class RemoteAttention:
     # ---- prefill --------------------------------------------------------------------------
     def prefill(self, layer: int, request, k: torch.Tensor, v: torch.Tensor) -> None:
         """Scatter one request's prompt KV `k, v [T, Hkv, D]` of `layer` to the nodes that
-        the plan's routes name for positions `[0, T)`."""
-        plan = self._plan()
-        if request not in plan.routes:
-            raise KeyError(f"request {request!r} is not in this step's plan")
-        t = k.shape[0]
+        the plan's routes name for positions `[0, T)` (kflume/weight/span.py)."""
         if k.dim() != 3 or tuple(k.shape[1:]) != (self.hkv, self.d) or v.shape != k.shape:
             raise ValueError(f"prefill k, v must be [T, {self.hkv}, {self.d}]; got "
                              f"{list(k.shape)} and {list(v.shape)}")
-        local: dict[str, int] = {}
-        for r in plan.routes[request]:
-            a, b = r.start, min(r.end, t)
-            if a >= b:
-                break
-            off = local.get(r.node, 0)
-            try:
-                self._client(r.node).append(layer, [request], [off], [a],
-                                            k[None, a:b].contiguous(), v[None, a:b].contiguous())
-            except TransportError:  # the node is gone: found lost at the next boundary,
-                pass  # where what it would have held is recomputed
-            local[r.node] = off + b - a
+        scatter(self._plan(), self.clients, layer, request, k, v)
 
     # ---- decode -----------------------------------------------------------------------------
     def _recv_buffer(self, rows: int, dtype) -> torch.Tensor:

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..comm.base import TransportError
 from ..comm.wire import unpack_states
 from ..kernels import merge_attention_states
 from ..plan import StepPlan, TokenRange
 from .client import NodeClient, wait_all
 
-__all__ = ["SpanWriter", "causal_states", "held_before", "span_attention"]
+__all__ = ["SpanWriter", "causal_states", "held_before", "scatter", "span_attention"]
 
 
 def held_before(routes: tuple[TokenRange, ...], start: int) -> dict[str, int]:
@@ -32,6 +33,29 @@ def held_before(routes: tuple[TokenRange, ...], start: int) -> dict[str, int]:
         if r.start < start:
             held[r.node] = held.get(r.node, 0) + min(r.end, start) - r.start
     return held
+
+
+def scatter(plan: StepPlan, clients: dict[str, NodeClient], layer: int, request,
+            k: torch.Tensor, v: torch.Tensor) -> None:
+    """A prompt's KV `k, v [T, Hkv, D]` of `layer` to the nodes the plan's routes name
+    for positions `[0, T)`, appended in order (acknowledged later). A node whose link is
+    gone is skipped: it is found lost at the next boundary, where what it would have held
+    is recomputed."""
+    if request not in plan.routes:
+        raise KeyError(f"request {request!r} is not in this step's plan")
+    t = k.shape[0]
+    local: dict[str, int] = {}
+    for r in plan.routes[request]:
+        a, b = r.start, min(r.end, t)
+        if a >= b:
+            break
+        off = local.get(r.node, 0)
+        try:
+            clients[r.node].append(layer, [request], [off], [a], k[None, a:b].contiguous(),
+                                   v[None, a:b].contiguous())
+        except TransportError:
+            pass
+        local[r.node] = off + b - a
 
 
 def causal_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

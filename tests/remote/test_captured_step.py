@@ -22,11 +22,14 @@ class TinyModel:
                   for _ in range(LAYERS)]
         self.embedding = w(32, DIM)
         self.fail_at = None
+        self.on_layer = None  # called with each layer's index before its work
 
     def embed(self, ids, scale):
         return self.embedding[ids] * scale[:, None], scale
 
     def before(self, layer, state):
+        if self.on_layer is not None:
+            self.on_layer(layer)
         if layer == self.fail_at:
             raise RuntimeError("model failed")
         x, w = state[0], self.w[layer]
@@ -141,3 +144,67 @@ def test_inputs_must_have_the_plan_rows_and_a_cluster_needs_requests():
                      capture=True)
     step.close()
     cl.close()
+
+
+class Recompute:
+    """A recompute callback for TinyModel: each position's inputs kept, a lost span run
+    again through the model's halves with `RemoteAttention.extend`."""
+
+    def __init__(self, cl, model):
+        self.cl, self.model, self.inputs = cl, model, {}
+        self.spans = []
+
+    def record(self, plan, ids, scale):
+        for rid, pos, i, s in zip(plan.requests, plan.positions, ids.tolist(), scale.tolist()):
+            self.inputs[rid, pos] = (i, s)
+
+    def __call__(self, r):
+        self.spans.append((r.request, r.start, r.end))
+        ids, scale = zip(*(self.inputs[r.request, p] for p in range(r.start, r.end)))
+        state = self.model.embed(torch.tensor(ids), torch.tensor(scale))
+        for layer in range(LAYERS):
+            q, k, v = self.model.before(layer, state)
+            state = self.model.after(layer, state,
+                                     self.cl.remote.extend(layer, r.request, q, k, v, r.start))
+
+
+@pytest.mark.parametrize("when", ["between steps", "mid-step"])
+def test_a_lost_node_is_recomputed_and_the_step_run_again(when):
+    """A node dies (between steps, or while a step is served): its spans are recomputed
+    through the cluster's recompute callback and the step runs again; every step equals
+    the same run on a cluster that lost nothing."""
+    model = TinyModel(8)
+    runs = []
+    for lose in (False, True):
+        cl = Cluster.in_process(3, layers=LAYERS, kv_heads=HKV, head_dim=D, q_heads=HQ,
+                                capacity_tokens=2048, range_tokens=7)
+        rec = Recompute(cl, model)
+        cl.recompute = rec
+        plan = cl.router
+        for rid in "abc":
+            plan.add_request(rid, 0)
+        step = CapturedStep(cl, num_layers=LAYERS, before=model.before, after=model.after,
+                            embed=model.embed, head=model.head, microbatches=2, timeout=10)
+        g, outs = torch.Generator().manual_seed(9), []
+        for i in range(12):
+            p = step.boundary()
+            ids, scale = torch.randint(0, 32, (3,), generator=g), torch.rand(3, generator=g) + .5
+            rec.record(p, ids, scale)
+            if lose and i == 6:
+                victim = p.routes["a"][0].node  # holds history of "a"
+                if when == "between steps":
+                    cl.processes[victim].kill()
+                else:  # the node's server goes while this step is served
+                    def kill(layer, victim=victim, cl=cl):
+                        if layer == 1 and victim in cl.processes:
+                            cl.processes[victim].kill()
+                    model.on_layer = kill
+            outs.append(step(ids, scale))
+        model.on_layer = None
+        runs.append((outs, rec.spans, dict(cl.recovery.lost)))
+        step.close()
+        cl.close()
+    (want, _, _), (got, spans, lost) = runs
+    assert lost and spans, "no node was lost, nothing recomputed"
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {i}")
