@@ -117,12 +117,14 @@ class KflumeSystem(System):
         self.admit()
 
     def _weight_for(self, prefill: int) -> Server | None:
-        best = None
+        """The ready weight node with the least prefill waiting that takes this call."""
+        best, key, now = None, None, self.now
         for w in self.weights:
-            if (w.ready_s <= self.now and not w.draining and w.batch < w.max_batch
-                    and w.takes_prefill(prefill)):
-                if best is None or (w.backlog, w.batch) < (best.backlog, best.batch):
-                    best = w
+            if w.draining or w.ready_s > now or not w.takes_prefill(prefill):
+                continue
+            batch = len(w.running) + len(w.prefill)
+            if batch < w.max_batch and (key is None or (w.backlog, batch) < key):
+                best, key = w, (w.backlog, batch)
         return best
 
     def _need(self, r: Request) -> tuple[int, int]:
