@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-__all__ = ["Migration", "NodeWork", "RequestId", "Restore", "StepPlan", "TokenRange"]
+__all__ = ["Migration", "NodeWork", "RequestId", "Restore", "Span", "StepPlan", "TokenRange"]
 
 RequestId = Hashable
 
@@ -51,6 +51,17 @@ class Restore:
 
 
 @dataclass(frozen=True, slots=True)
+class Span:
+    """New tokens `[start, end)` of `request` that follow its history (a turn's new
+    input, a speculation checked): the caller computes their KV in the step and writes
+    it where the plan's routes name (`RemoteAttention.extend`)."""
+
+    request: RequestId
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
 class NodeWork:
     """One node's share of a step.
 
@@ -73,9 +84,12 @@ class StepPlan:
 
     requests: the batch, in row order. positions: the position of each row's new token
     (= tokens of history). nodes: per-node work. routes: each request's ranges
-    (history plus the slot reserved for this step's token). prefill: requests added at
-    this boundary whose prompt KV must be scattered (their ranges are in `routes`).
-    migrations / freed: node-side moves and frees to carry out before attending.
+    (history plus the slot reserved for this step's token), parked requests' too.
+    prefill: requests added at this boundary whose prompt KV must be scattered (their
+    ranges are in `routes`). migrations / freed / truncated: node-side moves, frees and
+    truncations `(request, node, tokens kept)` to carry out before attending. spans:
+    tokens to extend requests by in this step. parked: requests parked at this boundary
+    (kflume/turns.py).
     """
 
     epoch: int
@@ -90,6 +104,9 @@ class StepPlan:
     restores: tuple[Restore, ...] = ()
     lost_nodes: tuple[str, ...] = ()
     dropped: tuple[RequestId, ...] = ()
+    spans: tuple[Span, ...] = ()
+    truncated: tuple[tuple[RequestId, str, int], ...] = ()
+    parked: tuple[RequestId, ...] = ()
 
     def node_work(self, node: str) -> NodeWork | None:
         for w in self.nodes:
@@ -100,7 +117,9 @@ class StepPlan:
     def table(self) -> str:
         """The routing table as text, one request per line."""
         lines = [f"epoch {self.epoch}"]
-        for rid, pos in zip(self.requests, self.positions):
-            ranges = "  ".join(f"[{r.start}, {r.end}) -> {r.node}" for r in self.routes[rid])
-            lines.append(f"  request {rid!s:>6} ({pos} tokens): {ranges}")
+        active = dict(zip(self.requests, self.positions))
+        for rid, routes in self.routes.items():
+            ranges = "  ".join(f"[{r.start}, {r.end}) -> {r.node}" for r in routes)
+            state = f"{active[rid]} tokens" if rid in active else "parked"
+            lines.append(f"  request {rid!s:>6} ({state}): {ranges}")
         return "\n".join(lines)

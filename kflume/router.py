@@ -2,8 +2,9 @@
 
 Plain Python, no torch: the router keeps, per request, ordered ranges `[start, end)`
 each owned by one node, covering `[0, length)`; the last (tail) range takes new tokens.
-Edits (add/drain/remove a node, add/finish a request, advance a request by one token)
-are queued and applied at the next token boundary, in `begin_step()`, which returns an
+Edits (add/drain/remove a node, add/finish a request, advance a request by one token;
+park, extend or truncate one between turns: kflume/turns.py) are queued and applied at
+the next token boundary, in `begin_step()`, which returns an
 immutable `StepPlan` (kflume/plan.py) with a new epoch. Tensors appear only when a plan
 is materialised: small index tensors per step in kflume/weight/remote.py, fixed device
 buffers rewritten in place for a captured step in kflume/graph/buffers.py. Where new
@@ -19,10 +20,9 @@ A decode step, as the weight node sees it:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from . import evacuate
+from . import evacuate, turns
 from .placement import (
     CapacityError,
     FillThenLeastLoaded,
@@ -30,7 +30,7 @@ from .placement import (
     PlacementPolicy,
     RouterError,
 )
-from .plan import Migration, NodeWork, RequestId, StepPlan, TokenRange
+from .plan import Migration, NodeWork, RequestId, Span, StepPlan, TokenRange
 
 __all__ = [
     "CapacityError",
@@ -40,6 +40,7 @@ __all__ = [
     "Placement",
     "PlacementPolicy",
     "RouterError",
+    "Span",
     "StepPlan",
     "TokenRange",
     "TokenRangeRouter",
@@ -59,6 +60,7 @@ class _Request:
     ranges: list[TokenRange]
     length: int = 0  # tokens whose KV the nodes hold (history)
     held: dict[str, int] = field(default_factory=dict)  # tokens per node
+    parked: bool = False  # between turns: KV kept, no part in steps
 
 
 @dataclass(slots=True)
@@ -72,6 +74,9 @@ class _Boundary:
     restores: list = field(default_factory=list)
     lost: list = field(default_factory=list)
     dropped: list = field(default_factory=list)
+    spans: list = field(default_factory=list)
+    truncated: list = field(default_factory=list)
+    parked: list = field(default_factory=list)
 
 
 class TokenRangeRouter:
@@ -128,6 +133,28 @@ class TokenRangeRouter:
         """The request's last planned token(s) were appended: they become history."""
         self._pending.append(("advance", request, tokens))
 
+    def park(self, request: RequestId) -> None:
+        """Between turns: keep the request's KV on the nodes, but leave it out of steps
+        (no row, no reserved slot) until `extend` resumes it."""
+        self._pending.append(("park", request))
+
+    def extend(self, request: RequestId, tokens: int) -> None:
+        """`tokens` new tokens follow the request's history as a span whose KV the caller
+        writes in the step (`StepPlan.spans`); resumes a parked request (tokens may be 0)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0; got {tokens}")
+        self._pending.append(("extend", request, tokens))
+
+    def truncate(self, request: RequestId, length: int) -> None:
+        """Keep the request's first `length` tokens (`StepPlan.truncated` tells each node
+        that held more how many to keep)."""
+        self._pending.append(("truncate", request, length))
+
+    def forget_before(self, request: RequestId, position: int) -> None:
+        """Free the request's first ranges, before `position`, that no layer attends any
+        more (every layer's window has passed them), where their node holds nothing later."""
+        self._pending.append(("forget_before", request, position))
+
     # ---- read-only views (for policies and callers) --------------------------------
     @property
     def epoch(self) -> int:
@@ -174,6 +201,9 @@ class TokenRangeRouter:
     def length(self, request: RequestId) -> int:
         return self._request(request).length
 
+    def is_parked(self, request: RequestId) -> bool:
+        return self._request(request).parked
+
     # ---- the boundary ---------------------------------------------------------------
     def begin_step(self, only: tuple[str, ...] | None = None) -> StepPlan:
         """Apply queued edits, reserve a place for each request's next token, return the
@@ -198,8 +228,8 @@ class TokenRangeRouter:
         self._epoch += 1
         # Reserve the place of this step's token: position = history length.
         for rid, req in self._requests.items():
-            if req.ranges and req.ranges[-1].end > req.length:
-                continue  # already reserved by an earlier plan not yet advanced
+            if req.parked or (req.ranges and req.ranges[-1].end > req.length):
+                continue  # parked, or reserved by an earlier plan not yet advanced
             self._grow(rid, req, 1)
         self._last_plan = _make_plan(self, b)
         return self._last_plan
@@ -244,12 +274,8 @@ class TokenRangeRouter:
         elif op == "finish_request":
             self._request(edit[1])
             b.freed += [(edit[1], node) for node in self._release(edit[1])]
-        elif op == "advance":
-            _, rid, tokens = edit
-            req = self._request(rid)
-            if req.length + tokens > req.ranges[-1].end:
-                self._grow(rid, req, req.length + tokens - req.ranges[-1].end)
-            req.length += tokens
+        else:  # advance, park, extend, truncate, forget_before
+            turns.apply(self, edit, b)
 
     def _release(self, rid: RequestId) -> list[str]:
         """Forget a request, giving its capacity back; the nodes that held some of it."""
@@ -296,19 +322,10 @@ class TokenRangeRouter:
             if extend:
                 req.ranges[-1] = TokenRange(tail.start, tail.end + n, node)
             else:
-                start = tail.end if tail else 0
+                start = tail.end if tail else req.length  # (0, or past forgotten tokens)
                 req.ranges.append(TokenRange(start, start + n, node))
             self._hold(node, req, n)
             tokens -= n
-
-
-def _history_per_node(ranges: Iterable[TokenRange], length: int) -> dict[str, int]:
-    held: dict[str, int] = {}
-    for r in ranges:
-        if r.start >= length:
-            break
-        held[r.node] = held.get(r.node, 0) + min(r.end, length) - r.start
-    return held
 
 
 def _make_plan(router: TokenRangeRouter, b: _Boundary) -> StepPlan:
@@ -318,11 +335,14 @@ def _make_plan(router: TokenRangeRouter, b: _Boundary) -> StepPlan:
     arows: dict[str, list[int]] = {n: [] for n in router._nodes}
     aoffs: dict[str, list[int]] = {n: [] for n in router._nodes}
     requests, positions, routes = [], [], {}
-    for row, (rid, req) in enumerate(router._requests.items()):
+    for rid, req in router._requests.items():
+        routes[rid] = tuple(req.ranges)
+        if req.parked:
+            continue
+        row = len(requests)
         requests.append(rid)
         positions.append(req.length)
-        routes[rid] = tuple(req.ranges)
-        history = _history_per_node(req.ranges, req.length)
+        history = turns.written(req.ranges, req.length)
         for node, n in history.items():
             if n > 0:
                 rows[node].append(row)
@@ -336,4 +356,5 @@ def _make_plan(router: TokenRangeRouter, b: _Boundary) -> StepPlan:
     )
     return StepPlan(router._epoch, tuple(requests), tuple(positions), work, routes,
                     tuple(b.prefill), tuple(b.migrations), tuple(b.freed), tuple(b.removed),
-                    tuple(b.restores), tuple(b.lost), tuple(b.dropped))
+                    tuple(b.restores), tuple(b.lost), tuple(b.dropped), tuple(b.spans),
+                    tuple(b.truncated), tuple(b.parked))

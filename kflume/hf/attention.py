@@ -86,7 +86,10 @@ def kflume_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = remote.extend(layer, rid, query[0].transpose(0, 1), key[0].transpose(0, 1),
                             value[0].transpose(0, 1), start)
         return out.unsqueeze(0), None
-    if s > 1 or history == 0:  # a prompt: attend locally, scatter its KV to the nodes
+    if layer == 0:  # the kind of this forward, for every layer
+        session.kind = ("prefill" if not session.requests else "decode"
+                        if s == 1 and (valid is None or bool(valid.all())) else "extend")
+    if session.kind == "prefill":  # the first forward: attend locally, scatter its KV
         if layer == 0:
             session.prefill([s] * b if valid is None else valid.sum(1).tolist())
         out = _causal_local(query, key, value, valid, scaling, window)
@@ -95,12 +98,29 @@ def kflume_attention(module, query, key, value, attention_mask, scaling=None, dr
             remote.prefill(layer, rid, key[i][:, idx].transpose(0, 1).contiguous(),
                            value[i][:, idx].transpose(0, 1).contiguous())
         return out, None
-    if valid is not None and not bool(valid.all()):
-        raise ValueError("kflume: a decode token marked as padding")
+    if session.kind == "extend":
+        return _extend(session, remote, layer, query, key, value, valid), None
     if layer == 0:
         session.decode_step()
     out = remote(layer, query[:, :, 0], key[:, :, 0].contiguous(), value[:, :, 0].contiguous())
     return out.unsqueeze(1), None
+
+
+def _extend(session, remote, layer, query, key, value, valid):
+    """S tokens per row on top of the history (a later turn, a speculation checked): each
+    row's real tokens are a span attending over the history on the nodes."""
+    b, hq, s, d = query.shape
+    real = [torch.arange(s, device=query.device) if valid is None else
+            valid[i].nonzero().squeeze(-1) for i in range(b)]
+    if layer == 0:
+        session.extend([len(r) for r in real])
+    out = query.new_zeros(b, s, hq, d)  # padding queries: zeros (no real token reads them)
+    for i, rid in enumerate(session.requests):
+        if len(real[i]):
+            q, k, v = (t[i][:, real[i]].transpose(0, 1) for t in (query, key, value))
+            out[i, real[i]] = remote.extend(layer, rid, q, k.contiguous(), v.contiguous(),
+                                            session.spans[rid])
+    return out
 
 
 def _local_with_history(query, key, value, valid, scaling, window):

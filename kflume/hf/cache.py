@@ -42,7 +42,7 @@ def _classes():
 
         is_sliding = False
         is_compileable = False
-        is_croppable = False
+        is_croppable = True  # KflumeCache.crop truncates the requests on the nodes
 
         def __init__(self, length: int = 0):
             super().__init__()
@@ -80,9 +80,8 @@ def _classes():
         def reset(self):
             raise NotImplementedError("kflume: a KflumeCache cannot be reset; make a new one")
 
-        def crop(self, *args):
-            raise NotImplementedError("kflume: cropping the KV (assisted decoding) is not "
-                                      "supported")
+        def crop(self, tokens):
+            raise RuntimeError("kflume: crop a KflumeCache, not one of its layers")
 
         def reorder_cache(self, beam_idx):
             raise NotImplementedError("kflume: beam search (cache reordering) is not supported")
@@ -96,22 +95,38 @@ def _classes():
     class KflumeCache(Cache):
         """A cache whose KV lives on the attention nodes of `cluster`.
 
-        Pass it to `generate(past_key_values=...)` to keep it after the call; `close()`
+        Pass it to `generate(past_key_values=...)` to keep it after the call: its KV stays
+        on the nodes between calls, and a later call with the whole context feeds only the
+        new tokens. `ttl` (seconds): free it once it has been idle that long. `close()`
         (or garbage collection) frees its KV on the nodes.
         """
 
         restore = None  # (request, start) while a lost span is recomputed through it
 
-        def __init__(self, cluster, config, *, session=None, lengths: int = 0):
+        def __init__(self, cluster, config, *, ttl: float | None = None, session=None,
+                     lengths: int = 0):
             from .session import Session
 
             cfg = config.get_text_config(decoder=True)
             n = cfg.num_hidden_layers
             super().__init__(layers=[KflumeLayer(lengths) for _ in range(n)])
             if session is None:
-                session = Session(cluster, n)
+                session = Session(cluster, n, ttl)
                 self._finalizer = weakref.finalize(self, session.close)
             self.session = session
+
+        def crop(self, tokens: int) -> None:
+            """Drop the last `-tokens` tokens (transformers 5), or keep the first `tokens`
+            (`tokens > 0`, transformers 4); the nodes truncate at the next boundary."""
+            length = self.layers[0].length
+            drop = -tokens if tokens <= 0 else length - tokens
+            if drop <= 0:
+                return
+            if drop > length:
+                raise ValueError(f"kflume: cannot crop {drop} tokens from a cache of {length}")
+            self.session.crop(drop)
+            for layer in self.layers:
+                layer.length -= drop
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -127,9 +142,10 @@ def _classes():
     return KflumeCache
 
 
-def KflumeCache(cluster, config):  # noqa: N802 - a class, built lazily (optional HF)
-    """A transformers Cache whose KV lives on the cluster's attention nodes."""
-    return _classes()(cluster, config)
+def KflumeCache(cluster, config, *, ttl: float | None = None):  # noqa: N802 - built lazily
+    """A transformers Cache whose KV lives on the cluster's attention nodes; kept across
+    `generate()` calls, freed by `close()` or after `ttl` idle seconds."""
+    return _classes()(cluster, config, ttl=ttl)
 
 
 def cache_keyword(model) -> str:

@@ -5,9 +5,11 @@ through transformers' public extension points only.
   kflume/hf/attention.py. Models that use the attention-function interface (Llama,
   Mistral, Qwen2, Qwen3, ...) call it after RoPE.
 - `model.generate` is wrapped on the instance: a generation without a cache gets a
-  `KflumeCache` (freed when it returns), and while it runs the cluster's recompute
-  callback is the session's (a node lost mid-generation is recovered inside the step,
-  and `generate()` returns the same tokens).
+  `KflumeCache` (freed when it returns); one given a cache parks its session when it
+  returns (its KV stays on the nodes for the next call, kflume/hf/session.py), or
+  closes it if the call raised. While it runs the cluster's recompute callback
+  recomputes lost spans through the model (a node lost mid-generation is recovered inside
+  the step, and `generate()` returns the same tokens).
 - a forward pre-hook (`register_forward_pre_hook`) records the tokens each forward with
   a KflumeCache is fed, which a recomputation reads.
 
@@ -21,6 +23,7 @@ import functools
 
 from .attention import kflume_attention, kflume_padding_mask
 from .cache import KflumeCache, cache_keyword, hf
+from .session import recompute
 
 __all__ = ["patch", "unpatch"]
 
@@ -68,18 +71,22 @@ def patch(model, cluster):
         if own:
             kwargs[key] = KflumeCache(cluster, model.config)
         session = getattr(kwargs.get(key), "session", None)
-        before = cluster.recompute
         if session is not None:
-            session.model = model
-            cluster.recompute = session.recompute
+            session.usable()
+        before = cluster.recompute
+        cluster.recompute = recompute(model)
+        ok = False
         try:
-            return inner(*args, **kwargs)
+            out = inner(*args, **kwargs)
+            ok = True
+            return out
         finally:
             cluster.recompute = before
             if session is not None:
-                session.model = None
-            if own:
-                kwargs[key].close()
+                if own or not ok:  # a call that raised leaves no half-written step behind
+                    session.close()
+                else:
+                    session.park()
 
     hook = model.register_forward_pre_hook(_record, with_kwargs=True)
     model.generate = generate

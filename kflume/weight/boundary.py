@@ -1,6 +1,8 @@
-"""What a token boundary asks of the nodes before the step attends: frees and migrations.
+"""What a token boundary asks of the nodes before the step attends: frees, truncations
+and migrations.
 
-`carry_out(plan, clients)` frees the requests the plan finished on each node, then moves
+`carry_out(plan, clients)` frees the requests the plan finished on each node, truncates
+the ones it cut short (kflume/turns.py), then moves
 the ranges it migrates through this host (export from the old node, import into the new
 one), and waits for nodes about to leave to acknowledge. A node handles these before
 the step's attends: messages on one connection are handled in order.
@@ -23,6 +25,14 @@ def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float)
     for node, rids in by_node.items():
         if node in clients:
             clients[node].free(rids)
+    cuts: dict[str, tuple[list, list]] = {}
+    for rid, node, keep in plan.truncated:
+        rids, keeps = cuts.setdefault(node, ([], []))
+        rids.append(rid)
+        keeps.append(keep)
+    for node, (rids, keeps) in cuts.items():
+        if node in clients:
+            clients[node].truncate(rids, keeps)
     for m in plan.migrations:
         k, v = clients[m.src].export_range(m.request, m.start, m.end)
         clients[m.dst].import_range(m.request, m.start, k, v)

@@ -25,6 +25,7 @@ from ..router import FillThenLeastLoaded, PlacementPolicy, TokenRangeRouter
 from .boundary import carry_out
 from .client import NodeClient
 from .joining import Joining
+from .parking import Parking
 from .recovery import Recovery, RequestsLost
 from .remote import RemoteAttention
 
@@ -64,6 +65,7 @@ class Cluster:
         self.provider = provider
         self.joining = Joining(self)
         self.recovery = Recovery(self)
+        self.parking = Parking(self.router)  # requests parked between turns, their TTLs
         self._names = (f"node{i}" for i in itertools.count())
         self._remote: RemoteAttention | None = None
 
@@ -192,8 +194,7 @@ class Cluster:
 
     def forget(self, name: str) -> None:
         """A node that did not join, or left: its process stopped, captured steps told."""
-        proc = self.processes.pop(name, None)
-        if proc is not None:
+        if (proc := self.processes.pop(name, None)) is not None:
             proc.stop()
         if self._remote is not None:
             self._remote.forget_node(name)
@@ -203,12 +204,10 @@ class Cluster:
     def remote(self) -> RemoteAttention:
         """The cluster's RemoteAttention (made on first use from the geometry's q_heads;
         `attention()` makes it with other settings)."""
-        if self._remote is None:
-            if self.geometry.q_heads is None:
-                raise ValueError("the cluster does not know the model's query heads: build it "
-                                 "with q_heads=..., or call cluster.attention(num_q_heads=...)")
-            self.attention(num_q_heads=self.geometry.q_heads)
-        return self._remote
+        if self._remote is None and self.geometry.q_heads is None:
+            raise ValueError("the cluster does not know the model's query heads: build it "
+                             "with q_heads=..., or call cluster.attention(num_q_heads=...)")
+        return self._remote or self.attention(num_q_heads=self.geometry.q_heads)
 
     def attention(self, *, num_q_heads: int, scale: float | None = None, device="cpu",
                   max_batch: int = 256) -> RemoteAttention:
@@ -224,16 +223,18 @@ class Cluster:
         return self._remote
 
     def begin_step(self) -> StepPlan:
-        """A token boundary: admit nodes that became ready, lose the ones whose link
-        broke, apply routing edits, carry out the plan's frees and migrations, hand the
-        plan to RemoteAttention, and recompute what lost nodes held. The provider's
+        """A token boundary: admit nodes that became ready, lose those whose link broke,
+        free parked requests past their time to live (parking.py), apply routing edits,
+        carry out the plan's frees, truncations and migrations (boundary.py), hand the
+        plan to RemoteAttention, recompute what lost nodes held. The provider's
         `boundary()` runs first (in-process nodes capture there the graphs they served
-        uncaptured: no step of this process waits on them now). Raises `RequestsLost`
-        (the boundary done) if some requests could not be restored."""
+        uncaptured). Raises `RequestsLost` (the boundary done) if some requests could not
+        be restored."""
         if hasattr(self.provider, "boundary"):
             self.provider.boundary()
         self.joining.advance()
         self.recovery.check()
+        self.parking.expire()
         plan = self.router.begin_step()
         carry_out(plan, self.clients, self.timeout)
         if self._remote is not None:
@@ -259,14 +260,13 @@ class Cluster:
         self.recovery.lose(name, "lost on request")
 
     def end_step(self, wait: bool = False) -> None:
-        """Check the nodes' acknowledgements of the last step's appends; raise any
-        refusal (`wait=True`: wait for all of them)."""
+        """Check the nodes' acknowledgements of the last step's appends (`wait=True`:
+        wait for all); raise any refusal."""
         if self._remote is not None:
             self._remote.end_step(wait)
 
     def _drop(self, name: str) -> None:
-        client = self.clients.pop(name, None)
-        if client is not None:
+        if (client := self.clients.pop(name, None)) is not None:
             client.close()
         self.forget(name)
         log.info("node %s left the cluster", name)
