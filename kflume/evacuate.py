@@ -37,8 +37,9 @@ def remove(router: TokenRangeRouter, node: str, migrations: list[Migration]) -> 
 
 def lose(router: TokenRangeRouter, node: str, b) -> None:
     """`node` is gone: its ranges placed on the others, each as a span to recompute
-    (`b.restores`, in position order per request); a request whose ranges do not all fit
-    is dropped whole (`b.dropped`, its capacity given back)."""
+    (`b.restores`, in position order per request); a request whose ranges do not all fit,
+    or whose first tokens were forgotten (`forget_before`: a recomputation would need
+    them), is dropped whole (`b.dropped`, its capacity given back)."""
     router._node(node)
     router._node(node).draining = True
     router._free.pop(node, None)
@@ -46,7 +47,9 @@ def lose(router: TokenRangeRouter, node: str, b) -> None:
         moves = _placements(router, node)
         need: dict = {}
         for rid, r, dst in moves:
-            if dst is None:
+            # no room; or tokens before it forgotten (out of a window), whose KV a
+            # recomputation of this range would attend over
+            if dst is None or router._requests[rid].ranges[0].start > 0:
                 need[rid] = need.get(rid, 0) + len(r)
         if not need:
             break

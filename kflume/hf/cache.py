@@ -16,11 +16,14 @@ import weakref
 
 import torch
 
-__all__ = ["KflumeCache", "PENDING", "cache_keyword", "hf", "restore_cache"]
+__all__ = ["FORWARD", "KflumeCache", "PENDING", "cache_keyword", "hf", "restore_cache"]
 
 # (cache, layer index, the k the cache returned): set by the cache's update(), read by
 # the attention function of the same layer.
 PENDING: contextvars.ContextVar = contextvars.ContextVar("kflume_pending", default=None)
+# The KflumeCaches of the patched model's forwards running (nested: a recomputation),
+# kept by kflume/hf/patch.py's forward hooks; empty: a forward with another cache.
+FORWARD: contextvars.ContextVar = contextvars.ContextVar("kflume_forward", default=())
 
 
 def hf():
@@ -33,6 +36,15 @@ def hf():
     return transformers, AttentionInterface, AttentionMaskInterface, Cache, CacheLayerMixin
 
 
+class Unsupported(NotImplementedError, AttributeError):
+    """A cache feature a model asks of a KflumeCache that kflume does not implement (an
+    AttributeError too, so that `hasattr` probes of transformers read it as absent)."""
+
+
+_STATE_APIS = ("get_conv_state", "update_conv_state", "get_recurrent_state",
+               "update_recurrent_state", "update_indexer")
+
+
 @functools.cache
 def _classes():
     _, _, _, Cache, CacheLayerMixin = hf()
@@ -40,13 +52,19 @@ def _classes():
     class KflumeLayer(CacheLayerMixin):
         """Keeps no KV: counts tokens and returns the new k, v."""
 
+        def __getattr__(self, name: str):
+            if name.startswith("__") or name in ("length", "dtype", "device", "model"):
+                raise AttributeError(name)
+            raise Unsupported(f"kflume: {self.model} uses {name!r} of its cache layers, a kind "
+                              "of cache kflume does not implement (it holds attention KV only)")
+
         is_sliding = False
         is_compileable = False
         is_croppable = True  # KflumeCache.crop truncates the requests on the nodes
 
-        def __init__(self, length: int = 0):
+        def __init__(self, length: int = 0, model: str = "the model"):
             super().__init__()
-            self.length = length
+            self.length, self.model = length, model
 
         def lazy_initialization(self, key_states, value_states=None):
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -109,7 +127,8 @@ def _classes():
 
             cfg = config.get_text_config(decoder=True)
             n = cfg.num_hidden_layers
-            super().__init__(layers=[KflumeLayer(lengths) for _ in range(n)])
+            self.model = getattr(cfg, "model_type", None) or "the model"
+            super().__init__(layers=[KflumeLayer(lengths, self.model) for _ in range(n)])
             if session is None:
                 session = Session(cluster, n, ttl)
                 self._finalizer = weakref.finalize(self, session.close)
@@ -132,6 +151,13 @@ def _classes():
             k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             PENDING.set((self, layer_idx, k))  # for the attention function, called next
             return k, v
+
+        def __getattribute__(self, name: str):
+            if name in _STATE_APIS:  # linear-attention / state-space layers
+                raise Unsupported(f"kflume: {self.model} keeps state-space or linear-attention "
+                                  f"state in its cache ({name}), which kflume does not "
+                                  "implement (it holds attention KV only)")
+            return super().__getattribute__(name)
 
         def close(self) -> None:
             """Free the session's KV on the nodes."""

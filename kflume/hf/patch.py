@@ -10,8 +10,9 @@ through transformers' public extension points only.
   closes it if the call raised. While it runs the cluster's recompute callback
   recomputes lost spans through the model (a node lost mid-generation is recovered inside
   the step, and `generate()` returns the same tokens).
-- a forward pre-hook (`register_forward_pre_hook`) records the tokens each forward with
-  a KflumeCache is fed, which a recomputation reads.
+- forward hooks (`register_forward_pre_hook`, `register_forward_hook`) record the tokens
+  each forward with a KflumeCache is fed, which a recomputation reads, and mark the
+  forward as kflume's while it runs.
 
 `kflume.unpatch(model)` restores the attention implementation and removes the wrapper
 and the hook. Model files are untouched.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 
 from .attention import kflume_attention, kflume_padding_mask
-from .cache import KflumeCache, cache_keyword, hf
+from .cache import FORWARD, KflumeCache, cache_keyword, hf
 from .session import recompute
 
 __all__ = ["patch", "unpatch"]
@@ -45,6 +46,9 @@ def patch(model, cluster):
     """
     if getattr(model, "_kflume", None) is not None:
         raise ValueError("model is already patched; unpatch it first")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"kflume: {type(model).__name__} is an encoder-decoder "
+                                  "model; kflume serves decoder-only models")
     cfg = model.config.get_text_config(decoder=True)
     g = cluster.geometry
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -80,6 +84,14 @@ def patch(model, cluster):
             out = inner(*args, **kwargs)
             ok = True
             return out
+        except (AttributeError, IndexError, RuntimeError, TypeError) as e:
+            where = _model_frame(e)
+            if where is None:
+                raise
+            raise NotImplementedError(
+                f"kflume: {type(model).__name__} failed in {where} under kflume's attention "
+                f"({type(e).__name__}: {e}): it uses an attention or cache feature kflume does "
+                "not implement") from e
         finally:
             cluster.recompute = before
             if session is not None:
@@ -88,23 +100,44 @@ def patch(model, cluster):
                 else:
                     session.park()
 
-    hook = model.register_forward_pre_hook(_record, with_kwargs=True)
+    hooks = (model.register_forward_pre_hook(_enter, with_kwargs=True),
+             model.register_forward_hook(_leave, with_kwargs=True, always_call=True))
     model.generate = generate
-    model._kflume = (original, cluster, hook)
+    model._kflume = (original, cluster, hooks)
     return model
 
 
-def _record(module, args, kwargs):
-    """The tokens a forward with a KflumeCache is fed, kept by its session (a lost span
-    is recomputed from them)."""
+def _enter(module, args, kwargs):
+    """A forward begins: with a KflumeCache, its tokens are kept by the session (a lost
+    span is recomputed from them)."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     session = getattr(cache, "session", None)
+    FORWARD.set((*FORWARD.get(), cache if session is not None else None))
     if session is None or getattr(cache, "restore", None) is not None:
         return None
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is not None:
         session.record(ids, kwargs.get("attention_mask"))
     return None
+
+
+def _leave(module, args, kwargs, output):
+    FORWARD.set(FORWARD.get()[:-1])
+    return None
+
+
+def _model_frame(e: BaseException) -> str | None:
+    """Where in a transformers model file `e` was raised ("Class.method (file:line)"), or
+    None when it was raised elsewhere (kflume's own errors pass through unchanged)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or "/transformers/models/" not in tb.tb_frame.f_code.co_filename.replace(
+            "\\", "/"):
+        return None
+    code = tb.tb_frame.f_code
+    name = getattr(code, "co_qualname", code.co_name)  # (3.11+)
+    return f"{name} ({code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})"
 
 
 def unpatch(model):
@@ -114,6 +147,7 @@ def unpatch(model):
         raise ValueError("model is not patched by kflume")
     model.set_attn_implementation(state[0])
     model.__dict__.pop("generate", None)
-    state[2].remove()
+    for hook in state[2]:
+        hook.remove()
     del model._kflume
     return model

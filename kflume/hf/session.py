@@ -44,6 +44,7 @@ class Session:
         self.tokens: list[list[int]] = []  # per row: every real token fed, in order
         self.real: list[list[bool]] = []  # per row: per position fed, a real token or padding
         self.kind = ""  # this forward's: "prefill", "decode" or "extend" (set at layer 0)
+        self.windows: dict[int, int | None] = {}  # per layer, its sliding window
         self.spans: dict[str, int] = {}  # request -> start of this forward's span (extend)
         self.decoding = False  # a decode step ran: its tokens are confirmed at the next one
         self.parked = False
@@ -78,8 +79,20 @@ class Session:
         elif self.decoding:
             for rid in self.requests:
                 self.cluster.router.advance(rid)
-        self._boundary()
+        plan = self._boundary()
         self.decoding = True
+        window = self._window()
+        if window is not None:  # every layer slides: what all windows passed is freed
+            for rid, p in zip(plan.requests, plan.positions):
+                if p - window + 1 > 0:
+                    self.cluster.router.forget_before(rid, p - window + 1)
+
+    def _window(self) -> int | None:
+        """The widest window if every layer has one, else None."""
+        w = list(self.windows.values())
+        if len(w) < self.num_layers or None in w:
+            return None
+        return max(w)
 
     def extend(self, lengths: list[int]) -> None:
         """`lengths[i]` real tokens of row i follow its history in this forward."""

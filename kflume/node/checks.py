@@ -72,7 +72,7 @@ def append_layers(node, layers: range, requests: Sequence, offsets: Sequence[int
 
 
 def batch(node, layers: range, requests: Sequence, kv_len: Sequence[int],
-          q_heads: int) -> None:
+          q_heads: int, kv_start: Sequence[int] | None = None) -> None:
     c = node.config
     layer_range(c, layers)
     if q_heads <= 0 or q_heads % c.kv_heads:
@@ -84,6 +84,12 @@ def batch(node, layers: range, requests: Sequence, kv_len: Sequence[int],
         have = min(node.pages.get(rid).lengths[layers.start : layers.stop])
         if not 0 <= n <= have:
             raise ValueError(f"kv_len {n} for request {rid!r}: the node holds {have} tokens")
+    if kv_start is not None:
+        if len(kv_start) != len(requests):
+            raise ValueError("attend: requests and kv_start differ in length")
+        for rid, a, n in zip(requests, kv_start, kv_len):
+            if not 0 <= a <= n:
+                raise ValueError(f"kv_start {a} for request {rid!r} is not in [0, kv_len {n}]")
 
 
 def stream_buffers(node, layers: range, q: torch.Tensor, out: torch.Tensor, b: int) -> None:

@@ -11,7 +11,7 @@ Two kinds of graph:
   is page `L * pages + p`). A call writes its page-table rows, shifted by `L * pages`,
   into the graph's static page table, copies `kv_len` in when the batch changed and `q`
   in, replays, and hands back the reply (kflume/comm/wire.py's layout). Keyed by
-  (batch, query heads, page-table width, dtype, scale): few shapes ever exist.
+  (batch, query heads, page-table width, dtype, scale, softcap): few shapes exist.
 - **per stream layer** (`stream`): an attend stream (kflume/node/streams.py) brings its
   own query and reply buffers, reused from stream to stream; each layer's graph reads
   the query where it lands and writes the reply where it is sent from, over that
@@ -139,12 +139,12 @@ class AttendGraphs:
         self.captured = 0  # graphs captured so far (for tests and logs)
 
     def attend(self, layer: int, q: torch.Tensor, batch: DeviceBatch, scale: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
         """`split_kv_attention(q, k_pool[layer], v_pool[layer], ...)` over `batch`, as
         the reply layout (one uint8 tensor `[b, row]`, written into `out` if given).
-        No checks: the node checked `layer`, `q` and the lengths."""
+        No checks: the node checked `layer`, `q` and the ranges."""
         b, hq, _ = q.shape
-        key = (b, hq, batch.page_table.shape[1], q.dtype, float(scale))
+        key = (b, hq, batch.page_table.shape[1], q.dtype, float(scale), softcap)
         g = self._shapes.get(key)
         if g is None:
             g = self._shape_graph(key, q)
@@ -153,6 +153,7 @@ class AttendGraphs:
         torch.add(batch.page_table, layer * self.pages, out=g.page_table)
         if g.kv_len_src is not batch.kv_len:
             g.kv_len.copy_(batch.kv_len)
+            g.start.copy_(batch.kv_start)
             g.kv_len_src = batch.kv_len
         g.q.copy_(q)
         g.run()
@@ -300,7 +301,7 @@ class AttendGraphs:
         return replay
 
     def _shape_graph(self, key: tuple, q: torch.Tensor) -> _ShapeGraph:
-        b, hq, width, dtype, scale = key
+        b, hq, width, dtype, scale, softcap = key
         dev, d = self.device, q.shape[2]
         result = torch.zeros(b, state_row_bytes(hq, d, dtype), dtype=torch.uint8, device=dev)
         out, lse = unpack_states(result, hq, d, dtype)
@@ -313,7 +314,7 @@ class AttendGraphs:
         def launch() -> None:
             split_kv_attention(g.q, self.k, self.v, g.page_table, g.start, g.kv_len,
                                scale=scale, num_splits=splits, out=g.out, lse=g.lse,
-                               check=False)
+                               check=False, softcap=softcap)
 
         g.run = launch
         if self.capturing and self.capture_while_serving:

@@ -126,20 +126,24 @@ class AttentionNode:
     # ---- attention ----------------------------------------------------------------------
     def attend(self, layer: int, requests: Sequence, kv_len: Sequence[int], q: torch.Tensor,
                *, scale: float | None = None, out: torch.Tensor | None = None,
-               packed: bool = False):
+               packed: bool = False, kv_start: Sequence[int] | None = None,
+               softcap: float | None = None):
         """Attention of `q [b, Hq, D]` over the first `kv_len[i]` tokens this node holds
-        of each request, in one kernel launch. Returns `(out, lse)`, or with `packed=True`
-        one uint8 tensor in the reply layout of kflume/comm/wire.py (written into `out`
-        when given)."""
+        of each request (from its `kv_start[i]`-th on: a sliding window), in one kernel
+        launch; `softcap`: scores capped (Gemma2). Returns `(out, lse)`, or with
+        `packed=True` one uint8 tensor in the reply layout of kflume/comm/wire.py
+        (written into `out` when given)."""
         c, b = self.config, len(requests)
         if q.dim() != 3 or q.shape[0] != b or q.shape[2] != c.head_dim:
             raise ValueError(f"q must be [{b}, Hq, {c.head_dim}]; got {list(q.shape)}")
         if q.dtype != self.dtype:
             raise TypeError(f"q has dtype {q.dtype}; this node holds {c.dtype} KV")
-        checks.batch(self, range(layer, layer + 1), requests, kv_len, q.shape[1])
-        batch = self.pages.batch(requests, kv_len)
+        checks.batch(self, range(layer, layer + 1), requests, kv_len, q.shape[1], kv_start)
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap must be > 0 or None; got {softcap!r}")
+        batch = self.pages.batch(requests, kv_len, kv_start=kv_start)
         res = self.graphs.attend(layer, q.to(self.device), batch, self._scale(scale),
-                                 out=out if packed else None)
+                                 out=out if packed else None, softcap=softcap)
         if packed:
             return res
         o, s = unpack_states(res, q.shape[1], c.head_dim, q.dtype)

@@ -45,11 +45,14 @@ def _joined(server, peer: Peer, new: list) -> None:
 
 def attend(server, peer: Peer, h: Header, tensors) -> Reply:
     (q,) = _tensors(h, tensors, 1)
-    scale = h.info.get("scale")
-    if scale is not None and not isinstance(scale, float):
-        raise ValueError(f"attend: scale must be a float; got {scale!r}")
-    states = server.node.attend(h.layer, h.requests, server.ints(h, "kv_len", len(h.requests)),
-                                q, scale=scale, packed=True)
+    scale, softcap = h.info.get("scale"), h.info.get("softcap")
+    for name, x in (("scale", scale), ("softcap", softcap)):
+        if x is not None and not isinstance(x, float):
+            raise ValueError(f"attend: {name} must be a float; got {x!r}")
+    n = len(h.requests)
+    start = server.ints(h, "kv_start", n) if "kv_start" in h.ints else None
+    states = server.node.attend(h.layer, h.requests, server.ints(h, "kv_len", n), q,
+                                scale=scale, packed=True, kv_start=start, softcap=softcap)
     return Reply(Header("result", layer=h.layer, epoch=h.epoch), [states])
 
 

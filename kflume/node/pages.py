@@ -58,8 +58,8 @@ class DeviceBatch:
     """A batch's page-table rows and per-request ints on the device (kernel inputs)."""
 
     page_table: torch.Tensor  # int32 [rows, pages]
-    kv_len: torch.Tensor  # int32 [rows]
-    kv_start: torch.Tensor  # int32 [rows], zeros: a node attends from local position 0
+    kv_len: torch.Tensor  # int32 [rows]: tokens attended from kv_start on
+    kv_start: torch.Tensor  # int32 [rows]: the first local position attended (0 but in windows)
 
 
 class PageTable:
@@ -169,22 +169,27 @@ class PageTable:
         self._epoch += 1
 
     # ---- device rows --------------------------------------------------------------------
-    def batch(self, requests: Sequence, kv_len: Sequence[int],
-              rows: int | None = None) -> DeviceBatch:
-        """The batch's page-table rows and lengths on the device, cached: every layer of
-        a step names the same batch, so the uploads happen once a step. `rows`
+    def batch(self, requests: Sequence, kv_len: Sequence[int], rows: int | None = None,
+              kv_start: Sequence[int] | None = None) -> DeviceBatch:
+        """The batch's page-table rows and ranges on the device, cached: every layer of
+        a step names the same batch, so the uploads happen once a step. A request's range
+        is its local positions `[kv_start[i], kv_len[i])` (kv_start: 0 by default). `rows`
         (>= len(requests)): padded with zero rows and lengths up to that many."""
         rows = len(requests) if rows is None else rows
+        starts = tuple(kv_start) if kv_start is not None else None
 
         def make():
-            pad = rows - len(requests)
-            lens = self.upload(list(kv_len) + [0] * pad, torch.int32)
+            pad = [0] * (rows - len(requests))
+            first = list(starts) if starts is not None else [0] * len(requests)
+            lens = self.upload([n - a for n, a in zip(kv_len, first)] + pad, torch.int32)
             pt = self.rows(requests)
             if pad:
-                pt = torch.cat((pt, pt.new_zeros(pad, pt.shape[1])))
-            return DeviceBatch(pt, lens, torch.zeros_like(lens))
+                pt = torch.cat((pt, pt.new_zeros(len(pad), pt.shape[1])))
+            start = (self.upload(first + pad, torch.int32) if starts is not None
+                     else torch.zeros_like(lens))
+            return DeviceBatch(pt, lens, start)
 
-        return self._cached((self._key(requests), tuple(kv_len), rows), make)
+        return self._cached((self._key(requests), tuple(kv_len), rows, starts), make)
 
     def layer_rows(self, requests: Sequence, layers: range) -> torch.Tensor:
         """The requests' rows in each of `layers`, shifted to that layer's pages in the

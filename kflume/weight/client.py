@@ -123,13 +123,21 @@ class NodeClient:
     # ---- the data path ----------------------------------------------------------------
     def attend(self, layer: int, epoch: int, requests: Sequence, kv_len: Sequence[int],
                q: torch.Tensor, into: torch.Tensor | None = None,
-               scale: float | None = None, ready: bool = False) -> Pending:
+               scale: float | None = None, ready: bool = False,
+               kv_start: Sequence[int] | None = None, softcap: float | None = None) -> Pending:
         """q `[b, Hq, D]` -> one reply tensor holding out `[b, Hq, D]` and lse `[b, Hq]`
         (`kflume.comm.wire.unpack_states` gives views of them), received into `into` when
-        given (uint8 `[b, state_row_bytes]`). `ready`: q is known to be written."""
+        given (uint8 `[b, state_row_bytes]`). Each request's first `kv_len` tokens on the
+        node are attended, from its `kv_start`-th on (a sliding window); `softcap` caps
+        the scores (Gemma2). `ready`: q is known to be written."""
         info = {} if scale is None else {"scale": float(scale)}
+        if softcap is not None:
+            info["softcap"] = float(softcap)
+        ints = {"kv_len": list(kv_len)}
+        if kv_start is not None:
+            ints["kv_start"] = list(kv_start)
         return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
-                                ints={"kv_len": list(kv_len)}, info=info), [q],
+                                ints=ints, info=info), [q],
                          None if into is None else [into], ready=ready)
 
     def open_stream(self, layers: range, epoch: int, requests: Sequence,

@@ -308,6 +308,9 @@ def _model_geometry(model) -> dict:
     """layers, kv_heads, head_dim and q_heads of a Hugging Face model (or its config)."""
     config = getattr(model, "config", model)
     cfg = config.get_text_config(decoder=True)
+    if not getattr(cfg, "num_attention_heads", None):
+        raise ValueError(f"{getattr(cfg, 'model_type', type(model).__name__)} has no attention "
+                         "heads in its config: kflume serves attention layers")
     return dict(layers=cfg.num_hidden_layers,
                 kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
                 head_dim=getattr(cfg, "head_dim", None)

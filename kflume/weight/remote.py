@@ -62,11 +62,12 @@ class RemoteAttention:
         self.timeout = timeout
         self.max_batch = max_batch
         self.plan: StepPlan | None = None
-        self._shares: dict[tuple[int, int], list[_Share]] = {}
-        # per row range: [k, row] -> the row's k-th partial's place in the replies, -1
-        self._positions: dict[tuple[int, int], torch.Tensor] = {}
+        self._shares: dict[tuple, list[_Share]] = {}  # per (first row, stop, window)
+        # per row range and window: [k, row] -> the row's k-th partial's place in the
+        # replies, -1
+        self._positions: dict[tuple, torch.Tensor] = {}
         self.join_hooks = JoinHooks()
-        self.spans = SpanWriter(num_layers) if num_layers else None
+        self.spans = SpanWriter(num_layers or 0)  # (spans need num_layers)
         # Called with the names of nodes found lost during a layer (their link broken or
         # silent past the deadline); it makes a new plan without them, whose lost spans
         # are recomputed, and hands it to `begin_step` (kflume/weight/recovery.py). Then
@@ -148,23 +149,26 @@ class RemoteAttention:
         return transfer_empty((rows, state_row_bytes(self.hq, self.d, dtype)), torch.uint8,
                               self.device)
 
-    def shares(self, start: int, stop: int) -> list[_Share]:
+    def shares(self, start: int, stop: int, window: int | None = None) -> list[_Share]:
         """Each node's part of plan rows [start, stop), with their row indices on the
-        device; built once per step and range (the plan does not change within a step)."""
-        key = (start, stop)
+        device; built once per step, range and window (kflume/weight/rows.py)."""
+        key = (start, stop, window)
         if key not in self._shares:
             idx = lambda rs: torch.tensor(rs, dtype=torch.long, device=self.device)  # noqa
             self._shares[key] = [_Share(r, idx(list(r.rows)), idx(list(r.append_rows)))
-                                 for r in node_rows(self._plan(), slice(start, stop))]
+                                 for r in node_rows(self._plan(), slice(start, stop), window)]
         return self._shares[key]
 
     def start(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-              rows: slice | None = None) -> _Handle:
+              rows: slice | None = None, *, window: int | None = None,
+              softcap: float | None = None, sinks: torch.Tensor | None = None) -> _Handle:
         """Send q of plan rows `rows` (all by default) to the nodes that hold their KV, and
         the new k, v to their tail nodes; returns the handle `finish` waits on.
 
         q `[b, Hq, D]`, k_new, v_new `[b, Hkv, D]` (RoPE applied): the rows of `rows`, in
-        the plan's order. Queries go out first; appends are acknowledged later.
+        the plan's order. Queries go out first; appends are acknowledged later. A layer
+        may attend over a sliding `window` of tokens, cap its scores (`softcap`, Gemma2)
+        and have attention `sinks [Hq]` (GPT-OSS): one more partial in the merge.
         """
         plan = self._plan()
         a, b = (0, len(plan.requests)) if rows is None else rows.indices(len(plan.requests))[:2]
@@ -176,7 +180,7 @@ class RemoteAttention:
             raise ValueError(f"k_new and v_new must be {list(want)}; got {list(k_new.shape)} "
                              f"and {list(v_new.shape)}")
         shares = self.shares(a, b)
-        attend = [s for s in shares if s.rows.requests]
+        attend = [s for s in self.shares(a, b, window) if s.rows.requests]
         # one reply buffer, the nodes' replies one after another
         buf = self._recv_buffer(sum(len(s.rows.requests) for s in attend), q.dtype)
         self._step_tokens[layer, a, b] = (k_new, v_new)
@@ -186,7 +190,8 @@ class RemoteAttention:
             try:
                 sent.append(self._client(r.node).attend(
                     layer, plan.epoch, r.requests, r.kv_len, q.index_select(0, s.index),
-                    buf[off : off + len(r.requests)], self.scale))
+                    buf[off : off + len(r.requests)], self.scale, kv_start=r.kv_start,
+                    softcap=softcap))
             except TransportError:  # the link is gone: found lost at finish()
                 lost.append(r.node)
             off += len(r.requests)
@@ -200,11 +205,11 @@ class RemoteAttention:
                                                 r.positions, k, v)
                 except TransportError:
                     lost.append(r.node)
-        return _Handle(sent, buf, self._position(a, b, attend), q, k_new, v_new, layer,
-                       slice(a, b), plan.epoch, lost)
+        return _Handle(sent, buf, self._position(a, b, window, attend), q, k_new, v_new,
+                       layer, slice(a, b), plan.epoch, lost, window, softcap, sinks)
 
-    def _position(self, a: int, b: int, attend: list[_Share]) -> torch.Tensor:
-        key = (a, b)
+    def _position(self, a: int, b: int, window, attend: list[_Share]) -> torch.Tensor:
+        key = (a, b, window)
         if key not in self._positions:
             self._positions[key] = _positions(b - a, attend).to(self.device)
         return self._positions[key]
@@ -238,12 +243,14 @@ class RemoteAttention:
         out, lse = unpack_states(h.replies, self.hq, self.d, h.q.dtype)
         k = h.positions.shape[0]  # every k-th partial is read from the same buffer
         return merge_new_token(h.q, h.k_new, h.v_new, out.expand(k, *out.shape),
-                               lse.expand(k, *lse.shape), h.positions, self.scale)[0]
+                               lse.expand(k, *lse.shape), h.positions, self.scale,
+                               softcap=h.softcap, sinks=h.sinks)[0]
 
     def _restart(self, h: _Handle) -> _Handle:
         for p in h.sent:
             p.cancel()
-        return self.start(h.layer, h.q, h.k_new, h.v_new, h.rows)
+        return self.start(h.layer, h.q, h.k_new, h.v_new, h.rows, window=h.window,
+                          softcap=h.softcap, sinks=h.sinks)
 
     def _reappend(self) -> None:
         """After a recovery: this step's new tokens of the layers already run go to the
@@ -259,24 +266,26 @@ class RemoteAttention:
 
     # ---- spans: chunked prefill over the history ------------------------------------------
     def extend(self, layer: int, request, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               start: int) -> torch.Tensor:
+               start: int, *, window: int | None = None, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of a span of new tokens at positions `[start, start + S)` of
         `request`: q `[S, Hq, D]`, k, v `[S, Hkv, D]` (RoPE applied). Each token attends
-        over the history before `start` (on the nodes) and causally over the span; the
-        span's k, v go to the nodes the plan's routes name once every layer's are in (give
-        the layers in order). Returns `[S, Hq, D]` (kflume/weight/span.py)."""
-        if self.spans is None:
-            raise ValueError("RemoteAttention(num_layers=...) is needed for spans")
+        over the history before `start` (on the nodes) and causally over the span (within
+        its `window`, with `softcap` and `sinks` as in `start`); the span's k, v go to the
+        nodes the plan's routes name once every layer's are in (give the layers in
+        order). Returns `[S, Hq, D]` (kflume/weight/span.py)."""
         out = span_attention(self._plan(), self.clients, layer, request, q, k, v, start,
-                             self.scale, self.timeout)
+                             self.scale, self.timeout, window=window, softcap=softcap,
+                             sinks=sinks)
         self.spans.add(self._plan(), self.clients, layer, request, start, k, v)
         return out
 
     def __call__(self, layer: int, q: torch.Tensor, k_new: torch.Tensor,
-                 v_new: torch.Tensor) -> torch.Tensor:
+                 v_new: torch.Tensor, **variant) -> torch.Tensor:
         """Decode attention of one layer for the plan's whole batch: q `[B, Hq, D]`, k_new,
-        v_new `[B, Hkv, D]` (RoPE applied), rows in the plan's order. Returns `[B, Hq, D]`."""
-        return self.finish(self.start(layer, q, k_new, v_new))
+        v_new `[B, Hkv, D]` (RoPE applied), rows in the plan's order; `variant`: window,
+        softcap, sinks (`start`). Returns `[B, Hq, D]`."""
+        return self.finish(self.start(layer, q, k_new, v_new, **variant))
 
 
 @dataclass(slots=True)
@@ -300,6 +309,9 @@ class _Handle:
     rows: slice
     epoch: int
     lost: list  # nodes whose link was gone when the layer was sent
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
 
 
 def _lost(sent: list[Pending], e: BaseException) -> list[str]:

@@ -5,9 +5,11 @@ the new tokens of a continued conversation, or a lost node's tokens being recomp
 Token `start + i` attends over every token before `start` (on the nodes: each node
 keeps a request's tokens in position order, so the ones before `start` are a prefix of
 its local positions) and causally over the span's tokens up to itself (computed here).
-The partials are merged by their log-sum-exp. Once every layer's k, v of the span are
-known, they go to the nodes the plan's routes name for the span, in one message per node
-(`import`).
+The partials are merged by their log-sum-exp. In a sliding window of W tokens, token
+`start + i` attends over positions `(start + i - W, start + i]` only; softcapped scores
+and attention sinks enter as in decode (kflume/weight/remote.py). Once every layer's
+k, v of the span are known, they go to the nodes the plan's routes name for the span,
+in one message per node (`import`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 from ..comm.base import TransportError
 from ..comm.wire import unpack_states
 from ..kernels import merge_attention_states
+from ..kernels.reference import softcap_scores
 from ..plan import StepPlan, TokenRange
+from ..turns import written
 from .client import NodeClient, wait_all
 
 __all__ = ["SpanWriter", "causal_states", "held_before", "scatter", "span_attention"]
@@ -58,15 +62,20 @@ def scatter(plan: StepPlan, clients: dict[str, NodeClient], layer: int, request,
         local[r.node] = off + b - a
 
 
-def causal_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(out, lse)` of q `[S, Hq, D]` over k, v `[S, Hkv, D]`, token i over tokens <= i;
-    out in q's dtype, lse float32 `[S, Hq]` (docs/conventions.md)."""
+def causal_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  window: int | None = None,
+                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(out, lse)` of q `[S, Hq, D]` over k, v `[S, Hkv, D]`, token i over tokens
+    `(i - window, i]` (all `<= i` without a window), scores softcapped when given; out
+    in q's dtype, lse float32 `[S, Hq]` (docs/conventions.md)."""
     s, hq, d = q.shape
     hkv = k.shape[1]
     qf = q.float().view(s, hkv, hq // hkv, d)
     scores = torch.einsum("ihgd,jhd->hgij", qf, k.float()) * scale  # [Hkv, G, S, S]
+    scores = softcap_scores(scores, softcap)
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    if window is not None:
+        causal = causal.triu(1 - window)
     scores = scores.masked_fill(~causal, -math.inf)
     lse = torch.logsumexp(scores, -1)  # [Hkv, G, S]
     out = torch.einsum("hgij,jhd->ihgd", torch.softmax(scores, -1), v.float())
@@ -75,10 +84,12 @@ def causal_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def span_attention(plan: StepPlan, clients: dict[str, NodeClient], layer: int, request,
                    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                   scale: float, timeout: float) -> torch.Tensor:
+                   scale: float, timeout: float, *, window: int | None = None,
+                   softcap: float | None = None,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the span's queries q `[S, Hq, D]` (k, v `[S, Hkv, D]`: the span's
     own, RoPE applied) over the request's history before `start` and causally over the
-    span; returns `[S, Hq, D]`."""
+    span (module docstring); returns `[S, Hq, D]`."""
     if request not in plan.routes:
         raise KeyError(f"request {request!r} is not in this step's plan")
     hkv = k.shape[1] if k.dim() == 3 else -1
@@ -87,18 +98,26 @@ def span_attention(plan: StepPlan, clients: dict[str, NodeClient], layer: int, r
         raise ValueError(f"extend: q must be [S, Hq, D] and k, v [S, Hkv, D]; got "
                          f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     s, hq, d = q.shape
-    sent = [clients[node].attend(layer, plan.epoch, [request] * s, [n] * s, q.contiguous(),
-                                 scale=scale)
-            for node, n in held_before(plan.routes[request], start).items() if n > 0]
+    routes = plan.routes[request]
+    firsts = [written(routes, max(0, start + i - window + 1)) if window else {}
+              for i in range(s)]
+    sent = []
+    for node, n in held_before(routes, start).items():
+        first = [min(f.get(node, 0), n) for f in firsts]
+        if min(first) < n:  # some query's window reaches its tokens
+            sent.append(clients[node].attend(
+                layer, plan.epoch, [request] * s, [n] * s, q.contiguous(), scale=scale,
+                kv_start=first if window else None, softcap=softcap))
     outs, lses = [], []
     for m in wait_all(sent, timeout):
         o, l = unpack_states(m.tensors[0], hq, d, q.dtype)
         outs.append(o)
         lses.append(l)
-    o, l = causal_states(q, k, v, scale)
-    if not outs:
+    o, l = causal_states(q, k, v, scale, window, softcap)
+    if not outs and sinks is None:
         return o
-    return merge_attention_states(torch.stack([o, *outs]), torch.stack([l, *lses]))[0]
+    return merge_attention_states(torch.stack([o, *outs]), torch.stack([l, *lses]),
+                                  sinks=sinks)[0]
 
 
 @dataclass(slots=True)
@@ -118,6 +137,8 @@ class SpanWriter:
 
     def add(self, plan: StepPlan, clients: dict[str, NodeClient], layer: int, request,
             start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.layers:
+            raise ValueError("RemoteAttention(num_layers=...) is needed for spans")
         span = self._spans.get(request)
         if span is None or span.start != start or layer == 0:
             span = self._spans[request] = _Span(start)
