@@ -2,6 +2,9 @@
 
 It warms its kernels up, listens, prints `kflume node listening on HOST:PORT` as its
 first line of output (what `NodeProcess` waits for), and serves until SIGTERM or SIGINT.
+Its handshake tells peers when each stage of its start ended (`info["startup"]`: wall
+clock seconds of `main` entered, `pools` allocated, `warmup` done, `listen`), so that a
+weight node can see where a start's time went (benchmarks/node_start.py).
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     import gc
     import signal
+    import time
 
+    startup = {"main": time.time()}
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
@@ -76,17 +81,21 @@ def main(argv=None) -> int:
     if torch.device(config.device).index is not None:  # cuda:N: streams and events default
         torch.cuda.set_device(torch.device(config.device))  # to that GPU
     node = AttentionNode(config)
+    startup["pools"] = time.time()
     node.warmup()
+    startup["warmup"] = time.time()
     # What exists now (torch, the pools, compiled kernels) lives as long as the process:
     # out of the collector's way, so that a full collection cannot stall a step.
     gc.collect()
     gc.freeze()
     # the host lets a weight node of this host hand it mailboxes (kflume/comm/mailbox.py)
-    transport = UcxTransport(token=args.token, info={**node.stats(), "host": host_id()},
+    info = {**node.stats(), "host": host_id(), "startup": startup}
+    transport = UcxTransport(token=args.token, info=info,
                              progress=args.progress or default_progress(args.device),
                              inline_bytes=SERVER_INLINE_BYTES)
     server = NodeServer(node, transport, transport.listen(args.listen),
                         stream_deadline=args.stream_deadline)
+    startup["listen"] = time.time()  # (in the handshake's info: the same dict)
     stop: list[bool] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
