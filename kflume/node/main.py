@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     import gc
     import signal
+    import threading
     import time
 
     startup = {"main": time.time()}
@@ -70,6 +71,10 @@ def main(argv=None) -> int:
                             device=args.device, page_size=args.page_size, q_heads=args.q_heads)
     except ValueError as e:
         raise SystemExit(f"kflume node: {e}") from None
+    # Importing ucxx takes about half a second: it runs while the pools are allocated and
+    # the kernels warm up (torch leaves the GIL there); a failure shows at UcxTransport.
+    ucx = threading.Thread(target=_import_ucx, name="import-ucxx", daemon=True)
+    ucx.start()
     import torch
 
     from ..comm.mailbox import host_id
@@ -88,6 +93,7 @@ def main(argv=None) -> int:
     # out of the collector's way, so that a full collection cannot stall a step.
     gc.collect()
     gc.freeze()
+    ucx.join()
     # the host lets a weight node of this host hand it mailboxes (kflume/comm/mailbox.py)
     info = {**node.stats(), "host": host_id(), "startup": startup}
     transport = UcxTransport(token=args.token, info=info,
@@ -116,3 +122,12 @@ def main(argv=None) -> int:
         transport.close()
         log.info("stopped")
     return 0
+
+
+def _import_ucx() -> None:
+    try:
+        from ..comm.ucx import _ucxx
+
+        _ucxx()
+    except ImportError:  # raised again, with its hint, where the transport is made
+        pass
