@@ -196,9 +196,10 @@ class Autoscaler:
 
     def _remove_drained(self) -> None:
         """Queue the removal of each draining node whose ranges the others have room for."""
-        router = self.cluster.router
+        router, clients = self.cluster.router, self.cluster.clients
         for name, queued in self._draining.items():
-            if not queued and router.is_draining(name) and self._fits_elsewhere(name):
+            if (not queued and name in clients and router.is_draining(name)
+                    and self._fits_elsewhere(name)):
                 self.cluster.remove_node(name)
                 self._draining[name] = True
 
