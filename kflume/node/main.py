@@ -2,6 +2,9 @@
 
 It warms its kernels up, listens, prints `kflume node listening on HOST:PORT` as its
 first line of output (what `NodeProcess` waits for), and serves until SIGTERM or SIGINT.
+Its handshake tells peers when each stage of its start ended (`info["startup"]`: wall
+clock seconds of `main` entered, `pools` allocated, `warmup` done, `listen`), so that a
+weight node can see where a start's time went (benchmarks/node_start.py).
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     import gc
     import signal
+    import threading
+    import time
 
+    startup = {"main": time.time()}
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
@@ -65,6 +71,10 @@ def main(argv=None) -> int:
                             device=args.device, page_size=args.page_size, q_heads=args.q_heads)
     except ValueError as e:
         raise SystemExit(f"kflume node: {e}") from None
+    # Importing ucxx takes about half a second: it runs while the pools are allocated and
+    # the kernels warm up (torch leaves the GIL there); a failure shows at UcxTransport.
+    ucx = threading.Thread(target=_import_ucx, name="import-ucxx", daemon=True)
+    ucx.start()
     import torch
 
     from ..comm.mailbox import host_id
@@ -76,17 +86,22 @@ def main(argv=None) -> int:
     if torch.device(config.device).index is not None:  # cuda:N: streams and events default
         torch.cuda.set_device(torch.device(config.device))  # to that GPU
     node = AttentionNode(config)
+    startup["pools"] = time.time()
     node.warmup()
+    startup["warmup"] = time.time()
     # What exists now (torch, the pools, compiled kernels) lives as long as the process:
     # out of the collector's way, so that a full collection cannot stall a step.
     gc.collect()
     gc.freeze()
+    ucx.join()
     # the host lets a weight node of this host hand it mailboxes (kflume/comm/mailbox.py)
-    transport = UcxTransport(token=args.token, info={**node.stats(), "host": host_id()},
+    info = {**node.stats(), "host": host_id(), "startup": startup}
+    transport = UcxTransport(token=args.token, info=info,
                              progress=args.progress or default_progress(args.device),
                              inline_bytes=SERVER_INLINE_BYTES)
     server = NodeServer(node, transport, transport.listen(args.listen),
                         stream_deadline=args.stream_deadline)
+    startup["listen"] = time.time()  # (in the handshake's info: the same dict)
     stop: list[bool] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
@@ -107,3 +122,12 @@ def main(argv=None) -> int:
         transport.close()
         log.info("stopped")
     return 0
+
+
+def _import_ucx() -> None:
+    try:
+        from ..comm.ucx import _ucxx
+
+        _ucxx()
+    except ImportError:  # raised again, with its hint, where the transport is made
+        pass

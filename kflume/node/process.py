@@ -83,19 +83,21 @@ class NodeProcess:
             self.wait_ready()
 
     def ready(self) -> bool:
-        """True once the node listens (reads its first line of output without blocking)."""
+        """True once the node listens (reads its first line of output without blocking).
+        Output already written counts however late it is read (a node kept started in a
+        `WarmPool` may be asked long after it listened)."""
         while self.address is None:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"attention node exited with {self.proc.returncode} before "
-                                   "listening; see its log above")
-            if time.monotonic() - self.started > self.timeout:
-                self.stop()
-                raise RuntimeError(f"attention node did not listen within {self.timeout} s")
             r, _, _ = select.select([self.proc.stdout], [], [], 0)
-            if not r:
+            ch = os.read(self.proc.stdout.fileno(), 1) if r else None
+            if not ch:  # nothing to read yet (None), or end of output (b"")
+                if ch == b"" or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"attention node exited with {self.proc.returncode} "
+                                       "before listening; see its log above")
+                if time.monotonic() - self.started > self.timeout:
+                    self.stop()
+                    raise RuntimeError(f"attention node did not listen within {self.timeout} s")
                 return False
-            ch = os.read(self.proc.stdout.fileno(), 1)
             if ch == b"\n":
                 text = self._line.decode().strip()
                 prefix = "kflume node listening on "

@@ -48,10 +48,8 @@ class Cluster:
         transport: how to reach the nodes.
         geometry: the KV geometry every node must hold (capacity and device are per node;
             `q_heads`, if given, lets `remote` be made without `attention()`).
-        provider: how `add_node()` starts a node (kflume/providers.py; None: nodes join
-            only by address).
-        policy: where tokens go (default: fill ranges of `range_tokens`, then the
-            least-loaded node).
+        provider: how `add_node()` starts a node (kflume/providers.py; None: by address).
+        policy: where tokens go (default: ranges of `range_tokens`, least-loaded node).
         timeout: deadline in seconds for every reply.
     """
 
@@ -68,6 +66,7 @@ class Cluster:
         self.parking = Parking(self.router)  # requests parked between turns, their TTLs
         self._names = (f"node{i}" for i in itertools.count())
         self._remote: RemoteAttention | None = None
+        self.autoscaler = None  # an Autoscaler once autoscale() attached one
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -75,9 +74,8 @@ class Cluster:
               dtype: str = "float32", capacity_tokens: int = 1 << 16, device: str = "cpu",
               page_size: int = 16, token: str | None = None, env: dict | None = None,
               q_heads: int | None = None, **kwargs) -> Cluster:
-        """Start `n` attention nodes as `kflume node` processes on loopback, over UCX.
-        They stop with `close()`, at the end of a `with` block, at interpreter exit, on
-        Ctrl-C, and when this process dies."""
+        """Start `n` attention nodes as `kflume node` processes on loopback, over UCX; they
+        stop with `close()`, a `with` block's end, interpreter exit, Ctrl-C, or this process."""
         import secrets
 
         from ..comm.ucx import UcxTransport
@@ -85,19 +83,17 @@ class Cluster:
 
         _no_modes(kwargs)
         token = token or secrets.token_hex(16)
-        env = dict(env or {})
         # Node processes share this host: without a cap, each one's torch thread pool
         # (and its spin-waiting) takes every core from the others and the weight node.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (n + 1))))
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (n + 1))), **(env or {})}
         geometry = NodeConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                               capacity_tokens=capacity_tokens, dtype=dtype, device=device,
                               page_size=page_size, q_heads=q_heads)
         cluster = cls(UcxTransport(token=token), geometry,
                       provider=ProcessProvider(token, env), **kwargs)
         try:
-            starting = [cluster.joining.start(next(cluster._names), capacity_tokens, None)
-                        for _ in range(n)]
-            for j in starting:
+            for j in [cluster.joining.start(next(cluster._names), capacity_tokens, None)
+                      for _ in range(n)]:  # all started, then each waited for
                 cluster.joining.wait_ready(j)
         except BaseException:
             cluster.close()
@@ -110,8 +106,7 @@ class Cluster:
                    device: str = "cpu", page_size: int = 16, q_heads: int | None = None,
                    **kwargs) -> Cluster:
         """`n` AttentionNodes served in this process (no network; tests and laptops). On
-        CUDA they share this process's GPU, so they capture no graph while a step runs:
-        `begin_step()` captures what they served uncaptured."""
+        CUDA they capture no graph while a step runs: `begin_step()` captures them."""
         from ..comm.inproc import InProcHub, InProcTransport
         from ..providers import InProcessProvider
 
@@ -147,17 +142,10 @@ class Cluster:
     def for_model(cls, n: int, model, *, kind: str = "local", **kwargs) -> Cluster:
         """A cluster whose KV geometry matches a Hugging Face model (or its config):
         `kind` is "local" (node processes over UCX) or "in_process"."""
-        g = _model_geometry(model)
-        if "dtype" not in kwargs:
-            params = getattr(model, "parameters", None)
-            dtype = next(params()).dtype if params else getattr(model, "dtype", None)
-            kwargs["dtype"] = str(dtype or "float32").replace("torch.", "")
-        kwargs.setdefault("q_heads", g.pop("q_heads"))
-        g.pop("q_heads", None)
         build = {"local": cls.local, "in_process": cls.in_process}.get(kind)
         if build is None:
             raise ValueError(f"kind must be 'local' or 'in_process'; got {kind!r}")
-        return build(n, **g, **kwargs)
+        return build(n, **_model_geometry(model, kwargs))
 
     # ---- membership ---------------------------------------------------------------------
     def add_node(self, capacity_tokens: int | None = None, *, address: str | None = None,
@@ -167,9 +155,9 @@ class Cluster:
         The node enters the routing table at a token boundary once it is ready: started,
         connected, and prepared for the captured steps that use this cluster, so that its
         first steps run as fast as the rest. With `wait=False` that happens at the first
-        boundary after, so running steps never wait for it; `wait=True` returns once it
-        is ready. `env`: variables for a started process, over the cluster's (e.g.
-        `{"CUDA_VISIBLE_DEVICES": "2,0"}` for a GPU of its own). Returns its name."""
+        boundary after, so running steps never wait for it; `wait=True` returns once it is
+        ready. `env`: variables for a started process, over the cluster's (e.g.
+        `{"CUDA_VISIBLE_DEVICES": "2,0"}`). Returns its name."""
         cap = capacity_tokens or self.geometry.capacity_tokens
         name = name or next(self._names)
         if name in self.clients or name in self.processes:
@@ -191,6 +179,15 @@ class Cluster:
         if name not in self.clients:
             raise KeyError(f"no node {name!r} in this cluster")
         self.router.remove_node(name)
+
+    def autoscale(self, policy, provider=None, **options):
+        """Let `policy` (kflume.scale) add and drain nodes at token boundaries; `provider` (e.g.
+        a `WarmPool`) becomes the cluster's. Returns the `Autoscaler` (`options`: its own)."""
+        from .autoscale import Autoscaler
+
+        self.provider = provider or self.provider
+        self.autoscaler = Autoscaler(self, policy, **options)
+        return self.autoscaler
 
     def forget(self, name: str) -> None:
         """A node that did not join, or left: its process stopped, captured steps told."""
@@ -226,10 +223,9 @@ class Cluster:
         """A token boundary: admit nodes that became ready, lose those whose link broke,
         free parked requests past their time to live (parking.py), apply routing edits,
         carry out the plan's frees, truncations and migrations (boundary.py), hand the
-        plan to RemoteAttention, recompute what lost nodes held. The provider's
-        `boundary()` runs first (in-process nodes capture there the graphs they served
-        uncaptured). Raises `RequestsLost` (the boundary done) if some requests could not
-        be restored."""
+        plan to RemoteAttention, recompute what lost nodes held, and call the autoscaler.
+        The provider's `boundary()` runs first. Raises `RequestsLost` (the boundary done)
+        if some requests could not be restored."""
         if hasattr(self.provider, "boundary"):
             self.provider.boundary()
         self.joining.advance()
@@ -242,6 +238,8 @@ class Cluster:
         for name in plan.removed_nodes:
             self._drop(name)
         self.recovery.restore(plan)
+        if self.autoscaler is not None:
+            self.autoscaler.boundary(plan)
         if plan.dropped:
             raise RequestsLost(plan.dropped, plan.lost_nodes)
         return plan
@@ -283,6 +281,8 @@ class Cluster:
         for proc in self.processes.values():
             proc.stop()
         self.processes.clear()
+        if hasattr(self.provider, "close"):  # e.g. a WarmPool's idle nodes
+            self.provider.close()
         self.transport.close()
 
     def __enter__(self) -> Cluster:
@@ -304,15 +304,19 @@ def _table(c: Cluster) -> str:
     return "\n".join(lines)
 
 
-def _model_geometry(model) -> dict:
-    """layers, kv_heads, head_dim and q_heads of a Hugging Face model (or its config)."""
+def _model_geometry(model, kwargs: dict) -> dict:
+    """`kwargs` with the layers, kv_heads, head_dim, q_heads and dtype of a Hugging Face
+    model (or its config) where they are not given."""
     config = getattr(model, "config", model)
     cfg = config.get_text_config(decoder=True)
     if not getattr(cfg, "num_attention_heads", None):
         raise ValueError(f"{getattr(cfg, 'model_type', type(model).__name__)} has no attention "
                          "heads in its config: kflume serves attention layers")
-    return dict(layers=cfg.num_hidden_layers,
-                kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-                head_dim=getattr(cfg, "head_dim", None)
-                or cfg.hidden_size // cfg.num_attention_heads,
-                q_heads=cfg.num_attention_heads)
+    if "dtype" not in kwargs:
+        params = getattr(model, "parameters", None)
+        dtype = next(params()).dtype if params else getattr(model, "dtype", None)
+        kwargs = {**kwargs, "dtype": str(dtype or "float32").replace("torch.", "")}
+    return {"q_heads": cfg.num_attention_heads, **kwargs, "layers": cfg.num_hidden_layers,
+            "kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            "head_dim": getattr(cfg, "head_dim", None)
+            or cfg.hidden_size // cfg.num_attention_heads}
