@@ -35,6 +35,21 @@ def test_captured_decode():
     assert "same tokens as model.generate without kflume: True" in out
 
 
+@pytest.mark.timeout(300)
+def test_agent_session_replays_a_real_session():
+    out = run("examples/agent_session.py", "--calls", "22")
+    assert "node node1 added" in out
+    assert "every call identical to the unpatched model with a DynamicCache: True" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_agent_session_every_call():
+    out = run("examples/agent_session.py")
+    assert "the context starts over" in out and "node node1 added" in out
+    assert "every call identical to the unpatched model with a DynamicCache: True" in out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_hf_generate():
