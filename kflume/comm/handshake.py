@@ -11,6 +11,7 @@ end-of-file is how either side learns that the other is gone.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import socket
 import struct
 import time
@@ -20,7 +21,7 @@ import msgpack
 from .base import TransportError
 from .wire import MAX_HEADER, WireError
 
-__all__ = ["answer", "hello", "parse_address"]
+__all__ = ["answer", "hello", "is_loopback", "parse_address"]
 
 VERSION = 1
 _FRAME = struct.Struct("<I")
@@ -31,6 +32,20 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"address must be HOST:PORT; got {address!r}")
     return host or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an IP address or a name) reaches this machine only."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 def send_frame(sock: socket.socket, obj: dict) -> None:

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the KV heads)")
     p.add_argument("--token", default=None,
                    help="cluster token peers must present (default: $KFLUME_TOKEN)")
+    p.add_argument("--insecure-no-token", action="store_true",
+                   help="listen on an address other hosts reach without a token: any peer "
+                        "that reaches the port may use the node (refused otherwise)")
     p.add_argument("--progress", default=None, choices=["poll", "blocking"],
                    help="how the UCX worker is driven: poll spins (lowest latency), blocking "
                         "sleeps on its event fd (leaves the cores to the computation); "
@@ -59,6 +62,22 @@ def main(argv=None) -> int:
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
     if args.stream_deadline <= 0:
         raise SystemExit("kflume node: --stream-deadline must be positive")
+    import os
+
+    from ..comm.handshake import is_loopback, parse_address
+
+    token = args.token if args.token is not None else os.environ.get("KFLUME_TOKEN", "")
+    try:
+        host, _ = parse_address(args.listen)
+    except ValueError as e:
+        raise SystemExit(f"kflume node: --listen: {e}") from None
+    if not token and not is_loopback(host):
+        if not args.insecure_no_token:
+            raise SystemExit(f"kflume node: refusing to listen on {args.listen} without a "
+                             "token: other hosts could use this node. Set KFLUME_TOKEN (or "
+                             "--token), listen on 127.0.0.1, or pass --insecure-no-token")
+        log.warning("listening on %s without a token (--insecure-no-token): any peer that "
+                    "reaches this port may use the node", args.listen)
     try:
         config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                             capacity_tokens=args.capacity_tokens, dtype=args.dtype,
@@ -82,7 +101,7 @@ def main(argv=None) -> int:
     gc.collect()
     gc.freeze()
     # the host lets a weight node of this host hand it mailboxes (kflume/comm/mailbox.py)
-    transport = UcxTransport(token=args.token, info={**node.stats(), "host": host_id()},
+    transport = UcxTransport(token=token, info={**node.stats(), "host": host_id()},
                              progress=args.progress or default_progress(args.device),
                              inline_bytes=SERVER_INLINE_BYTES)
     server = NodeServer(node, transport, transport.listen(args.listen),

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kflume.comm import TransportError
-from kflume.comm.handshake import answer, hello, parse_address, recv_frame
+from kflume.comm.handshake import answer, hello, is_loopback, parse_address, recv_frame
 from kflume.comm.wire import MAX_HEADER, WireError
 
 
@@ -64,6 +64,12 @@ def test_frames_have_limits_and_deadlines():
     with pytest.raises(TransportError, match="closed the connection"):
         recv_frame(b, time.monotonic() + 1)
     b.close()
+
+
+def test_loopback_hosts():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+    assert not is_loopback("") and not is_loopback("::")
 
 
 def test_parse_address():
