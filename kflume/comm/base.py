@@ -67,7 +67,10 @@ class Message:
 
 
 class Recv(ABC):
-    """A posted receive of one message. `done` once its header and tensors arrived."""
+    """A posted receive of one message. `done` once its header and tensors arrived.
+    `peer` names whom it is from (for errors)."""
+
+    peer: str = "a peer"
 
     @property
     @abstractmethod
@@ -172,7 +175,8 @@ class Transport(ABC):
     def wait(self, recvs: Sequence[Recv], timeout: float, what: str = "reply") -> list[Message]:
         """Progress until every receive is done; their messages, in order.
 
-        Raises DeadlineExceeded after `timeout` seconds (the receives are cancelled) and
+        Raises DeadlineExceeded after `timeout` seconds, naming the peers that did not
+        answer (the receives still pending are cancelled and listed in its `late`), and
         TransportError if a peer is gone. A peer's "error" reply is a message like any
         other: the caller (kflume/weight/client.py) turns it into a RemoteError.
         """
@@ -180,10 +184,14 @@ class Transport(ABC):
         while not all(r.done for r in recvs):
             now = time.monotonic()
             if now > deadline:
-                for r in recvs:
-                    if not r.done:
-                        r.cancel()
-                raise DeadlineExceeded(f"no {what} within {timeout:.3g} s")
+                late = [r for r in recvs if not r.done]
+                for r in late:
+                    r.cancel()
+                e = DeadlineExceeded(f"no {what} from "
+                                     f"{', '.join(sorted({r.peer for r in late}))} within "
+                                     f"{timeout:.3g} s")
+                e.late = late  # the receives that timed out (cancelled)
+                raise e
             self.progress(min(deadline - now, 0.01))
         return [r.message() for r in recvs]
 

@@ -63,7 +63,7 @@ class _InProcRecv(Recv):
     (key: its sequence number) or a part (key: (sequence number, part))."""
 
     def __init__(self, conn: _InProcConnection, key, into):
-        self.conn, self.key, self.into = conn, key, into
+        self.conn, self.key, self.into, self.peer = conn, key, into, conn.peer
         self._cancelled = False
 
     @property

@@ -70,7 +70,7 @@ class _UcxRecv(Recv):
     tensors on parts 1.. once the header says what they are (or at once, into `into`)."""
 
     def __init__(self, conn: UcxConnection, seq: int, into):
-        self.conn, self.seq, self.into = conn, seq, into
+        self.conn, self.seq, self.into, self.peer = conn, seq, into, conn.peer
         L = conn.transport.L
         self._hslot = conn._take_buffer()
         self._hreq = conn.ep.tag_recv(self._hslot[1], L.UCXXTag(_tag(conn.rx_channel, seq, 0)))
@@ -181,7 +181,7 @@ class _UcxPartRecv(Recv):
     """Receive of one part (a header-less tensor) straight into the caller's buffer."""
 
     def __init__(self, conn: UcxConnection, seq: int, part: int, into: torch.Tensor):
-        self.conn, self.seq, self.into = conn, seq, into
+        self.conn, self.seq, self.into, self.peer = conn, seq, into, conn.peer
         arr, self._keep = conn.transport._array(into, cached=True)
         self._req = conn.ep.tag_recv(arr, conn.transport.L.UCXXTag(_tag(conn.rx_channel, seq,
                                                                        part)))
@@ -212,14 +212,17 @@ class _UcxPartRecv(Recv):
 
 
 class UcxConnection(Connection):
+    """One peer, after the handshake (kflume/comm/ucx.py): `peer_address` is its UCX
+    worker address, already checked (kflume/comm/ucx_address.py); `peer_inline` how
+    many bytes of tensors it inlines."""
+
     def __init__(self, transport, sock: socket.socket, rx_channel: int,
-                 tx_channel: int, peer_address: bytes, peer: str, hello: dict):
+                 tx_channel: int, peer_address: bytes, peer: str, hello: dict,
+                 peer_inline: int):
         L = transport.L
-        info = hello.get("info", {})
-        self.peer_inline = hello.get("inline", 0)  # how many bytes of tensors the peer inlines
-        if type(self.peer_inline) is not int or not 0 <= self.peer_inline <= INLINE_BYTES:
-            raise WireError("bad inline size in the handshake")
-        self.transport, self.sock, self.peer, self.info = transport, sock, peer, info
+        self.peer_inline = peer_inline
+        self.transport, self.sock, self.peer = transport, sock, peer
+        self.info = hello.get("info") or {}
         self.rx_channel, self.tx_channel = rx_channel, tx_channel
         addr = L.UCXAddress.create_from_buffer(np.frombuffer(peer_address, dtype=np.uint8))
         self.ep = L.UCXEndpoint.create_from_worker_address(transport.worker, addr, True)

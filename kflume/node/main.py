@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-no-token", action="store_true",
                    help="listen on an address other hosts reach without a token: any peer "
                         "that reaches the port may use the node (refused otherwise)")
+    p.add_argument("--handshake-timeout", type=float, default=5.0,
+                   help="seconds a connecting peer has to complete its handshake")
     p.add_argument("--progress", default=None, choices=["poll", "blocking"],
                    help="how the UCX worker is driven: poll spins (lowest latency), blocking "
                         "sleeps on its event fd (leaves the cores to the computation); "
@@ -60,8 +62,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
-    if args.stream_deadline <= 0:
-        raise SystemExit("kflume node: --stream-deadline must be positive")
+    if args.stream_deadline <= 0 or args.handshake_timeout <= 0:
+        raise SystemExit("kflume node: --stream-deadline and --handshake-timeout must be "
+                         "positive")
     import os
 
     from ..comm.handshake import is_loopback, parse_address
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
     # the host lets a weight node of this host hand it mailboxes (kflume/comm/mailbox.py)
     transport = UcxTransport(token=token, info={**node.stats(), "host": host_id()},
                              progress=args.progress or default_progress(args.device),
-                             inline_bytes=SERVER_INLINE_BYTES)
+                             inline_bytes=SERVER_INLINE_BYTES,
+                             handshake_timeout=args.handshake_timeout)
     server = NodeServer(node, transport, transport.listen(args.listen),
                         stream_deadline=args.stream_deadline)
     stop: list[bool] = []

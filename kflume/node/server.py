@@ -5,7 +5,8 @@ peer's next sequence number, handles each message with the node (kflume/node/ops
 attend streams in kflume/node/streams.py), and answers every message: a result, "ok",
 or an "error" that names the problem. A message the node refuses changes nothing and
 the server goes on serving everyone. When a peer goes away, the requests it opened are
-freed (and logged), so capacity is never lost silently.
+freed (and logged), so capacity is never lost silently. New peers' handshakes never
+block this loop (kflume/comm/ucx_accept.py).
 
 On a GPU node, replies that carry results wait for an event (the kernels done with the
 message's tensors and the reply's), while the loop goes on receiving.
@@ -178,7 +179,7 @@ class NodeServer:
             log.info("peer %s joined (%d connected)", conn.peer, len(self.peers))
         refused = getattr(self.listener, "refused", None)
         while refused:
-            log.warning("refused a peer: %s", refused.pop(0))
+            log.warning("refused a peer: %s", refused.popleft())
 
     def drop(self, peer: Peer, why: str) -> None:
         """A peer went away: cancel its receives, free its requests."""

@@ -21,6 +21,7 @@ from ..comm.base import (
     Recv,
     RemoteError,
     Transport,
+    TransportError,
 )
 from ..comm.mailbox import Mailbox
 from ..comm.wire import Header, dtype_name, state_row_bytes
@@ -61,9 +62,9 @@ class Pending:
             try:
                 (self._message,) = self.client.transport.wait(
                     [self.recv], t, what=f"reply to {self.op}")
-            except DeadlineExceeded as e:
-                raise DeadlineExceeded(f"node {self.client.name} ({self.client.conn.peer}): "
-                                       f"{e}") from None
+            except DeadlineExceeded:
+                raise DeadlineExceeded(f"node {self.client.name} ({self.client.conn.peer}): no "
+                                       f"reply to {self.op} within {t:.3g} s") from None
         return _raise_if_error(self.client, self.op, self._message)
 
 
@@ -79,9 +80,14 @@ def wait_all(pendings: Sequence[Pending], timeout: float) -> list[Message]:
     if not pendings:
         return []
     transport = pendings[0].client.transport
-    ops = sorted({f"{p.op} from node {p.client.name}" for p in pendings})
-    msgs = transport.wait([p.recv for p in pendings], timeout,
-                          what=f"replies ({', '.join(ops)})")
+    try:
+        msgs = transport.wait([p.recv for p in pendings], timeout, what="replies")
+    except DeadlineExceeded as e:
+        late = {id(r) for r in getattr(e, "late", ())}
+        names = sorted({f"node {p.client.name} ({p.client.conn.peer}) to {p.op}"
+                        for p in pendings if id(p.recv) in late})
+        raise DeadlineExceeded(f"no reply within {timeout:.3g} s from {', '.join(names)}"
+                               ) from None
     out = []
     for p, m in zip(pendings, msgs):
         p._message = m
@@ -103,7 +109,13 @@ class NodeClient:
     @classmethod
     def connect(cls, name: str, transport: Transport, address: str,
                 timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
-        return cls(name, transport, transport.connect(address, timeout=timeout), timeout)
+        """Connect to the node at `address`; errors name it (`name`, `address`)."""
+        try:
+            conn = transport.connect(address, timeout=timeout)
+        except (DeadlineExceeded, TransportError) as e:
+            text = str(e).removeprefix(f"{address}: ")
+            raise type(e)(f"node {name} ({address}): {text}") from None
+        return cls(name, transport, conn, timeout)
 
     @property
     def info(self) -> dict:

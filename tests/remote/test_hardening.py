@@ -4,11 +4,152 @@ and the node checked to serve well-behaved clients exactly afterwards."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
+
+from kflume.comm import DeadlineExceeded  # noqa: E402
+from kflume.comm.handshake import parse_address  # noqa: E402
+from kflume.comm.ucx import UcxTransport  # noqa: E402
+from kflume.comm.wire import Header, unpack_states  # noqa: E402
+from kflume.node import NodeConfig, NodeProcess  # noqa: E402
+from kflume.testing import ReferenceKV, assert_close_rel  # noqa: E402
+from kflume.weight.client import NodeClient, wait_all  # noqa: E402
+
+from .rawpeer import VERSION, Worker, hello  # noqa: E402
+
+TOKEN = "hardening-token"
+CONFIG = NodeConfig(layers=2, kv_heads=2, head_dim=64, capacity_tokens=4096, dtype="float32")
+HQ = 8
+
+
+@pytest.fixture(scope="module")
+def node():
+    proc = NodeProcess(CONFIG, token=TOKEN)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def transport():
+    t = UcxTransport(token=TOKEN)
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return Worker()
+
+
+def fill(client: NodeClient, ref: ReferenceKV, rid, tokens: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(CONFIG.layers):
+        k, v = (torch.randn(1, tokens, 2, 64, generator=g) for _ in range(2))
+        client.append(layer, [rid], [0], [0], k, v)
+        ref.extend(layer, rid, k[0], v[0])
+    client.flush()
+
+
+def check_exact(client: NodeClient, ref: ReferenceKV, rid, tokens: int,
+                timeout: float = 5.0) -> None:
+    """The node's attention over `rid` equals the float64 reference, in every layer."""
+    q = torch.randn(1, HQ, 64)
+    for layer in range(CONFIG.layers):
+        (states,) = client.attend(layer, 1, [rid], [tokens], q).result(timeout).tensors
+        out, _ = unpack_states(states, HQ, 64, torch.float32)
+        assert_close_rel(out, ref.attend(layer, [rid], q, 64**-0.5), torch.float32)
+
+
+def serving(node: NodeProcess, transport, rid="alive", seed=5) -> None:
+    """The node process lives and a fresh client gets exact attention from it."""
+    assert node.running, "the node process died"
+    c = NodeClient.connect("n", transport, node.address, timeout=10.0)
+    ref = ReferenceKV(CONFIG.layers)
+    fill(c, ref, rid, 21, seed)
+    check_exact(c, ref, rid, 21)
+    c.free([rid])
+    c.close()
+
+
+# ---- handshakes never block serving -------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_idle_and_slow_handshakes_do_not_stall_serving(node, transport):
+    c = NodeClient.connect("n", transport, node.address, timeout=10.0)
+    idle = [socket.create_connection(parse_address(node.address)) for _ in range(80)]
+    slow = socket.create_connection(parse_address(node.address))
+    slow.sendall(b"\x40\x00")  # half a length prefix, the rest never comes
+    try:
+        worst = 0.0
+        for _ in range(20):
+            t0 = time.monotonic()
+            c.stats()
+            worst = max(worst, time.monotonic() - t0)
+        assert worst < 1.0, f"a call took {worst:.2f} s while handshakes were pending"
+        ref = ReferenceKV(CONFIG.layers)  # and a new peer is accepted meanwhile
+        other = NodeClient.connect("n2", transport, node.address, timeout=5.0)
+        fill(other, ref, "h1", 9, 1)
+        check_exact(other, ref, "h1", 9)
+        other.free(["h1"])
+        # Handshakes that never finish are given up after their deadline.
+        idle[0].settimeout(15.0)
+        assert idle[0].recv(1) == b""
+    finally:
+        for s in idle + [slow]:
+            s.close()
+        c.close()
+
+
+# ---- addresses: a peer cannot crash the node -----------------------------------------------
+@pytest.mark.timeout(180)
+def test_malformed_worker_addresses_are_refused_and_the_node_lives(node, worker, transport):
+    good = worker.address
+    bad = [b"", b"\xff", bytes([0xFF]) + good[1:], good[:40], good + b"\x00" * 8,
+           bytes(range(256)) * 200]
+    for i in range(len(good)):  # every byte flipped, one at a time
+        b = bytearray(good)
+        b[i] = 0 if good[i] else 0xFF
+        bad.append(bytes(b))
+    replies = []
+    for addr in bad:
+        sock, reply = hello(node.address, {"v": VERSION, "token": TOKEN, "chan": 5,
+                                           "addr": addr, "info": {}, "inline": 0})
+        sock.close()
+        time.sleep(0.01)  # (a node that aborts takes a moment to go)
+        assert node.running, f"the node died on the address {addr.hex()}"
+        replies.append(reply)
+    for reply in replies[:6]:  # (a flipped byte of the worker's id, say, is valid)
+        assert reply is not None and not reply["ok"] and "address" in reply["err"], reply
+    serving(node, transport)
+
+
+# ---- every timeout names the node and the operation -------------------------------------
+@pytest.mark.timeout(60)
+def test_timeouts_name_the_node_and_the_operation(node, transport):
+    mute = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    addr = f"127.0.0.1:{mute.getsockname()[1]}"
+    try:
+        with pytest.raises(TimeoutError, match=rf"mute.*{addr}.*handshake"):
+            NodeClient.connect("mute", transport, addr, timeout=0.5)
+    finally:
+        mute.close()
+    c = NodeClient.connect("n7", transport, node.address, timeout=10.0)
+    import os
+    import signal
+
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(DeadlineExceeded, match=rf"n7.*{node.address}.*stats"):
+            c.call(Header("stats")).result(0.3)
+        with pytest.raises(DeadlineExceeded, match=rf"n7.*{node.address}.*free"):
+            wait_all([c.call(Header("free", requests=["x"]))], 0.3)
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    c.stats()
 
 
 # ---- no token, no public address ----------------------------------------------------------
