@@ -11,6 +11,10 @@ a peer that dies or answers with an error raises here, naming the peer.
 Parts: where both sides already agreed on a message's sizes (an attend stream,
 kflume/weight/stream.py), its tensors go alone, with no header: `send_part` / `post_part_recv`
 by (sequence number, part).
+
+A refused call must leave a connection usable: `send` raises before any of the message
+goes out, or sends all of it; a posted receive takes nothing until it is polled, so one
+whose send was refused (or that nobody waits for) never takes a later message.
 """
 
 from __future__ import annotations

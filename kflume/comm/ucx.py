@@ -22,7 +22,9 @@ import secrets
 import select
 import socket
 import time
+from collections import deque
 
+import numpy as np
 import torch
 
 from . import handshake, ucx_address
@@ -89,7 +91,9 @@ class UcxTransport(Transport):
         self._inflight: list = []
         self._arrays: dict[tuple, tuple] = {}  # Arrays of reused buffers (bounded)
         self._conns: dict[int, UcxConnection] = {}
-        self._last_check = 0.0
+        self._last_check = self._last_drain = 0.0
+        self._drains: deque = deque(maxlen=4096)  # (tag, deadline): messages to discard
+        self._scratch = self.Array(np.empty(16, dtype=np.uint8))
 
     def _array(self, t: torch.Tensor, cached: bool):
         """(Array, keep-alive) for a tensor. Buffers that callers reuse (`into`, static
@@ -176,6 +180,35 @@ class UcxTransport(Transport):
     def listen(self, address: str) -> Listener:
         return UcxListener(self, address, timeout=self.handshake_timeout)
 
+    # ---- tagged messages: probed, then received --------------------------------------
+    def probe(self, tag: int):
+        """The message with `tag` if it has come (taken off UCX's queue: it must then be
+        received, `recv_probed`), else None."""
+        p = self.worker.tag_probe(self.L.UCXXTag(tag), remove=True)
+        return p if p.matched else None
+
+    def recv_probed(self, array, probe):
+        return self.worker.tag_recv_with_handle(array, probe)
+
+    def discard(self, tags, seconds: float = 30.0) -> None:
+        """Messages that may still come for `tags` and nobody will read: received (into a
+        scratch buffer, truncated) for `seconds` if they come, so that neither UCX nor
+        the sender keeps them."""
+        deadline = time.monotonic() + seconds
+        self._drains.extend((t, deadline) for t in tags)
+
+    def _drain(self, most: int = 32) -> None:
+        """Look for `most` of the messages to discard (a few each progress: a peer that
+        has many discarded cannot slow the loop down)."""
+        now = time.monotonic()
+        for _ in range(min(most, len(self._drains))):
+            tag, deadline = self._drains.popleft()
+            p = self.probe(tag)
+            if p is not None:
+                self._inflight.append((self.recv_probed(self._scratch, p), None, None, False))
+            elif now < deadline:
+                self._drains.append((tag, deadline))
+
     # ---- progress ---------------------------------------------------------------
     def _reap(self) -> None:
         if not self._inflight:
@@ -189,7 +222,8 @@ class UcxTransport(Transport):
             try:
                 req.check_error()
             except Exception as e:  # noqa: BLE001
-                conn.mark_dead(f"send failed: {e}")
+                if conn is not None:  # (a discarded message: truncated, as meant)
+                    conn.mark_dead(f"send failed: {e}")
             if pooled:
                 conn._give_buffer(buf)  # a header buffer, free for the next message
         self._inflight = keep
@@ -215,6 +249,9 @@ class UcxTransport(Transport):
         self.worker.progress()
         self._reap()
         now = time.monotonic()
+        if self._drains and now - self._last_drain > 2e-3:  # (off the hot path)
+            self._last_drain = now
+            self._drain()
         if self.mode == "poll" or timeout <= 0:
             if now - self._last_check > 1e-3:  # liveness of peers, every millisecond
                 self._last_check = now

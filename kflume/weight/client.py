@@ -4,7 +4,10 @@ Every call posts its reply receive first, then sends, and returns a `Pending` at
 so callers can dispatch to many nodes before waiting on any (query-first dispatch).
 Replies nobody waits for on the critical path (appends, imports) are kept as
 outstanding acknowledgements and checked later (`check`, `flush`): a node's refusal is
-raised, never dropped. Attend streams: kflume/weight/stream.py.
+raised, never dropped. A call refused here (a tensor the wire cannot carry, a header
+too large, a reply buffer that does not fit) raises before anything is sent and leaves
+the client as it was; every timeout names the node, its address and the operation.
+Attend streams: kflume/weight/stream.py.
 """
 
 from __future__ import annotations
@@ -125,11 +128,17 @@ class NodeClient:
     def call(self, header: Header, tensors: Sequence[torch.Tensor] = (),
              into: Sequence[torch.Tensor] | None = None, ready: bool = False) -> Pending:
         """Post the reply's receive, then send. `ready=True`: CUDA tensors are known to be
-        written (e.g. a captured graph posted them), so the current stream is not synced."""
+        written (e.g. a captured graph posted them), so the current stream is not synced.
+
+        What can refuse the call is checked before anything goes out: the receive
+        (`into` buffers) when posted, the message (dtypes, contiguity, header size) by
+        `send` before it sends. A receive whose send was refused takes nothing (one
+        is only read when waited on), and the sequence number is taken once sent, so a
+        refused call leaves the client in step with the node."""
         recv = self.conn.post_recv(self._seq, into)  # posted before the send
         header.seq = self._seq
         self.conn.send(header, tensors, ready=ready)
-        self._seq += 1  # (only once sent: a refused send leaves the numbering in step)
+        self._seq += 1
         return Pending(self, header.op, recv)
 
     # ---- the data path ----------------------------------------------------------------
@@ -140,6 +149,12 @@ class NodeClient:
         (`kflume.comm.wire.unpack_states` gives views of them), received into `into` when
         given (uint8 `[b, state_row_bytes]`). `ready`: q is known to be written."""
         info = {} if scale is None else {"scale": float(scale)}
+        if q.dim() != 3:
+            raise ValueError(f"q must be [b, Hq, D]; got {list(q.shape)}")
+        if into is not None:
+            check_into(into, tuple(q.shape), q.dtype)
+            if not into.is_contiguous():
+                raise ValueError("into must be contiguous")
         return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
                                 ints={"kv_len": list(kv_len)}, info=info), [q],
                          None if into is None else [into], ready=ready)

@@ -12,15 +12,15 @@ import torch
 
 pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
 
-from kflume.comm import DeadlineExceeded  # noqa: E402
+from kflume.comm import DeadlineExceeded, RemoteError  # noqa: E402
 from kflume.comm.handshake import parse_address  # noqa: E402
 from kflume.comm.ucx import UcxTransport  # noqa: E402
-from kflume.comm.wire import Header, unpack_states  # noqa: E402
+from kflume.comm.wire import Header, encode, unpack_states  # noqa: E402
 from kflume.node import NodeConfig, NodeProcess  # noqa: E402
 from kflume.testing import ReferenceKV, assert_close_rel  # noqa: E402
 from kflume.weight.client import NodeClient, wait_all  # noqa: E402
 
-from .rawpeer import VERSION, Worker, hello  # noqa: E402
+from .rawpeer import VERSION, RawPeer, Worker, hello  # noqa: E402
 
 TOKEN = "hardening-token"
 CONFIG = NodeConfig(layers=2, kv_heads=2, head_dim=64, capacity_tokens=4096, dtype="float32")
@@ -104,6 +104,41 @@ def test_idle_and_slow_handshakes_do_not_stall_serving(node, transport):
         c.close()
 
 
+# ---- frames: lengths checked against the bytes received -----------------------------------
+@pytest.mark.timeout(60)
+def test_a_short_frame_is_refused_not_decoded_from_stale_bytes(node, worker):
+    p = RawPeer(worker, node.address, TOKEN)
+    full = encode(Header("stats", seq=0))
+    p.send(0, full)
+    assert p.recv(0).op == "ok"
+    p.send(1, full[:4])  # the same length prefix, and nothing after it
+    p.send(2, full[: len(full) // 2])
+    for seq in (1, 2):
+        h = p.recv(seq, timeout=5.0)
+        assert h.op == "error" and h.seq == seq and "received" in h.error, h
+    body = encode(Header("stats", seq=7))  # a header claiming another message's number
+    p.send(3, body)
+    h = p.recv(3, timeout=5.0)
+    assert h.op == "error" and "sequence number" in h.error
+    p.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_short_stream_query_fails_the_stream(node, transport):
+    c = NodeClient.connect("n", transport, node.address, timeout=10.0)
+    ref = ReferenceKV(CONFIG.layers)
+    fill(c, ref, "s1", 12, 3)
+    st = c.open_stream(range(0, 1), 1, ["s1"], [12], HQ, 64, torch.float32)
+    into = torch.empty(1, 8 * 64 * 4 + 4 * 8, dtype=torch.uint8)
+    r = c.conn.post_part_recv(st.seq, 1, into)
+    c.conn.send_part(st.seq, 1, torch.randn(1, HQ, 32))  # half the agreed bytes
+    with pytest.raises(RemoteError, match="bytes"):
+        st.ack.result(5.0)
+    r.cancel()
+    check_exact(c, ref, "s1", 12)  # the client and the node go on
+    c.free(["s1"])
+
+
 # ---- addresses: a peer cannot crash the node -----------------------------------------------
 @pytest.mark.timeout(180)
 def test_malformed_worker_addresses_are_refused_and_the_node_lives(node, worker, transport):
@@ -125,6 +160,36 @@ def test_malformed_worker_addresses_are_refused_and_the_node_lives(node, worker,
     for reply in replies[:6]:  # (a flipped byte of the worker's id, say, is valid)
         assert reply is not None and not reply["ok"] and "address" in reply["err"], reply
     serving(node, transport)
+
+
+# ---- refused calls leave the client usable --------------------------------------------------
+@pytest.mark.timeout(60)
+def test_calls_refused_on_the_client_leave_it_in_step(node, transport):
+    c = NodeClient.connect("n", transport, node.address, timeout=5.0)
+    ref = ReferenceKV(CONFIG.layers)
+    fill(c, ref, "c1", 17, 4)
+    q = torch.randn(1, HQ, 64)
+    big = torch.randn(1, 2048, 2, 64, requires_grad=True)  # 1 MiB: a message of its own
+    refused = [
+        lambda: c.attend(0, 1, ["c1"], [17], q.double()),  # a dtype the wire cannot carry
+        lambda: c.attend(0, 1, ["c1"], [17], torch.randn(1, 64, HQ).transpose(1, 2)),
+        lambda: c.attend(0, 1, [f"r{i:0>40}" for i in range(4000)], [1] * 4000, q),  # header
+        lambda: c.attend(0, 1, ["c1"], [17], q, into=torch.empty(8, 1, dtype=torch.uint8).t()),
+        lambda: c.append(0, ["c1"], [17], [17], q.double()[:, :1], q.double()[:, :1]),
+    ]
+    try:  # tensors that need a gradient are sent as their data, or refused
+        c.append(0, ["c1"], [17], [17], big, big)
+    except (ValueError, TypeError, RuntimeError):
+        pass
+    check_exact(c, ref, "c1", 17)
+    kept = []  # the errors, kept (to be reported later, say)
+    for call in refused:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        kept.append(info.value)
+        check_exact(c, ref, "c1", 17)
+    c.outstanding.clear()
+    c.free(["c1"])
 
 
 # ---- every timeout names the node and the operation -------------------------------------
