@@ -4,8 +4,9 @@ One thread serves every connection: it keeps one receive posted per connection f
 peer's next sequence number, handles each message with the node (kflume/node/ops.py,
 attend streams in kflume/node/streams.py), and answers every message: a result, "ok",
 or an "error" that names the problem. A message the node refuses changes nothing and
-the server goes on serving everyone. When a peer goes away, the requests it opened are
-freed (and logged), so capacity is never lost silently. New peers' handshakes never
+the server goes on serving everyone. A peer's request ids are its own
+(kflume/node/peer.py). When a peer goes away, the requests it opened are freed (and
+logged), so capacity is never lost silently. New peers' handshakes never
 block this loop (kflume/comm/ucx_accept.py).
 
 On a GPU node, replies that carry results wait for an event (the kernels done with the
@@ -14,6 +15,7 @@ message's tensors and the reply's), while the loop goes on receiving.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
@@ -109,6 +111,7 @@ class NodeServer:
         self.op_timings: deque[Timing] = deque(maxlen=512)  # the other messages answered
         self.gc = gc_pauses()  # the process's collector pauses (stats)
         self._next_accept = 0.0
+        self._peer_ids = itertools.count(1)
 
     @property
     def address(self) -> str:
@@ -175,7 +178,7 @@ class NodeServer:
         while (conn := self.listener.accept()) is not None:
             if hasattr(conn, "recv_device"):
                 conn.recv_device = self.node.device
-            self.peers.append(Peer(conn))
+            self.peers.append(Peer(conn, uid=next(self._peer_ids)))
             log.info("peer %s joined (%d connected)", conn.peer, len(self.peers))
         refused = getattr(self.listener, "refused", None)
         while refused:

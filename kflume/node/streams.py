@@ -91,9 +91,10 @@ class Streams:
         pull them from); answered once its layers are."""
         b = len(h.requests)
         spec = parse_spec(h, b)
-        if b > len(self.node.requests):  # before allocating buffers for it
+        if b > len(peer.requests):  # before allocating buffers for it
             raise UnknownRequestError(f"stream names {b} requests; this node holds "
-                                      f"{len(self.node.requests)}")
+                                      f"{len(peer.requests)} of this peer's")
+        keys = peer.scope(h.requests)
         bufs = self._buffers(peer, spec)
         peer.last_stream = time.monotonic()
         st = ServedStream(h.seq, range(h.layer, h.layer + spec.layers), bufs, spec.key,
@@ -111,7 +112,7 @@ class Streams:
             st.mail = MailTarget(box, spec.mailbox[1], spec.mailbox[2], spec.mailbox[3])
             bufs.bell.fill_(spec.mailbox[3])  # ordered before the layers' deliveries
         self._check_geometry("stream", spec)
-        st.run = self.node.attend_stream(st.layers, h.requests, self.server.ints(h, "kv_len", b),
+        st.run = self.node.attend_stream(st.layers, keys, self.server.ints(h, "kv_len", b),
                                          bufs.q, bufs.result, scale=spec.scale, hooks=hooks)
 
     def capture(self, peer: Peer, h: Header) -> Header:

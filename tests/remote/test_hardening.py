@@ -192,6 +192,30 @@ def test_calls_refused_on_the_client_leave_it_in_step(node, transport):
     c.free(["c1"])
 
 
+# ---- request ids are scoped per connection --------------------------------------------------
+@pytest.mark.timeout(60)
+def test_two_weight_nodes_with_the_same_request_ids_stay_apart(node):
+    ta, tb = UcxTransport(token=TOKEN), UcxTransport(token=TOKEN)
+    a = NodeClient.connect("a", ta, node.address, timeout=10.0)
+    b = NodeClient.connect("b", tb, node.address, timeout=10.0)
+    ra, rb = ReferenceKV(CONFIG.layers), ReferenceKV(CONFIG.layers)
+    fill(a, ra, "same", 20, 10)
+    fill(b, rb, "same", 20, 11)
+    check_exact(a, ra, "same", 20)
+    check_exact(b, rb, "same", 20)
+    assert a.stats()["requests"] == 1 and b.stats()["requests"] == 1
+    assert b.free(["same"]) == 20  # b's own, not a's
+    check_exact(a, ra, "same", 20)
+    with pytest.raises(RemoteError, match="unknown request 'same'"):
+        b.attend(0, 1, ["same"], [20], torch.randn(1, HQ, 64)).result()
+    with pytest.raises(RemoteError, match="unknown request 'same'"):
+        b.export_range("same", 0, 20)
+    a.free(["same"])
+    for c, t in ((a, ta), (b, tb)):
+        c.close()
+        t.close()
+
+
 # ---- every timeout names the node and the operation -------------------------------------
 @pytest.mark.timeout(60)
 def test_timeouts_name_the_node_and_the_operation(node, transport):
