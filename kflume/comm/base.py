@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .wire import DTYPES, Header, WireError
+from .wire import DTYPES, MAX_TENSORS, Header, WireError
 
 __all__ = [
     "Connection",
@@ -40,7 +40,7 @@ __all__ = [
     "MAX_PART",
 ]
 
-MAX_PART = 254  # parts of one message: 1..MAX_PART (part 0 is its header)
+MAX_PART = MAX_TENSORS  # parts of one message: 1..MAX_PART (part 0 is its header)
 
 
 class TransportError(ConnectionError):
@@ -105,9 +105,14 @@ def check_into(header: Header, into: Sequence[torch.Tensor] | None, peer: str):
 
 
 class Connection(ABC):
-    """One peer. Messages from this side carry increasing sequence numbers."""
+    """One peer. Messages from this side carry increasing sequence numbers.
+
+    `header_check(header)`, when set, is called with each received header before
+    buffers are allocated for its tensors; raising refuses the message (the receive
+    fails with that error)."""
 
     peer: str
+    header_check: Callable[[Header], None] | None = None
 
     @abstractmethod
     def send(self, header: Header, tensors: Sequence[torch.Tensor] = (),
@@ -134,6 +139,10 @@ class Connection(ABC):
         """Expect part `part` of the peer's message `seq`, exactly `into`'s bytes, in
         `into` (kept as the buffer of later calls too). The Recv's message is a
         "result" header and `[into]`."""
+
+    def discard_parts(self, seq: int, parts: int) -> None:  # noqa: B027 - optional
+        """Parts 1..`parts` of the peer's message `seq` will not be read (a refused
+        stream): if they come, they are dropped."""
 
     @property
     @abstractmethod

@@ -38,6 +38,7 @@ class UcxConnection(Connection):
         addr = L.UCXAddress.create_from_buffer(np.frombuffer(peer_address, dtype=np.uint8))
         self.ep = L.UCXEndpoint.create_from_worker_address(transport.worker, addr, True)
         self.recv_device = torch.device("cpu")
+        self.header_check = None
         self._pool: list = []  # header-message buffers, allocated once and reused
         self._send_pool: list = []
         self.why = ""
@@ -107,6 +108,9 @@ class UcxConnection(Connection):
     def post_part_recv(self, seq: int, part: int, into: torch.Tensor) -> Recv:
         check_part(part, into)
         return UcxPartRecv(self, seq, part, into)
+
+    def discard_parts(self, seq: int, parts: int) -> None:
+        self.transport.discard([tag(self.rx_channel, seq, i) for i in range(1, parts + 1)])
 
     @property
     def alive(self) -> bool:

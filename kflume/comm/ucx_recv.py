@@ -131,6 +131,8 @@ class UcxRecv(Recv):
             if end != n:
                 raise WireError(f"{conn.peer}: message {seq}: its header and inline tensors "
                                 f"take {end} bytes; {n} received")
+            if conn.header_check is not None:
+                conn.header_check(h)  # before a buffer is allocated for its tensors
         except Exception:  # refused: its tensors, if they come, are discarded
             conn.transport.discard([tag(conn.rx_channel, seq, i + 1)
                                     for i in range(len(h.tensors)) if i not in places])

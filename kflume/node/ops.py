@@ -10,6 +10,7 @@ handler only ever names the requests of the peer that sent the message.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,8 +54,9 @@ def _new(server, keys: list) -> list:
 def attend(server, peer: Peer, h: Header, tensors) -> Reply:
     (q,) = _tensors(h, tensors, 1)
     scale = h.info.get("scale")
-    if scale is not None and not isinstance(scale, float):
-        raise ValueError(f"attend: scale must be a float; got {scale!r}")
+    if scale is not None and not (isinstance(scale, float) and math.isfinite(scale)
+                                  and 0 < scale < 1e6):
+        raise ValueError(f"attend: scale must be a positive float; got {scale!r}")
     keys = peer.scope(h.requests)
     states = server.node.attend(h.layer, keys, server.ints(h, "kv_len", len(keys)), q,
                                 scale=scale, packed=True)
@@ -79,8 +81,11 @@ def append(server, peer: Peer, h: Header, tensors) -> Reply:
 
 def open_(server, peer: Peer, h: Header, tensors) -> Reply:
     keys = peer.scope(h.requests)
+    tokens = server.ints(h, "tokens", len(keys))
+    if any(n < 0 for n in tokens):
+        raise ValueError(f"open: tokens must be >= 0; got {min(tokens)}")
     new = _new(server, keys)
-    server.node.open(keys, server.ints(h, "tokens", len(keys)))
+    server.node.open(keys, tokens)
     _joined(server, peer, new)
     return Reply(Header("ok"))
 
@@ -100,6 +105,8 @@ def export(server, peer: Peer, h: Header, tensors) -> Reply:
     if len(h.requests) != 1:
         raise ValueError("export takes one request")
     start, end = server.ints(h, "start", 1)[0], server.ints(h, "end", 1)[0]
+    if not 0 <= start <= end:
+        raise ValueError(f"export: start {start} and end {end} must have 0 <= start <= end")
     k, v = server.node.export_range(peer.scope(h.requests)[0], start, end)
     return Reply(Header("result"), [k, v])
 
@@ -109,8 +116,11 @@ def import_(server, peer: Peer, h: Header, tensors) -> Reply:
         raise ValueError("import takes one request")
     k, v = _tensors(h, tensors, 2)
     keys = peer.scope(h.requests)
+    start = server.ints(h, "start", 1)[0]
+    if not 0 <= start < 2**40:
+        raise ValueError(f"import: start {start} out of range")
     new = _new(server, keys)
-    server.node.import_range(keys[0], server.ints(h, "start", 1)[0], k, v)
+    server.node.import_range(keys[0], start, k, v)
     _joined(server, peer, new)
     return Reply(Header("ok"))
 

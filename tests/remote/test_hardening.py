@@ -139,6 +139,25 @@ def test_a_short_stream_query_fails_the_stream(node, transport):
     c.free(["s1"])
 
 
+@pytest.mark.timeout(60)
+def test_the_tensors_of_a_refused_header_are_discarded(node, transport):
+    """A header refused before its tensors' buffers exist: the tensors, sent anyway,
+    are received into nothing (truncated) on the node, so the sender's sends finish."""
+    c = NodeClient.connect("n", transport, node.address, timeout=10.0)
+    k = torch.randn(1, 4000, 2, 64).bfloat16()  # 1 MiB each, the wrong dtype for the node
+    c.append(0, ["d"], [0], [0], k, k)
+    with pytest.raises(RemoteError, match="k has dtype torch.bfloat16"):
+        c.flush()
+    deadline = time.monotonic() + 10.0
+    while transport._inflight:
+        assert time.monotonic() < deadline, "the refused message's tensors were never taken"
+        transport.progress(0.01)
+    ref = ReferenceKV(CONFIG.layers)
+    fill(c, ref, "d", 7, 2)
+    check_exact(c, ref, "d", 7)
+    c.free(["d"])
+
+
 # ---- addresses: a peer cannot crash the node -----------------------------------------------
 @pytest.mark.timeout(180)
 def test_malformed_worker_addresses_are_refused_and_the_node_lives(node, worker, transport):
