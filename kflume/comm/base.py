@@ -11,6 +11,10 @@ a peer that dies or answers with an error raises here, naming the peer.
 Parts: where both sides already agreed on a message's sizes (an attend stream,
 kflume/weight/stream.py), its tensors go alone, with no header: `send_part` / `post_part_recv`
 by (sequence number, part).
+
+A refused call must leave a connection usable: `send` raises before any of the message
+goes out, or sends all of it; a posted receive takes nothing until it is polled, so one
+whose send was refused (or that nobody waits for) never takes a later message.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .wire import DTYPES, Header, WireError
+from .wire import DTYPES, MAX_TENSORS, Header, WireError
 
 __all__ = [
     "Connection",
@@ -36,7 +40,7 @@ __all__ = [
     "MAX_PART",
 ]
 
-MAX_PART = 254  # parts of one message: 1..MAX_PART (part 0 is its header)
+MAX_PART = MAX_TENSORS  # parts of one message: 1..MAX_PART (part 0 is its header)
 
 
 class TransportError(ConnectionError):
@@ -67,7 +71,10 @@ class Message:
 
 
 class Recv(ABC):
-    """A posted receive of one message. `done` once its header and tensors arrived."""
+    """A posted receive of one message. `done` once its header and tensors arrived.
+    `peer` names whom it is from (for errors)."""
+
+    peer: str = "a peer"
 
     @property
     @abstractmethod
@@ -98,9 +105,14 @@ def check_into(header: Header, into: Sequence[torch.Tensor] | None, peer: str):
 
 
 class Connection(ABC):
-    """One peer. Messages from this side carry increasing sequence numbers."""
+    """One peer. Messages from this side carry increasing sequence numbers.
+
+    `header_check(header)`, when set, is called with each received header before
+    buffers are allocated for its tensors; raising refuses the message (the receive
+    fails with that error)."""
 
     peer: str
+    header_check: Callable[[Header], None] | None = None
 
     @abstractmethod
     def send(self, header: Header, tensors: Sequence[torch.Tensor] = (),
@@ -127,6 +139,10 @@ class Connection(ABC):
         """Expect part `part` of the peer's message `seq`, exactly `into`'s bytes, in
         `into` (kept as the buffer of later calls too). The Recv's message is a
         "result" header and `[into]`."""
+
+    def discard_parts(self, seq: int, parts: int) -> None:  # noqa: B027 - optional
+        """Parts 1..`parts` of the peer's message `seq` will not be read (a refused
+        stream): if they come, they are dropped."""
 
     @property
     @abstractmethod
@@ -172,7 +188,8 @@ class Transport(ABC):
     def wait(self, recvs: Sequence[Recv], timeout: float, what: str = "reply") -> list[Message]:
         """Progress until every receive is done; their messages, in order.
 
-        Raises DeadlineExceeded after `timeout` seconds (the receives are cancelled) and
+        Raises DeadlineExceeded after `timeout` seconds, naming the peers that did not
+        answer (the receives still pending are cancelled and listed in its `late`), and
         TransportError if a peer is gone. A peer's "error" reply is a message like any
         other: the caller (kflume/weight/client.py) turns it into a RemoteError.
         """
@@ -180,10 +197,14 @@ class Transport(ABC):
         while not all(r.done for r in recvs):
             now = time.monotonic()
             if now > deadline:
-                for r in recvs:
-                    if not r.done:
-                        r.cancel()
-                raise DeadlineExceeded(f"no {what} within {timeout:.3g} s")
+                late = [r for r in recvs if not r.done]
+                for r in late:
+                    r.cancel()
+                e = DeadlineExceeded(f"no {what} from "
+                                     f"{', '.join(sorted({r.peer for r in late}))} within "
+                                     f"{timeout:.3g} s")
+                e.late = late  # the receives that timed out (cancelled)
+                raise e
             self.progress(min(deadline - now, 0.01))
         return [r.message() for r in recvs]
 

@@ -63,7 +63,7 @@ class _InProcRecv(Recv):
     (key: its sequence number) or a part (key: (sequence number, part))."""
 
     def __init__(self, conn: _InProcConnection, key, into):
-        self.conn, self.key, self.into = conn, key, into
+        self.conn, self.key, self.into, self.peer = conn, key, into, conn.peer
         self._cancelled = False
 
     @property
@@ -78,6 +78,8 @@ class _InProcRecv(Recv):
 
     def message(self) -> Message:
         header, tensors = self._take()
+        if self.conn.header_check is not None:
+            self.conn.header_check(header)
         if header.op == "error":  # an error reply carries no tensors: nothing lands
             return Message(header, [])
         into = check_into(header, self.into, self.conn.peer)
@@ -147,6 +149,11 @@ class _InProcConnection(Connection):
     def post_part_recv(self, seq: int, part: int, into: torch.Tensor) -> Recv:
         check_part(part, into)
         return _InProcPartRecv(self, (seq, part), into)
+
+    def discard_parts(self, seq: int, parts: int) -> None:
+        for key in ((seq, i) for i in range(1, parts + 1)):
+            if self.inbox.pop(key, None) is None:
+                self.dropped.add(key)
 
     @property
     def alive(self) -> bool:

@@ -1,11 +1,13 @@
 """UCX transport on ucxx's blocking API: shared memory or cuda_ipc on one host, TCP across.
 
 Connecting: a plain TCP socket, bound where the node was told to listen (127.0.0.1 by
-default), carries the handshake (kflume/comm/handshake.py): the cluster token is checked
-before any UCX endpoint exists, and the two sides swap UCX worker addresses. Both then
-create one UCX endpoint from the other's worker address, once, and reuse it. The socket
-stays open: it is how a dead peer is noticed at once (UCX endpoints made from worker
-addresses are not told). Messages and parts: kflume/comm/ucx_conn.py.
+default), carries the handshake (kflume/comm/handshake.py; on the listening side driven
+without blocking from the serving loop, kflume/comm/ucx_accept.py): the cluster token is
+checked before any UCX endpoint exists, and the two sides swap UCX worker addresses,
+each checked before UCX sees it (kflume/comm/ucx_address.py). Both then create one UCX
+endpoint from the other's worker address, once, and reuse it. The socket stays open: it
+is how a dead peer is noticed at once (UCX endpoints made from worker addresses are not
+told). Messages and parts: kflume/comm/ucx_conn.py.
 
 Progress: `"poll"` spins on `worker.progress()` (a weight node waiting for replies, a
 GPU node); `"blocking"` arms the worker and sleeps in `poll(2)` on its event fd and the
@@ -20,13 +22,17 @@ import secrets
 import select
 import socket
 import time
+from collections import deque
 
+import numpy as np
 import torch
 
-from . import handshake
-from .base import Connection, Listener, Transport, TransportError
-from .handshake import parse_address
+from . import handshake, ucx_address
+from .base import DeadlineExceeded, Listener, Transport, TransportError
+from .handshake import Refused, parse_address
+from .ucx_accept import HANDSHAKE_TIMEOUT, UcxListener
 from .ucx_conn import INLINE_BYTES, UcxConnection, as_array
+from .wire import WireError
 
 __all__ = ["SERVER_INLINE_BYTES", "UcxTransport", "parse_address"]
 
@@ -50,40 +56,6 @@ def _ucxx():
     return libucxx, Array
 
 
-class UcxListener(Listener):
-    def __init__(self, transport: UcxTransport, address: str):
-        self.transport = transport
-        host, port = parse_address(address)
-        self.sock = socket.create_server((host, port), reuse_port=False)
-        self.sock.setblocking(False)
-        self.address = f"{host}:{self.sock.getsockname()[1]}"
-        transport._poller.register(self.sock.fileno(), select.POLLIN)
-        self.refused: list[str] = []  # handshakes refused, for logs
-
-    def accept(self) -> Connection | None:
-        try:
-            sock, peer = self.sock.accept()
-        except BlockingIOError:
-            return None
-        peer_name = f"{peer[0]}:{peer[1]}"
-        try:
-            return self.transport._handshake_server(sock, peer_name)
-        except Exception as e:  # noqa: BLE001 - a bad peer must not stop the server
-            self.refused.append(f"{peer_name}: {e}")
-            try:
-                sock.close()
-            except OSError:
-                pass
-            return None
-
-    def close(self) -> None:
-        try:
-            self.transport._poller.unregister(self.sock.fileno())
-        except (KeyError, ValueError):
-            pass
-        self.sock.close()
-
-
 class UcxTransport(Transport):
     """UCX over ucxx. One worker per transport; use it from one thread only.
 
@@ -92,10 +64,12 @@ class UcxTransport(Transport):
     side tells its peers in the handshake. inline_bytes: how many bytes of host tensors
     may ride in a message's header part (nodes use SERVER_INLINE_BYTES: their replies'
     large tensors land directly in the buffers the weight node posted).
+    handshake_timeout: seconds a peer has to complete its handshake with a listener.
     """
 
     def __init__(self, *, token: str | None = None, progress: str = "poll",
-                 info: dict | None = None, inline_bytes: int = INLINE_BYTES) -> None:
+                 info: dict | None = None, inline_bytes: int = INLINE_BYTES,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         if progress not in ("poll", "blocking"):
             raise ValueError(f"progress must be poll or blocking; got {progress!r}")
         self.L, self.Array = _ucxx()
@@ -106,8 +80,10 @@ class UcxTransport(Transport):
         if not 0 <= inline_bytes <= INLINE_BYTES:
             raise ValueError(f"inline_bytes must be in [0, {INLINE_BYTES}]")
         self.inline_bytes = inline_bytes
+        self.handshake_timeout = handshake_timeout
         self.ctx = L.UCXContext({}, (L.Feature.TAG, L.Feature.WAKEUP))
         self.worker = L.UCXWorker(self.ctx)
+        self.own_address = ucx_address.check_own(self.worker.address.tobytes())
         self._poller = select.poll()
         if progress == "blocking":
             self.worker.init_blocking_progress_mode()
@@ -115,7 +91,9 @@ class UcxTransport(Transport):
         self._inflight: list = []
         self._arrays: dict[tuple, tuple] = {}  # Arrays of reused buffers (bounded)
         self._conns: dict[int, UcxConnection] = {}
-        self._last_check = 0.0
+        self._last_check = self._last_drain = 0.0
+        self._drains: deque = deque(maxlen=4096)  # (tag, deadline): messages to discard
+        self._scratch = self.Array(np.empty(16, dtype=np.uint8))
 
     def _array(self, t: torch.Tensor, cached: bool):
         """(Array, keep-alive) for a tensor. Buffers that callers reuse (`into`, static
@@ -142,33 +120,51 @@ class UcxTransport(Transport):
         return {"chan": rx, "addr": self.worker.address.tobytes(), "info": self.info,
                 "inline": self.inline_bytes}
 
-    def connect(self, address: str, *, timeout: float = 30.0) -> Connection:
+    def connect(self, address: str, *, timeout: float = 30.0) -> UcxConnection:
         host, port = parse_address(address)
         deadline = time.monotonic() + timeout
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{address}: no connection (connect) within {timeout:.3g} "
+                                   "s") from None
         except OSError as e:
             raise TransportError(f"cannot connect to {address}: {e}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rx = self._new_channel()
         try:
             reply = handshake.hello(sock, self.token, self._fields(rx), deadline, address)
+            chan, addr, inline = self._check_fields(reply, address)
+            conn = UcxConnection(self, sock, rx, chan, addr, address, reply, inline)
         except BaseException:
             sock.close()
             raise
-        conn = UcxConnection(self, sock, rx, int(reply["chan"]), bytes(reply["addr"]), address,
-                             reply)
         self._adopt(conn)
         return conn
 
-    def _handshake_server(self, sock: socket.socket, peer: str) -> UcxConnection:
-        sock.setblocking(True)
+    def _check_fields(self, got: dict, peer: str) -> tuple[int, bytes, int]:
+        """A peer's handshake fields, checked: its channel, its worker address (before UCX
+        sees it) and how many bytes of tensors it inlines. Raises Refused naming why."""
+        chan, addr, inline, info = (got.get(k) for k in ("chan", "addr", "inline", "info"))
+        if type(chan) is not int or not 0 < chan < 2**31:
+            raise Refused(f"{peer}: bad channel {chan!r} in the handshake")
+        if type(inline) is not int or not 0 <= inline <= INLINE_BYTES:
+            raise Refused(f"{peer}: bad inline size {inline!r} in the handshake")
+        if info is not None and not isinstance(info, dict):
+            raise Refused(f"{peer}: the handshake's info must be a map")
+        try:
+            ucx_address.check(addr, self.own_address)
+        except WireError as e:
+            raise Refused(f"{peer}: {e}") from None
+        return chan, bytes(addr), inline
+
+    def _accept_hello(self, sock: socket.socket, peer: str, got: dict):
+        """A checked hello (kflume/comm/ucx_accept.py): the connection, not yet adopted,
+        and the answer."""
+        chan, addr, inline = self._check_fields(got, peer)
         rx = self._new_channel()
-        hello = handshake.answer(sock, self.token, self._fields(rx))
-        conn = UcxConnection(self, sock, rx, int(hello["chan"]), hello["addr"], peer,
-                             hello)
-        self._adopt(conn)
-        return conn
+        conn = UcxConnection(self, sock, rx, chan, addr, peer, got, inline)
+        return conn, {"ok": True, **self._fields(rx)}
 
     def _adopt(self, conn: UcxConnection) -> None:
         self._conns[conn.rx_channel] = conn
@@ -182,7 +178,36 @@ class UcxTransport(Transport):
             pass
 
     def listen(self, address: str) -> Listener:
-        return UcxListener(self, address)
+        return UcxListener(self, address, timeout=self.handshake_timeout)
+
+    # ---- tagged messages: probed, then received --------------------------------------
+    def probe(self, tag: int):
+        """The message with `tag` if it has come (taken off UCX's queue: it must then be
+        received, `recv_probed`), else None."""
+        p = self.worker.tag_probe(self.L.UCXXTag(tag), remove=True)
+        return p if p.matched else None
+
+    def recv_probed(self, array, probe):
+        return self.worker.tag_recv_with_handle(array, probe)
+
+    def discard(self, tags, seconds: float = 30.0) -> None:
+        """Messages that may still come for `tags` and nobody will read: received (into a
+        scratch buffer, truncated) for `seconds` if they come, so that neither UCX nor
+        the sender keeps them."""
+        deadline = time.monotonic() + seconds
+        self._drains.extend((t, deadline) for t in tags)
+
+    def _drain(self, most: int = 32) -> None:
+        """Look for `most` of the messages to discard (a few each progress: a peer that
+        has many discarded cannot slow the loop down)."""
+        now = time.monotonic()
+        for _ in range(min(most, len(self._drains))):
+            tag, deadline = self._drains.popleft()
+            p = self.probe(tag)
+            if p is not None:
+                self._inflight.append((self.recv_probed(self._scratch, p), None, None, False))
+            elif now < deadline:
+                self._drains.append((tag, deadline))
 
     # ---- progress ---------------------------------------------------------------
     def _reap(self) -> None:
@@ -197,7 +222,8 @@ class UcxTransport(Transport):
             try:
                 req.check_error()
             except Exception as e:  # noqa: BLE001
-                conn.mark_dead(f"send failed: {e}")
+                if conn is not None:  # (a discarded message: truncated, as meant)
+                    conn.mark_dead(f"send failed: {e}")
             if pooled:
                 conn._give_buffer(buf)  # a header buffer, free for the next message
         self._inflight = keep
@@ -223,6 +249,9 @@ class UcxTransport(Transport):
         self.worker.progress()
         self._reap()
         now = time.monotonic()
+        if self._drains and now - self._last_drain > 2e-3:  # (off the hot path)
+            self._last_drain = now
+            self._drain()
         if self.mode == "poll" or timeout <= 0:
             if now - self._last_check > 1e-3:  # liveness of peers, every millisecond
                 self._last_check = now

@@ -16,11 +16,16 @@ import msgpack
 import torch
 
 __all__ = ["VERSION", "OPS", "Header", "WireError", "encode", "decode", "DTYPES", "MAX_HEADER",
-           "pack_states", "unpack_states", "state_row_bytes"]
+           "MAX_REQUESTS", "MAX_TENSORS", "pack_states", "unpack_states", "state_row_bytes"]
 
 VERSION = 1
 MAX_HEADER = 1 << 16  # bytes (64 KiB); a header beyond this is refused
 MAX_TENSOR_BYTES = 1 << 36  # 64 GiB: refuse descriptors that would allocate absurd buffers
+MAX_TENSORS = 254  # tensors of one message (parts 1..254; part 0 is the header)
+MAX_DIMS = 8
+MAX_REQUESTS = 1 << 16  # request ids in one message
+MAX_ID = 256  # characters of a string request id
+_I64 = (-(2**63), 2**63 - 1)
 OPS = frozenset(
     {"open", "append", "attend", "stream", "mailbox", "cancel", "free", "truncate", "export",
      "import",
@@ -149,25 +154,34 @@ def decode_with_end(buf) -> tuple[Header, int]:
     if not isinstance(d, dict):
         raise WireError("header must be a map")
     if d.get("v") != VERSION:
-        raise WireError(f"wire version {d.get('v')!r} is not supported (this side speaks "
+        raise WireError(f"wire version {str(d.get('v'))[:20]} is not supported (this side speaks "
                         f"{VERSION})")
     op = d.get("op")
-    if op not in OPS:
-        raise WireError(f"unknown op {op!r}")
+    if type(op) is not str or op not in OPS:
+        raise WireError(f"unknown op {str(op)[:40]!r}")
     reqs = d.get("req", [])
-    if type(reqs) is not list or not all(type(r) in (int, str) for r in reqs):
-        raise WireError("request ids must be a list of ints or strings")
+    if type(reqs) is not list or len(reqs) > MAX_REQUESTS:
+        raise WireError(f"request ids must be a list of at most {MAX_REQUESTS}")
+    for r in reqs:
+        if not ((type(r) is int and _I64[0] <= r <= _I64[1])
+                or (type(r) is str and len(r) <= MAX_ID)):
+            raise WireError(f"request ids must be 64-bit integers or strings of at most "
+                            f"{MAX_ID} characters; got {str(r)[:40]!r}")
     ints = d.get("ints", {})
-    if type(ints) is not dict:
-        raise WireError("ints must map names to lists of integers")
-    for k, v in ints.items():  # msgpack integers are 64-bit already: types are enough
-        if type(k) is not str or type(v) is not list or not all(type(x) is int for x in v):
-            raise WireError(f"ints[{k}] must be a list of integers")
+    if type(ints) is not dict or len(ints) > 32:
+        raise WireError("ints must map at most 32 names to lists of integers")
+    for k, v in ints.items():
+        if type(k) is not str or type(v) is not list or len(v) > MAX_REQUESTS or not all(
+                type(x) is int and _I64[0] <= x <= _I64[1] for x in v):
+            raise WireError(f"ints[{str(k)[:40]}] must be a list of 64-bit integers")
+    descs = d.get("t", [])
+    if type(descs) is not list or len(descs) > MAX_TENSORS:
+        raise WireError(f"a message carries at most {MAX_TENSORS} tensors")
     tensors = []
-    for t in d.get("t", []):
-        if not (isinstance(t, list) and len(t) == 2 and t[0] in DTYPES
-                and isinstance(t[1], list)):
-            raise WireError(f"bad tensor descriptor {t!r}")
+    for t in descs:
+        if not (isinstance(t, list) and len(t) == 2 and isinstance(t[0], str)
+                and t[0] in DTYPES and isinstance(t[1], list) and len(t[1]) <= MAX_DIMS):
+            raise WireError(f"bad tensor descriptor {str(t)[:80]}")
         shape = tuple(_int("shape", s, 0, 2**40) for s in t[1])
         nbytes = DTYPES[t[0]].itemsize
         for s in shape:

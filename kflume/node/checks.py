@@ -10,8 +10,47 @@ from collections.abc import Sequence
 
 import torch
 
-from ..comm.wire import state_row_bytes
+from ..comm.wire import DTYPES, Header, state_row_bytes
 from ..config import NodeConfig
+from .pages import NodeCapacityError
+
+MAX_Q_HEADS = 512  # query heads of a message or a stream
+MAX_STREAM_BYTES = 4 << 30  # a stream's query and reply buffers
+
+
+def message(node, h: Header) -> None:
+    """A received header's tensor descriptors, checked against this node before any
+    buffer is allocated for them (the op's handler checks the rest)."""
+    c = node.config
+    want = {"attend": 1, "append": 2, "import": 2}.get(h.op, 0)
+    if len(h.tensors) != want:
+        raise ValueError(f"{h.op} carries {len(h.tensors)} tensors; it needs {want}")
+    if not want:
+        return
+    names = ("q",) if h.op == "attend" else ("k", "v")
+    for name, (dtype, _) in zip(names, h.tensors):
+        if DTYPES[dtype] != node.dtype:
+            raise TypeError(f"{name} has dtype {DTYPES[dtype]}; this node holds {c.dtype} KV")
+    b, cap, kv = len(h.requests), c.num_pages * c.page_size, (c.kv_heads, c.head_dim)
+    if h.op == "attend":
+        q = h.tensors[0][1]
+        if len(q) != 3 or q[0] != b or q[2] != c.head_dim or not 0 < q[1] <= MAX_Q_HEADS:
+            raise ValueError(f"q must be [{b}, Hq <= {MAX_Q_HEADS}, {c.head_dim}]; got {list(q)}")
+        return
+    k, v = (shape for _, shape in h.tensors)
+    if h.op == "append":
+        if k != v or len(k) not in (4, 5) or k[0] != b or k[-2:] != kv or (
+                len(k) == 5 and not 0 < k[1] <= c.layers):
+            raise ValueError(f"append: k, v must be [{b}, T, {kv[0]}, {kv[1]}] or [{b}, L <= "
+                             f"{c.layers}, T, {kv[0]}, {kv[1]}]; got {list(k)}, {list(v)}")
+        tokens = k[-3]
+    else:
+        if k != v or len(k) != 4 or k[0] != c.layers or k[2:] != kv:
+            raise ValueError(f"import: k, v must be [{c.layers}, n, {kv[0]}, {kv[1]}]; got "
+                             f"{list(k)}, {list(v)}")
+        tokens = k[1]
+    if tokens > cap:
+        raise NodeCapacityError(f"{h.op}: {tokens} tokens exceed this node's capacity of {cap}")
 
 
 def layer(config: NodeConfig, index: int) -> None:
@@ -114,3 +153,23 @@ def imported(node, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("import: v must have k's shape")
     if k.dtype != node.dtype or v.dtype != node.dtype:
         raise TypeError(f"import: k, v must be {c.dtype}")
+
+
+def stream(node, op: str, spec, first: int) -> None:
+    """What bounds an attend stream's buffers (its checked `StreamSpec`, from layer
+    `first`), checked before they exist: this node's head size, dtype and layers, the
+    query heads, and the buffers' bytes."""
+    c = node.config
+    if spec.head_dim != c.head_dim or spec.dtype != node.dtype:
+        raise ValueError(f"{op}: q is {spec.dtype} with head_dim {spec.head_dim}; this "
+                         f"node holds {c.dtype} KV with head_dim {c.head_dim}")
+    layer_range(c, range(first, first + spec.layers))
+    if spec.heads % c.kv_heads or spec.heads > MAX_Q_HEADS:
+        raise ValueError(f"{op}: heads must be a multiple of the {c.kv_heads} KV heads, at "
+                         f"most {MAX_Q_HEADS}; got {spec.heads}")
+    row = spec.heads * spec.head_dim * spec.dtype.itemsize
+    nbytes = spec.layers * spec.rows * (row + state_row_bytes(spec.heads, spec.head_dim,
+                                                              spec.dtype))
+    if nbytes > MAX_STREAM_BYTES:
+        raise ValueError(f"{op}: its buffers would take {nbytes} bytes (at most "
+                         f"{MAX_STREAM_BYTES})")

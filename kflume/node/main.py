@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the KV heads)")
     p.add_argument("--token", default=None,
                    help="cluster token peers must present (default: $KFLUME_TOKEN)")
+    p.add_argument("--insecure-no-token", action="store_true",
+                   help="listen on an address other hosts reach without a token: any peer "
+                        "that reaches the port may use the node (refused otherwise)")
+    p.add_argument("--handshake-timeout", type=float, default=5.0,
+                   help="seconds a connecting peer has to complete its handshake")
     p.add_argument("--progress", default=None, choices=["poll", "blocking"],
                    help="how the UCX worker is driven: poll spins (lowest latency), blocking "
                         "sleeps on its event fd (leaves the cores to the computation); "
@@ -63,8 +68,25 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
-    if args.stream_deadline <= 0:
-        raise SystemExit("kflume node: --stream-deadline must be positive")
+    if args.stream_deadline <= 0 or args.handshake_timeout <= 0:
+        raise SystemExit("kflume node: --stream-deadline and --handshake-timeout must be "
+                         "positive")
+    import os
+
+    from ..comm.handshake import is_loopback, parse_address
+
+    token = args.token if args.token is not None else os.environ.get("KFLUME_TOKEN", "")
+    try:
+        host, _ = parse_address(args.listen)
+    except ValueError as e:
+        raise SystemExit(f"kflume node: --listen: {e}") from None
+    if not token and not is_loopback(host):
+        if not args.insecure_no_token:
+            raise SystemExit(f"kflume node: refusing to listen on {args.listen} without a "
+                             "token: other hosts could use this node. Set KFLUME_TOKEN (or "
+                             "--token), listen on 127.0.0.1, or pass --insecure-no-token")
+        log.warning("listening on %s without a token (--insecure-no-token): any peer that "
+                    "reaches this port may use the node", args.listen)
     try:
         config = NodeConfig(layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                             capacity_tokens=args.capacity_tokens, dtype=args.dtype,
@@ -96,9 +118,10 @@ def main(argv=None) -> int:
     ucx.join()
     # the host lets a weight node of this host hand it mailboxes (kflume/comm/mailbox.py)
     info = {**node.stats(), "host": host_id(), "startup": startup}
-    transport = UcxTransport(token=args.token, info=info,
+    transport = UcxTransport(token=token, info=info,
                              progress=args.progress or default_progress(args.device),
-                             inline_bytes=SERVER_INLINE_BYTES)
+                             inline_bytes=SERVER_INLINE_BYTES,
+                             handshake_timeout=args.handshake_timeout)
     server = NodeServer(node, transport, transport.listen(args.listen),
                         stream_deadline=args.stream_deadline)
     startup["listen"] = time.time()  # (in the handshake's info: the same dict)

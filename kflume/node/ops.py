@@ -3,12 +3,14 @@
 A handler gets the server, the peer, the checked header and the message's tensors (on
 the node's device), and returns the `Reply` to send, or None for a stream (answered
 once its layers are). It raises to refuse: the server answers with an error naming the
-problem and the node is unchanged.
+problem and the node is unchanged. Request ids are the peer's own (`Peer.scope`): a
+handler only ever names the requests of the peer that sent the message.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,28 +41,36 @@ def _joined(server, peer: Peer, new: list) -> None:
         return
     peer.requests.update(new)
     s = server.node.stats()
-    log.info("requests joined: %s; %d requests, %d of %d pages free", new, s["requests"],
-             s["pages_free"], s["pages_total"])
+    log.info("%s: requests joined: %s; %d requests, %d of %d pages free", peer.conn.peer,
+             new, s["requests"], s["pages_free"], s["pages_total"])
+
+
+def _new(server, keys: list) -> list:
+    """The keys the node does not hold yet."""
+    held = server.node.requests
+    return [k for k in keys if k not in held]
 
 
 def attend(server, peer: Peer, h: Header, tensors) -> Reply:
     (q,) = _tensors(h, tensors, 1)
     scale, softcap = h.info.get("scale"), h.info.get("softcap")
     for name, x in (("scale", scale), ("softcap", softcap)):
-        if x is not None and not isinstance(x, float):
-            raise ValueError(f"attend: {name} must be a float; got {x!r}")
-    n = len(h.requests)
+        if x is not None and not (isinstance(x, float) and math.isfinite(x) and 0 < x < 1e6):
+            raise ValueError(f"attend: {name} must be a positive float; got {x!r}")
+    keys = peer.scope(h.requests)
+    n = len(keys)
     start = server.ints(h, "kv_start", n) if "kv_start" in h.ints else None
-    states = server.node.attend(h.layer, h.requests, server.ints(h, "kv_len", n), q,
-                                scale=scale, packed=True, kv_start=start, softcap=softcap)
+    states = server.node.attend(h.layer, keys, server.ints(h, "kv_len", n), q, scale=scale,
+                                packed=True, kv_start=start, softcap=softcap)
     return Reply(Header("result", layer=h.layer, epoch=h.epoch), [states])
 
 
 def append(server, peer: Peer, h: Header, tensors) -> Reply:
     k, v = _tensors(h, tensors, 2)
-    n, layers = len(h.requests), h.info.get("layers")
-    new = [r for r in h.requests if r not in server.node.requests]
-    args = (h.requests, server.ints(h, "offsets", n), server.ints(h, "positions", n), k, v)
+    keys, layers = peer.scope(h.requests), h.info.get("layers")
+    new = _new(server, keys)
+    args = (keys, server.ints(h, "offsets", len(keys)), server.ints(h, "positions", len(keys)),
+            k, v)
     if layers is None:
         server.node.append(h.layer, *args)
     elif type(layers) is int:
@@ -72,24 +82,30 @@ def append(server, peer: Peer, h: Header, tensors) -> Reply:
 
 
 def open_(server, peer: Peer, h: Header, tensors) -> Reply:
-    new = [r for r in h.requests if r not in server.node.requests]
-    server.node.open(h.requests, server.ints(h, "tokens", len(h.requests)))
+    keys = peer.scope(h.requests)
+    tokens = server.ints(h, "tokens", len(keys))
+    if any(n < 0 for n in tokens):
+        raise ValueError(f"open: tokens must be >= 0; got {min(tokens)}")
+    new = _new(server, keys)
+    server.node.open(keys, tokens)
     _joined(server, peer, new)
     return Reply(Header("ok"))
 
 
 def free(server, peer: Peer, h: Header, tensors) -> Reply:
-    freed = server.node.free(h.requests)
-    peer.requests.difference_update(h.requests)
-    if h.requests:
+    keys = peer.scope(h.requests)
+    freed = server.node.free(keys)
+    peer.requests.difference_update(keys)
+    if keys:
         s = server.node.stats()
-        log.info("freed %d requests (%d tokens); %d of %d pages free", len(h.requests), freed,
-                 s["pages_free"], s["pages_total"])
+        log.info("%s: freed %d requests (%d tokens); %d of %d pages free", peer.conn.peer,
+                 len(keys), freed, s["pages_free"], s["pages_total"])
     return Reply(Header("ok", info={"freed_tokens": freed}))
 
 
 def truncate(server, peer: Peer, h: Header, tensors) -> Reply:
-    dropped = server.node.truncate(h.requests, server.ints(h, "tokens", len(h.requests)))
+    keys = peer.scope(h.requests)
+    dropped = server.node.truncate(keys, server.ints(h, "tokens", len(keys)))
     return Reply(Header("ok", info={"dropped_tokens": dropped}))
 
 
@@ -97,7 +113,9 @@ def export(server, peer: Peer, h: Header, tensors) -> Reply:
     if len(h.requests) != 1:
         raise ValueError("export takes one request")
     start, end = server.ints(h, "start", 1)[0], server.ints(h, "end", 1)[0]
-    k, v = server.node.export_range(h.requests[0], start, end)
+    if not 0 <= start <= end:
+        raise ValueError(f"export: start {start} and end {end} must have 0 <= start <= end")
+    k, v = server.node.export_range(peer.scope(h.requests)[0], start, end)
     return Reply(Header("result"), [k, v])
 
 
@@ -105,8 +123,12 @@ def import_(server, peer: Peer, h: Header, tensors) -> Reply:
     if len(h.requests) != 1:
         raise ValueError("import takes one request")
     k, v = _tensors(h, tensors, 2)
-    new = [r for r in h.requests if r not in server.node.requests]
-    server.node.import_range(h.requests[0], server.ints(h, "start", 1)[0], k, v)
+    keys = peer.scope(h.requests)
+    start = server.ints(h, "start", 1)[0]
+    if not 0 <= start < 2**40:
+        raise ValueError(f"import: start {start} out of range")
+    new = _new(server, keys)
+    server.node.import_range(keys[0], start, k, v)
     _joined(server, peer, new)
     return Reply(Header("ok"))
 
@@ -133,10 +155,16 @@ def mailbox(server, peer: Peer, h: Header, tensors) -> Reply:
 
 
 def stats(server, peer: Peer, h: Header, tensors) -> Reply:
+    """The node's state and serving times; `requests` and `tokens_held` count the
+    asking peer's requests (`node_requests`, `node_tokens_held`: everyone's)."""
     n = h.info.get("trace", 0)
     if type(n) is not int or not 0 <= n <= 512:
         raise ValueError("stats: trace must be an int in [0, 512]")
     info = server.stats(trace=n, reset=bool(h.info.get("reset_timings")))
+    held = server.node.requests
+    info["node_requests"], info["node_tokens_held"] = info["requests"], info["tokens_held"]
+    info["requests"] = len(peer.requests)
+    info["tokens_held"] = sum(max(held[k].lengths) for k in peer.requests if k in held)
     return Reply(Header("ok", info=info))
 
 

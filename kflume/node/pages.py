@@ -69,6 +69,8 @@ class PageTable:
                  device: torch.device) -> None:
         self.num_pages, self.page_size, self.layers = num_pages, page_size, layers
         self.device = device
+        # a request holds pages, but one without tokens yet holds none: bounded apart
+        self.max_requests = num_pages + 1024
         self.free_pages: list[int] = list(range(num_pages - 1, -1, -1))
         self.requests: dict[object, RequestKV] = {}
         self._free_rows: list[int] = []
@@ -102,6 +104,11 @@ class PageTable:
             need += max(0, -(-tokens // ps) - (len(req.pages) if req is not None else 0))
         if need == 0 and known:  # (a decode step's append, 15 times in 16)
             return
+        if not known:
+            new = len({rid for rid, _ in wants if rid not in held})
+            if len(held) + new > self.max_requests:
+                raise NodeCapacityError(f"node is full: it holds {len(held)} requests, at most "
+                                        f"{self.max_requests}; {new} more asked")
         if need > len(self.free_pages):
             raise NodeCapacityError(
                 f"node is full: {need} more pages needed, {len(self.free_pages)} free of "

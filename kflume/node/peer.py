@@ -1,4 +1,8 @@
-"""What a node server keeps per connected weight node (a peer), and per attend stream."""
+"""What a node server keeps per connected weight node (a peer), and per attend stream.
+
+Request ids belong to the peer that names them: the node keeps each request under a
+`RequestKey` (the peer's number, its id), so two weight nodes that use the same ids
+never touch each other's KV, and no peer can name another's requests."""
 
 from __future__ import annotations
 
@@ -10,7 +14,23 @@ import torch
 from ..comm.base import Connection, Recv
 from ..comm.mailbox import MailboxView
 
-__all__ = ["MailTarget", "Peer", "PullSpec", "ServedStream", "StreamBuffers", "StreamSpec"]
+__all__ = ["MailTarget", "Peer", "PullSpec", "RequestKey", "ServedStream", "StreamBuffers",
+           "StreamSpec"]
+
+
+class RequestKey(tuple):
+    """A request as a node keeps it: (its peer's number, the peer's id for it). Shown
+    as the peer's id, so that errors name requests the way their peer knows them."""
+
+    __slots__ = ()
+
+    def __new__(cls, peer: int, rid) -> RequestKey:
+        return tuple.__new__(cls, (peer, rid))
+
+    def __repr__(self) -> str:
+        return repr(self[1])
+
+    __str__ = __repr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +109,10 @@ class ServedStream:
 
 @dataclass(slots=True)
 class Peer:
-    """One connected weight node."""
+    """One connected weight node; `uid` numbers it among the server's peers."""
 
     conn: Connection
+    uid: int = 0
     next_seq: int = 0
     recv: Recv | None = None
     requests: set = field(default_factory=set)  # the request ids it opened here
@@ -102,3 +123,17 @@ class Peer:
     stream_bufs: dict[tuple, list[StreamBuffers]] = field(default_factory=dict)
     mailboxes: dict[int, MailboxView] = field(default_factory=dict)  # registered, by id
     last_stream: float = -1e9  # when it last opened a stream (time.monotonic())
+    _keys: dict = field(default_factory=dict)  # its ids' keys, made once
+
+    def scope(self, requests) -> list[RequestKey]:
+        """The node's keys of this peer's request ids."""
+        keys = self._keys
+        if len(keys) > 1 << 16:  # (ids of requests long gone)
+            keys.clear()
+        out = []
+        for rid in requests:
+            k = keys.get(rid)
+            if k is None:
+                k = keys[rid] = RequestKey(self.uid, rid)
+            out.append(k)
+        return out

@@ -4,8 +4,11 @@ One thread serves every connection: it keeps one receive posted per connection f
 peer's next sequence number, handles each message with the node (kflume/node/ops.py,
 attend streams in kflume/node/streams.py), and answers every message: a result, "ok",
 or an "error" that names the problem. A message the node refuses changes nothing and
-the server goes on serving everyone. When a peer goes away, the requests it opened are
-freed (and logged), so capacity is never lost silently.
+the server goes on serving everyone. A header's tensors are checked against the node
+before buffers are allocated for them (`checks.message`); a peer's request ids are its
+own (kflume/node/peer.py). When a peer goes away, the requests it opened are freed (and
+logged), so capacity is never lost silently. New peers' handshakes never block this
+loop (kflume/comm/ucx_accept.py).
 
 On a GPU node, replies that carry results wait for an event (the kernels done with the
 message's tensors and the reply's), while the loop goes on receiving.
@@ -13,6 +16,7 @@ message's tensors and the reply's), while the loop goes on receiving.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
@@ -26,7 +30,7 @@ import torch
 from ..comm.base import Listener, Transport
 from ..comm.wire import Header, WireError
 from ..gcwatch import gc_pauses
-from . import ops
+from . import checks, ops
 from .node import AttentionNode
 from .pages import NodeCapacityError, UnknownRequestError
 from .peer import Peer
@@ -108,6 +112,7 @@ class NodeServer:
         self.op_timings: deque[Timing] = deque(maxlen=512)  # the other messages answered
         self.gc = gc_pauses()  # the process's collector pauses (stats)
         self._next_accept = 0.0
+        self._peer_ids = itertools.count(1)
 
     @property
     def address(self) -> str:
@@ -174,11 +179,14 @@ class NodeServer:
         while (conn := self.listener.accept()) is not None:
             if hasattr(conn, "recv_device"):
                 conn.recv_device = self.node.device
-            self.peers.append(Peer(conn))
+            peer = Peer(conn, uid=next(self._peer_ids))
+            # every header's tensors checked against this node before buffers exist
+            conn.header_check = lambda h: checks.message(self.node, h)
+            self.peers.append(peer)
             log.info("peer %s joined (%d connected)", conn.peer, len(self.peers))
         refused = getattr(self.listener, "refused", None)
         while refused:
-            log.warning("refused a peer: %s", refused.pop(0))
+            log.warning("refused a peer: %s", refused.popleft())
 
     def drop(self, peer: Peer, why: str) -> None:
         """A peer went away: cancel its receives, free its requests."""

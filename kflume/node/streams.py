@@ -30,13 +30,16 @@ import torch
 from ..comm.base import MAX_PART
 from ..comm.mailbox import MailboxView
 from ..comm.wire import DTYPES, Header, state_row_bytes, transfer_empty
+from . import checks
 from .graphs import LayerHooks
 from .pages import UnknownRequestError
 from .peer import MailTarget, Peer, PullSpec, ServedStream, StreamBuffers, StreamSpec
 
-__all__ = ["Streams", "parse_spec"]
+__all__ = ["Streams", "check_mailbox", "parse_spec"]
 
 log = logging.getLogger("kflume.node")
+
+MAX_MAILBOXES = 64  # a peer's registered at once
 
 
 def _ints(x, n: int | None = None) -> bool:
@@ -76,6 +79,23 @@ def parse_spec(h: Header, b: int) -> StreamSpec:
     return StreamSpec(layers, rows, hq, d, dtype, scale, mail, spec_pull)
 
 
+def check_mailbox(peer: Peer, op: str, spec: StreamSpec) -> MailboxView:
+    """A mailbox stream's registered box, checked against the stream's rows, flags
+    and doorbell value."""
+    box_id, offset, word, value = spec.mailbox
+    if op == "stream" and value == 0:
+        raise ValueError("stream: the mailbox's doorbell value must be > 0")
+    box = peer.mailboxes.get(box_id)
+    if box is None:
+        raise ValueError(f"{op}: mailbox {box_id} was not registered")
+    box.check(offset, spec.rows * state_row_bytes(spec.heads, spec.head_dim, spec.dtype),
+              word, spec.layers)
+    pull = spec.pull
+    box.check_pull(pull.offset, spec.rows * spec.heads * spec.head_dim
+                   * spec.dtype.itemsize, pull.flag + pull.stride * (spec.layers - 1))
+    return box
+
+
 class Streams:
     """The attend streams of a `NodeServer`'s peers."""
 
@@ -88,12 +108,24 @@ class Streams:
     # ---- ops -------------------------------------------------------------------------
     def open(self, peer: Peer, h: Header) -> None:
         """Op "stream": check the header, post its queries' receives (or note where to
-        pull them from); answered once its layers are."""
+        pull them from); answered once its layers are. Everything that bounds its
+        buffers is checked before they exist; a stream refused then has its queries
+        discarded as they come."""
         b = len(h.requests)
-        spec = parse_spec(h, b)
-        if b > len(self.node.requests):  # before allocating buffers for it
-            raise UnknownRequestError(f"stream names {b} requests; this node holds "
-                                      f"{len(self.node.requests)}")
+        try:
+            spec = parse_spec(h, b)
+            checks.stream(self.node, "stream", spec, h.layer)
+            if spec.mailbox is not None:
+                check_mailbox(peer, "stream", spec)
+            if b > len(peer.requests):  # before allocating buffers for it
+                raise UnknownRequestError(f"stream names {b} requests; this node holds "
+                                          f"{len(peer.requests)} of this peer's")
+        except Exception:
+            layers = h.info.get("layers")
+            if type(layers) is int and 0 < layers <= MAX_PART and "mailbox" not in h.info:
+                peer.conn.discard_parts(h.seq, layers)
+            raise
+        keys = peer.scope(h.requests)
         bufs = self._buffers(peer, spec)
         peer.last_stream = time.monotonic()
         st = ServedStream(h.seq, range(h.layer, h.layer + spec.layers), bufs, spec.key,
@@ -104,14 +136,11 @@ class Streams:
         peer.streams.append(st)  # received from now on, whatever the checks below say
         hooks = None
         if spec.mailbox is not None:
-            if spec.mailbox[3] == 0:
-                raise ValueError("stream: the mailbox's doorbell value must be > 0")
             box, hooks = self._mailbox_hooks(peer, "stream", spec, bufs)
             st.pull = spec.pull
             st.mail = MailTarget(box, spec.mailbox[1], spec.mailbox[2], spec.mailbox[3])
             bufs.bell.fill_(spec.mailbox[3])  # ordered before the layers' deliveries
-        self._check_geometry("stream", spec)
-        st.run = self.node.attend_stream(st.layers, h.requests, self.server.ints(h, "kv_len", b),
+        st.run = self.node.attend_stream(st.layers, keys, self.server.ints(h, "kv_len", b),
                                          bufs.q, bufs.result, scale=spec.scale, hooks=hooks)
 
     def capture(self, peer: Peer, h: Header) -> Header:
@@ -123,7 +152,8 @@ class Streams:
         if h.requests or "rows" not in h.info or "mailbox" not in h.info:
             raise ValueError("capture: give info rows, mailbox and pull, and no requests")
         spec = parse_spec(h, 0)
-        self._check_geometry("capture", spec)
+        checks.stream(self.node, "capture", spec, h.layer)
+        check_mailbox(peer, "capture", spec)
         bufs = self._buffers(peer, spec)
         try:
             _, hooks = self._mailbox_hooks(peer, "capture", spec, bufs)
@@ -154,6 +184,8 @@ class Streams:
                 isinstance(e, list) and len(e) == 2 and type(e[0]) is int and 0 <= e[0] < 2**31
                 and isinstance(e[1], dict) for e in boxes)):
             raise ValueError("mailbox: info['mailboxes'] must list [id, description] pairs")
+        if len(set(peer.mailboxes) | {k for k, _ in boxes}) > MAX_MAILBOXES:
+            raise ValueError(f"mailbox: a peer registers at most {MAX_MAILBOXES} mailboxes")
         opened: dict[int, MailboxView] = {}
         try:
             for k, desc in boxes:
@@ -300,27 +332,14 @@ class Streams:
 
     def _mailbox_hooks(self, peer: Peer, op: str, spec: StreamSpec,
                        bufs: StreamBuffers) -> tuple[MailboxView, LayerHooks]:
-        """A mailbox stream's registered box, checked against the stream's rows and flags,
-        and what its layers run around their kernels: the query fetched from the
-        mailbox, the reply delivered with the doorbell value of whichever stream replays
-        it (`bufs.bell`)."""
+        """What a mailbox stream's layers run around their kernels: the query fetched
+        from the mailbox, the reply delivered with the doorbell value of whichever
+        stream replays it (`bufs.bell`)."""
+        box = check_mailbox(peer, op, spec)
         box_id, offset, word, _ = spec.mailbox
-        box = peer.mailboxes.get(box_id)
-        if box is None:
-            raise ValueError(f"{op}: mailbox {box_id} was not registered")
-        box.check(offset, spec.rows * state_row_bytes(spec.heads, spec.head_dim, spec.dtype),
-                  word, spec.layers)
         pull = spec.pull
-        box.check_pull(pull.offset, bufs.q_layers[0].nbytes,
-                       pull.flag + pull.stride * (spec.layers - 1))
         qs, results, bell = bufs.q_layers, bufs.result_layers, bufs.bell
         hooks = LayerHooks((box_id, offset, word, pull.offset),
                            lambda i: box.pull(qs[i], pull.offset),
                            lambda i: box.deliver(results[i], offset, word + i, bell))
         return box, hooks
-
-    def _check_geometry(self, op: str, spec: StreamSpec) -> None:
-        c = self.node.config
-        if spec.head_dim != c.head_dim or spec.dtype != self.node.dtype:
-            raise ValueError(f"{op}: q is {spec.dtype} with head_dim {spec.head_dim}; this "
-                             f"node holds {c.dtype} KV with head_dim {c.head_dim}")

@@ -4,7 +4,10 @@ Every call posts its reply receive first, then sends, and returns a `Pending` at
 so callers can dispatch to many nodes before waiting on any (query-first dispatch).
 Replies nobody waits for on the critical path (appends, imports) are kept as
 outstanding acknowledgements and checked later (`check`, `flush`): a node's refusal is
-raised, never dropped. Attend streams: kflume/weight/stream.py.
+raised, never dropped. A call refused here (a tensor the wire cannot carry, a header
+too large, a reply buffer that does not fit) raises before anything is sent and leaves
+the client as it was; every timeout names the node, its address and the operation.
+Attend streams: kflume/weight/stream.py.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..comm.base import (
     Recv,
     RemoteError,
     Transport,
+    TransportError,
 )
 from ..comm.mailbox import Mailbox
 from ..comm.wire import Header, dtype_name, state_row_bytes
@@ -61,9 +65,9 @@ class Pending:
             try:
                 (self._message,) = self.client.transport.wait(
                     [self.recv], t, what=f"reply to {self.op}")
-            except DeadlineExceeded as e:
-                raise DeadlineExceeded(f"node {self.client.name} ({self.client.conn.peer}): "
-                                       f"{e}") from None
+            except DeadlineExceeded:
+                raise DeadlineExceeded(f"node {self.client.name} ({self.client.conn.peer}): no "
+                                       f"reply to {self.op} within {t:.3g} s") from None
         return _raise_if_error(self.client, self.op, self._message)
 
 
@@ -79,9 +83,14 @@ def wait_all(pendings: Sequence[Pending], timeout: float) -> list[Message]:
     if not pendings:
         return []
     transport = pendings[0].client.transport
-    ops = sorted({f"{p.op} from node {p.client.name}" for p in pendings})
-    msgs = transport.wait([p.recv for p in pendings], timeout,
-                          what=f"replies ({', '.join(ops)})")
+    try:
+        msgs = transport.wait([p.recv for p in pendings], timeout, what="replies")
+    except DeadlineExceeded as e:
+        late = {id(r) for r in getattr(e, "late", ())}
+        names = sorted({f"node {p.client.name} ({p.client.conn.peer}) to {p.op}"
+                        for p in pendings if id(p.recv) in late})
+        raise DeadlineExceeded(f"no reply within {timeout:.3g} s from {', '.join(names)}"
+                               ) from None
     out = []
     for p, m in zip(pendings, msgs):
         p._message = m
@@ -103,7 +112,13 @@ class NodeClient:
     @classmethod
     def connect(cls, name: str, transport: Transport, address: str,
                 timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
-        return cls(name, transport, transport.connect(address, timeout=timeout), timeout)
+        """Connect to the node at `address`; errors name it (`name`, `address`)."""
+        try:
+            conn = transport.connect(address, timeout=timeout)
+        except (DeadlineExceeded, TransportError) as e:
+            text = str(e).removeprefix(f"{address}: ")
+            raise type(e)(f"node {name} ({address}): {text}") from None
+        return cls(name, transport, conn, timeout)
 
     @property
     def info(self) -> dict:
@@ -113,11 +128,17 @@ class NodeClient:
     def call(self, header: Header, tensors: Sequence[torch.Tensor] = (),
              into: Sequence[torch.Tensor] | None = None, ready: bool = False) -> Pending:
         """Post the reply's receive, then send. `ready=True`: CUDA tensors are known to be
-        written (e.g. a captured graph posted them), so the current stream is not synced."""
+        written (e.g. a captured graph posted them), so the current stream is not synced.
+
+        What can refuse the call is checked before anything goes out: the receive
+        (`into` buffers) when posted, the message (dtypes, contiguity, header size) by
+        `send` before it sends. A receive whose send was refused takes nothing (one
+        is only read when waited on), and the sequence number is taken once sent, so a
+        refused call leaves the client in step with the node."""
         recv = self.conn.post_recv(self._seq, into)  # posted before the send
         header.seq = self._seq
         self.conn.send(header, tensors, ready=ready)
-        self._seq += 1  # (only once sent: a refused send leaves the numbering in step)
+        self._seq += 1
         return Pending(self, header.op, recv)
 
     # ---- the data path ----------------------------------------------------------------
@@ -136,6 +157,12 @@ class NodeClient:
         ints = {"kv_len": list(kv_len)}
         if kv_start is not None:
             ints["kv_start"] = list(kv_start)
+        if q.dim() != 3:
+            raise ValueError(f"q must be [b, Hq, D]; got {list(q.shape)}")
+        if into is not None:
+            check_into(into, tuple(q.shape), q.dtype)
+            if not into.is_contiguous():
+                raise ValueError("into must be contiguous")
         return self.call(Header("attend", layer=layer, epoch=epoch, requests=list(requests),
                                 ints=ints, info=info), [q],
                          None if into is None else [into], ready=ready)
@@ -164,7 +191,7 @@ class NodeClient:
         if rows is not None and mailbox is None:
             raise ValueError("rows needs a mailbox")
         b = len(requests)
-        info = self._stream_info(layers, b if rows is None else rows, b, q_heads, head_dim,
+        info = _stream_info(layers, b if rows is None else rows, b, q_heads, head_dim,
                                  dtype, scale)
         shape = (info["rows"], int(q_heads), int(head_dim))  # each layer's q (padded)
         if into is not None:  # before the node opens the stream
@@ -172,7 +199,7 @@ class NodeClient:
         mail = None
         if mailbox is not None:
             box, row, word = mailbox
-            info.update(self._mail_info(box, row, word, info["rows"], layers, q_heads,
+            info.update(_mail_info(self, box, row, word, info["rows"], layers, q_heads,
                                         head_dim, dtype, pull))
             box.clear(word, word + len(layers))
             mail = MailPlace(box, row, word, box.next_value())
@@ -192,50 +219,12 @@ class NodeClient:
         `mailbox=(box, row, word)` and `pull=(flag, stride)`), so that the first of them
         runs at full speed. It holds the node ~0.5 ms a layer: for a node that takes no
         traffic yet (one joining). Its answer's info["captured"] counts the graphs."""
-        info = self._stream_info(layers, rows, 0, q_heads, head_dim, dtype, scale)
+        info = _stream_info(layers, rows, 0, q_heads, head_dim, dtype, scale)
         box, row, word = mailbox
-        info.update(self._mail_info(box, row, word, rows, layers, q_heads, head_dim, dtype,
+        info.update(_mail_info(self, box, row, word, rows, layers, q_heads, head_dim, dtype,
                                     (*pull, [1] * len(layers))))
         info["mailbox"].append(0)
         return self.call(Header("capture", layer=layers.start, info=info))
-
-    @staticmethod
-    def _stream_info(layers: range, rows: int, b: int, q_heads: int, head_dim: int,
-                     dtype: torch.dtype, scale: float | None) -> dict:
-        if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
-            raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
-                             f"{layers}")
-        if not max(b, 1) <= rows:
-            raise ValueError(f"rows ({rows}) must be at least 1 and the requests' {b}")
-        info = {"layers": len(layers), "heads": int(q_heads), "head_dim": int(head_dim),
-                "dtype": dtype_name(dtype), "rows": int(rows)}
-        if scale is not None:
-            info["scale"] = float(scale)
-        return info
-
-    def _mail_info(self, box: Mailbox, row: int, word: int, rows: int, layers: range,
-                   q_heads: int, head_dim: int, dtype: torch.dtype, pull: tuple) -> dict:
-        """The mailbox and pull part of a stream's info, less the doorbell value."""
-        box_id = self._mailboxes.get(id(box))
-        if box_id is None:
-            raise ValueError(f"node {self.name}: this mailbox was not registered with it")
-        if box.row_bytes != state_row_bytes(q_heads, head_dim, dtype):
-            raise ValueError(f"the mailbox's rows hold {box.row_bytes} bytes; this "
-                             f"stream's replies {state_row_bytes(q_heads, head_dim, dtype)}")
-        if row + rows > box.rows or word + len(layers) > box.words:
-            raise ValueError("the stream's rows or words do not fit in the mailbox")
-        flag, stride, values = pull
-        values = [int(v) for v in values]
-        if len(values) != len(layers) or min(values) <= 0:
-            raise ValueError("pull needs one value > 0 per layer")
-        qrow = int(q_heads) * int(head_dim) * torch.empty(0, dtype=dtype).element_size()
-        if box.queries is None or box.flags is None or box.query_row_bytes != qrow:
-            raise ValueError(f"pull needs a mailbox with query rows of {qrow} bytes and "
-                             "post flags")
-        if flag + stride * (len(layers) - 1) >= box.flags.count:
-            raise ValueError("the stream's post flags do not fit in the mailbox's")
-        return {"mailbox": [box_id, row * box.row_bytes, word],
-                "pull": [row * qrow, flag, stride, values]}
 
     def register_mailbox(self, boxes: Sequence[Mailbox], wait: bool = True) -> Pending | None:
         """Let the node read queries from and deliver replies into these mailboxes (this
@@ -328,3 +317,41 @@ class NodeClient:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _stream_info(layers: range, rows: int, b: int, q_heads: int, head_dim: int,
+                 dtype: torch.dtype, scale: float | None) -> dict:
+    if not 1 <= len(layers) <= MAX_PART or layers.step != 1:
+        raise ValueError(f"a stream covers 1 to {MAX_PART} consecutive layers; got "
+                         f"{layers}")
+    if not max(b, 1) <= rows:
+        raise ValueError(f"rows ({rows}) must be at least 1 and the requests' {b}")
+    info = {"layers": len(layers), "heads": int(q_heads), "head_dim": int(head_dim),
+            "dtype": dtype_name(dtype), "rows": int(rows)}
+    if scale is not None:
+        info["scale"] = float(scale)
+    return info
+
+def _mail_info(client: NodeClient, box: Mailbox, row: int, word: int, rows: int, layers: range,
+               q_heads: int, head_dim: int, dtype: torch.dtype, pull: tuple) -> dict:
+    """The mailbox and pull part of a stream's info, less the doorbell value."""
+    box_id = client._mailboxes.get(id(box))
+    if box_id is None:
+        raise ValueError(f"node {client.name}: this mailbox was not registered with it")
+    if box.row_bytes != state_row_bytes(q_heads, head_dim, dtype):
+        raise ValueError(f"the mailbox's rows hold {box.row_bytes} bytes; this "
+                         f"stream's replies {state_row_bytes(q_heads, head_dim, dtype)}")
+    if row + rows > box.rows or word + len(layers) > box.words:
+        raise ValueError("the stream's rows or words do not fit in the mailbox")
+    flag, stride, values = pull
+    values = [int(v) for v in values]
+    if len(values) != len(layers) or min(values) <= 0:
+        raise ValueError("pull needs one value > 0 per layer")
+    qrow = int(q_heads) * int(head_dim) * torch.empty(0, dtype=dtype).element_size()
+    if box.queries is None or box.flags is None or box.query_row_bytes != qrow:
+        raise ValueError(f"pull needs a mailbox with query rows of {qrow} bytes and "
+                         "post flags")
+    if flag + stride * (len(layers) - 1) >= box.flags.count:
+        raise ValueError("the stream's post flags do not fit in the mailbox's")
+    return {"mailbox": [box_id, row * box.row_bytes, word],
+            "pull": [row * qrow, flag, stride, values]}

@@ -48,6 +48,13 @@ GOOD = {"v": 1, "op": "ok", "seq": 0}
     (raw({**GOOD, "t": [["float32", [-1]]]}), "shape must be an integer"),
     (raw({**GOOD, "t": [["float32", [2**30, 2**30]]]}), "exceeds"),
     (raw({**GOOD, "err": 5}), "err a string"),
+    (raw({**GOOD, "op": ["ok"]}), "unknown op"),
+    (raw({**GOOD, "req": ["x" * 257]}), "request ids must be 64-bit integers or strings"),
+    (raw({**GOOD, "req": [2**64 - 1]}), "request ids must be 64-bit integers"),
+    (raw({**GOOD, "ints": {"kv_len": [2**64 - 1]}}), r"ints\[kv_len\] must be a list of 64"),
+    (raw({**GOOD, "ints": {f"k{i}": [] for i in range(33)}}), "at most 32 names"),
+    (raw({**GOOD, "t": [["uint8", [1]]] * 255}), "at most 254 tensors"),
+    (raw({**GOOD, "t": [["uint8", [1] * 9]]}), "bad tensor descriptor"),
 ])
 def test_malformed_headers_are_refused(payload, match):
     with pytest.raises(WireError, match=match):

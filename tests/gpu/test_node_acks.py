@@ -50,6 +50,6 @@ def test_append_is_acknowledged_while_earlier_gpu_work_runs():
                 ref.extend(layer, rid, k[i, layer], v[i, layer])
     q = torch.randn(2, 4, 64, generator=g)
     for layer in range(2):  # queued behind the appends on the node's stream
-        out, _ = node.attend(layer, rids, [9, 9], q.cuda())
+        out, _ = node.attend(layer, server.peers[0].scope(rids), [9, 9], q.cuda())
         assert_close_rel(out.cpu(), ref.attend(layer, rids, q, 64**-0.5), torch.float32,
                          f"layer {layer}")

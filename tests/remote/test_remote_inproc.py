@@ -122,11 +122,12 @@ def test_a_step_of_every_layer_in_one_append_message():
     for c in cl.clients.values():
         c.flush()
     one, per_layer = cl.nodes["one"], cl.nodes["per_layer"]
-    assert [one.requests[r].lengths for r in reqs] == [[21, 22, 22], [25, 26, 26]]
+    keys, keys2 = (cl.servers[n].peers[0].scope(reqs) for n in ("one", "per_layer"))
+    assert [one.requests[k].lengths for k in keys] == [[21, 22, 22], [25, 26, 26]]
     q = torch.randn(2, 8, 64, generator=g)
     for layer, lens in ((0, [21, 25]), (1, [22, 26]), (2, [22, 26])):
-        o1, s1 = one.attend(layer, reqs, lens, q)
-        o2, s2 = per_layer.attend(layer, reqs, lens, q)
+        o1, s1 = one.attend(layer, keys, lens, q)
+        o2, s2 = per_layer.attend(layer, keys2, lens, q)
         torch.testing.assert_close((o1, s1), (o2, s2), rtol=0, atol=0)
     # Refused, and the node unchanged: a gap in one of the layers, a shape that does not
     # match the layer count, layers past the node's.
@@ -144,7 +145,7 @@ def test_a_step_of_every_layer_in_one_append_message():
         with pytest.raises(RemoteError, match=match):
             cl.clients["one"].flush()
     assert one.stats()["pages_free"] == free
-    assert [one.requests[r].lengths for r in reqs] == [[21, 22, 22], [25, 26, 26]]
+    assert [one.requests[k].lengths for k in keys] == [[21, 22, 22], [25, 26, 26]]
     with pytest.raises(ValueError, match="range of consecutive layers"):
         one.append_layers(range(0, 3, 2), reqs, [0, 0], [0, 0], prompt[:, :2], prompt[:, :2])
 

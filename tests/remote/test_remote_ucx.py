@@ -15,7 +15,7 @@ pytest.importorskip("ucxx", reason="the UCX transport needs the ucx extra")
 
 from kflume.comm import DeadlineExceeded, RemoteError, TransportError  # noqa: E402
 from kflume.comm.ucx import UcxTransport  # noqa: E402
-from kflume.comm.ucx_conn import _tag  # noqa: E402
+from kflume.comm.ucx_conn import tag  # noqa: E402
 from kflume.comm.wire import unpack_states  # noqa: E402
 from kflume.node import (
     NodeConfig,  # noqa: E402
@@ -133,7 +133,7 @@ def test_bad_input_gets_a_clear_error_and_the_node_keeps_serving(nodes, transpor
     recv = c.conn.post_recv(seq)
     garbage = torch.frombuffer(bytearray(b"\x05\x00\x00\x00not-msgpack-at-all"), dtype=torch.uint8)
     L, Array = transport.L, transport.Array
-    req = c.conn.ep.tag_send(Array(garbage.numpy()), L.UCXXTag(_tag(c.conn.tx_channel, seq, 0)))
+    req = c.conn.ep.tag_send(Array(garbage.numpy()), L.UCXXTag(tag(c.conn.tx_channel, seq, 0)))
     (reply,) = transport.wait([recv], 10.0)
     assert req.completed and reply.header.op == "error" and "WireError" in reply.header.error
     # ... and the node still serves this client correctly.

@@ -17,8 +17,8 @@ from .test_recovery import HQ, LAYERS, D, Loop, cluster, kv_of
 
 def held(cl, rid) -> int:
     """Tokens of `rid` the nodes hold (every layer holds the same)."""
-    return sum(node.pages.held(rid) for node, _ in cl.provider.nodes.values()
-               if rid in node.pages.requests)
+    return sum(node.pages.held(key) for node, _ in cl.provider.nodes.values()
+               for key in node.pages.requests if key[1] == rid)  # (RequestKey: peer, id)
 
 
 def extend(loop: Loop, plan, rid) -> None:
