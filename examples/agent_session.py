@@ -21,6 +21,7 @@ same way.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import time
 import warnings
@@ -33,7 +34,7 @@ import kflume
 from kflume import Cluster
 
 TRACE = (Path(kflume.__file__).parent / "data" / "traces"
-         / "kv_cache_tester_trace_0001.json")
+         / "kv_cache_tester_trace_0001.json.gz")
 BLOCK = 64  # the trace's hash block size, in tokens
 
 
@@ -93,7 +94,7 @@ def main() -> None:
     # (transformers 5 names the argument `cache`; `past_key_values` works in 4 and 5)
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
 
-    plan = calls(json.loads(TRACE.read_text()), args.scale)[: args.calls]
+    plan = calls(json.loads(gzip.decompress(TRACE.read_bytes())), args.scale)[: args.calls]
     longest = max(c["keep"] + c["new"] + c["out"] for c in plan)
     first = plan[0]["new"] + plan[0]["out"] + 32
     node_tokens = args.node_tokens or -(-max(first, int(0.6 * longest)) // 16) * 16

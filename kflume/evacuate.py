@@ -15,7 +15,7 @@ from .plan import Migration, Restore, TokenRange
 if TYPE_CHECKING:
     from .router import TokenRangeRouter
 
-__all__ = ["lose", "remove"]
+__all__ = ["fits", "lose", "remove"]
 
 
 def remove(router: TokenRangeRouter, node: str, migrations: list[Migration]) -> None:
@@ -33,6 +33,20 @@ def remove(router: TokenRangeRouter, node: str, migrations: list[Migration]) -> 
         req = router._requests[rid]
         migrations.append(Migration(rid, r.start, min(r.end, req.length), node, dst))
     _apply(router, node, moves)
+
+
+def fits(router: TokenRangeRouter, node: str) -> bool:
+    """Whether `node`'s ranges fit on the placeable others as `remove` would place them,
+    with a page left per request for its next token. Nothing changes."""
+    moved = _placements(router, node)
+    if any(dst is None for _, _, dst in moved):
+        return False
+    left = sum(f for n, f in router._free.items() if n != node)
+    for _, r, dst in moved:
+        ps = router._nodes[dst].page_size
+        left -= -(-len(r) // ps) * ps
+    page = max((s.page_size for s in router._nodes.values()), default=1)
+    return left >= len(router._requests) * page
 
 
 def lose(router: TokenRangeRouter, node: str, b) -> None:

@@ -327,7 +327,7 @@ class RayNode:
         return self.address
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the node (SIGTERM, a clean shutdown), then its actor."""
+        """Stop the node (a clean shutdown), then its actor."""
         ray = _ray()
         try:
             ray.get(self.actor.stop.remote(), timeout=timeout)

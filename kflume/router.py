@@ -146,13 +146,11 @@ class TokenRangeRouter:
         self._pending.append(("extend", request, tokens))
 
     def truncate(self, request: RequestId, length: int) -> None:
-        """Keep the request's first `length` tokens (`StepPlan.truncated` tells each node
-        that held more how many to keep)."""
+        """Keep the request's first `length` tokens (nodes told: `StepPlan.truncated`)."""
         self._pending.append(("truncate", request, length))
 
     def forget_before(self, request: RequestId, position: int) -> None:
-        """Free the request's first ranges, before `position`, that no layer attends any
-        more (every layer's window has passed them), where their node holds nothing later."""
+        """Free the request's first ranges before `position` (out of every window)."""
         self._pending.append(("forget_before", request, position))
 
     # ---- read-only views (for policies and callers) --------------------------------
@@ -177,6 +175,10 @@ class TokenRangeRouter:
 
     def is_draining(self, node: str) -> bool:
         return self._node(node).draining
+
+    def can_remove(self, node: str) -> bool:
+        """Whether `remove_node(node)` would succeed now (a page to spare per request)."""
+        return node in self._nodes and evacuate.fits(self, node)
 
     def room(self, node: str, request: RequestId) -> int:
         """Tokens of `request` that `node` can still take: its free pages, plus what is

@@ -1,7 +1,10 @@
 """`kflume node`: an attention node process, an AttentionNode behind a NodeServer on UCX.
 
 It warms its kernels up, listens, prints `kflume node listening on HOST:PORT` as its
-first line of output (what `NodeProcess` waits for), and serves until SIGTERM or SIGINT.
+first line of output (what `NodeProcess` waits for), and serves until SIGINT. SIGTERM
+drains it: its replies tell its clusters it is leaving, they move its ranges off at
+their next boundaries, and it exits once it holds nothing, or after `--drain-deadline`
+(a second SIGTERM: at once).
 Its handshake tells peers when each stage of its start ended (`info["startup"]`: wall
 clock seconds of `main` entered, `pools` allocated, `warmup` done, `listen`), so that a
 weight node can see where a start's time went (benchmarks/node_start.py).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from ..config import DTYPES, NodeConfig
 
@@ -51,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-deadline", type=float, default=60.0,
                    help="seconds an attend stream may wait for its queries before the node "
                         "gives it up (and reports it to the peer)")
+    p.add_argument("--drain-deadline", type=float,
+                   default=float(os.environ.get("KFLUME_DRAIN_DEADLINE", 30.0)),
+                   help="seconds a node told to leave (SIGTERM) waits for its clusters to "
+                        "move its ranges off before it exits anyway (default: "
+                        "$KFLUME_DRAIN_DEADLINE, else 30)")
     p.add_argument("--port-file", default=None,
                    help="also write the address listened on to this file")
     p.add_argument("--log-level", default="info",
@@ -68,11 +77,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s kflume-node %(levelname)s %(message)s")
-    if args.stream_deadline <= 0 or args.handshake_timeout <= 0:
-        raise SystemExit("kflume node: --stream-deadline and --handshake-timeout must be "
-                         "positive")
-    import os
-
+    if min(args.stream_deadline, args.handshake_timeout, args.drain_deadline) <= 0:
+        raise SystemExit("kflume node: --stream-deadline, --handshake-timeout and "
+                         "--drain-deadline must be positive")
     from ..comm.handshake import is_loopback, parse_address
 
     token = args.token if args.token is not None else os.environ.get("KFLUME_TOKEN", "")
@@ -126,8 +133,14 @@ def main(argv=None) -> int:
                         stream_deadline=args.stream_deadline)
     startup["listen"] = time.time()  # (in the handshake's info: the same dict)
     stop: list[bool] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
+
+    def on_term(*_) -> None:  # drain; a second SIGTERM stops at once
+        if server.leaving is not None:
+            stop.append(True)
+        server.leave(args.drain_deadline)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     log.info("listening on %s: %d layers x %d KV heads x %d, %s on %s, %d tokens in %d pages",
              server.address, config.layers, config.kv_heads, config.head_dim, config.dtype,
              node.device, config.num_pages * config.page_size, config.num_pages)

@@ -39,7 +39,7 @@ def _die_with_parent() -> None:  # runs in the child before exec
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - best effort off Linux
         pass
 
@@ -124,9 +124,10 @@ class NodeProcess:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (a clean shutdown), then SIGKILL after `timeout`. Returns the exit code."""
+        """SIGINT (a clean shutdown, now), then SIGKILL after `timeout`. Returns the exit
+        code."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -136,6 +137,11 @@ class NodeProcess:
             self.proc.stdout.close()
         _LIVE.discard(self)
         return self.proc.returncode
+
+    def leave(self) -> None:
+        """SIGTERM: the node drains (its clusters move its ranges off) and exits once
+        empty or after its drain deadline."""
+        self.proc.terminate()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""

@@ -106,6 +106,7 @@ class NodeServer:
         self.streams = Streams(self, stream_deadline, captures_per_stream)
         self.peers: list[Peer] = []
         self.stopped = False
+        self.leaving: float | None = None  # drain deadline (time.monotonic), once leaving
         self.handled = 0
         self._deferred: deque[_Deferred] = deque()
         self.timings: deque[Timing] = deque(maxlen=4096)  # attend messages, stream layers
@@ -155,10 +156,26 @@ class NodeServer:
         self.handled += handled
         return handled
 
+    def leave(self, deadline_s: float) -> None:
+        """Drain: every reply from now on says the node is leaving, so that its clusters
+        move its ranges elsewhere at their next boundaries; `serve` returns once the node
+        holds no request, or after `deadline_s` seconds (what is left then is recomputed
+        by the clusters that lose it)."""
+        if self.leaving is None:
+            self.leaving = time.monotonic() + deadline_s
+            log.info("leaving: %d requests to move off within %.0f s",
+                     len(self.node.requests), deadline_s)
+
+    def drained(self) -> bool:
+        """Leaving, and empty or past the deadline."""
+        return self.leaving is not None and (not self.node.requests
+                                             or time.monotonic() > self.leaving)
+
     def serve(self, should_stop: Callable[[], bool] = lambda: False,
               idle_sleep: float = 0.001) -> None:
-        """Serve until a "shutdown" message or `should_stop()` returns True."""
-        while not self.stopped and not should_stop():
+        """Serve until a "shutdown" message, `should_stop()` returns True, or a node that
+        is leaving has drained (`leave`)."""
+        while not self.stopped and not should_stop() and not self.drained():
             handled = self.poll()
             # never sleep while a reply waits on its kernel, or a stream on a post flag
             busy = handled or self._deferred or self.streams.busy()
@@ -233,6 +250,8 @@ class NodeServer:
             return
         header = reply.header
         header.seq = h.seq
+        if self.leaving is not None:
+            header.info = {**header.info, "leaving": True}
         timing = (t0, time.perf_counter(), h.seq, h.layer if h.op == "attend" else h.op)
         if out:  # results: sent once the kernels that write them are done
             self.defer(lambda: peer.conn.send(header, out, ready=True), peer,
@@ -246,9 +265,12 @@ class NodeServer:
         self._send_now(lambda: peer.conn.send(header, out), timing, peer)
 
     def reply_error(self, peer: Peer, h: Header, e: BaseException) -> None:
+        info = {"kind": error_kind(e), "op": h.op}
+        if self.leaving is not None:
+            info["leaving"] = True
         try:
             peer.conn.send(Header("error", seq=h.seq, error=f"{type(e).__name__}: {e}",
-                                  info={"kind": error_kind(e), "op": h.op}))
+                                  info=info))
         except Exception as send_error:  # noqa: BLE001
             log.warning("could not report an error to %s: %s", peer.conn.peer, send_error)
 

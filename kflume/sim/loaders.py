@@ -13,11 +13,14 @@ kflume/data/traces/):
                  directory of them); cached prefixes from the requests' `hash_ids`; sessions.
 - `tracelab`     JSONL rounds of uw-syfi/TraceLab (`session_id`, `input_tokens_total`,
                  `prefix_tokens`, `output_tokens`, `timing_events`); sessions.
+
+Any of these files may be gzip-compressed (a name ending in `.gz`).
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from datetime import datetime
 from pathlib import Path
@@ -29,14 +32,25 @@ __all__ = ["FORMATS", "detect_format", "load_trace"]
 FORMATS = ("mooncake", "azure", "kvcache-csv", "kvcache-json", "tracelab")
 
 
+def _open(p: Path, newline: str | None = None):
+    """A trace file for reading as text, gunzipped on the fly when its name ends in .gz."""
+    if p.suffix == ".gz":
+        return gzip.open(p, "rt", encoding="utf-8", newline=newline)
+    return open(p, encoding="utf-8", newline=newline)
+
+
+def _stem(p: Path) -> str:
+    return Path(p.stem).stem if p.suffix == ".gz" else p.stem
+
+
 def detect_format(path: str | Path) -> str:
     """The format of a trace file (or of a directory of kv-cache-tester JSON files)."""
     p = Path(path)
     if p.is_dir():
-        if any(p.glob("*.json")):
+        if any(p.glob("*.json")) or any(p.glob("*.json.gz")):
             return "kvcache-json"
         raise ValueError(f"{p}: a directory must hold kv-cache-tester *.json session files")
-    with open(p, encoding="utf-8") as f:
+    with _open(p) as f:
         head = f.read(4096)
     first = head.lstrip().splitlines()[0] if head.strip() else ""
     if first.startswith("{"):
@@ -75,7 +89,7 @@ def load_trace(path: str | Path, fmt: str | None = None) -> Trace:
 
 def _mooncake(p: Path) -> tuple[list[Call], bool]:
     calls = []
-    with open(p, encoding="utf-8") as f:
+    with _open(p) as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
@@ -88,7 +102,7 @@ def _mooncake(p: Path) -> tuple[list[Call], bool]:
 
 def _azure(p: Path) -> tuple[list[Call], bool]:
     rows = []
-    with open(p, encoding="utf-8", newline="") as f:
+    with _open(p, newline="") as f:
         for r in csv.DictReader(f):
             rows.append((_wall_clock_s(r["TIMESTAMP"]), int(r["ContextTokens"]),
                          int(r["GeneratedTokens"])))
@@ -106,7 +120,7 @@ def _wall_clock_s(stamp: str) -> float:
 
 def _kvcache_csv(p: Path) -> tuple[list[Call], bool]:
     calls = []
-    with open(p, encoding="utf-8", newline="") as f:
+    with _open(p, newline="") as f:
         for r in csv.DictReader(f):
             n_in = max(1, int(r["in_tokens"]))
             cached = min(int(r.get("cached_prefix_tokens") or 0), n_in)
@@ -116,11 +130,11 @@ def _kvcache_csv(p: Path) -> tuple[list[Call], bool]:
 
 
 def _kvcache_json(p: Path) -> tuple[list[Call], bool]:
-    files = sorted(p.glob("*.json")) if p.is_dir() else [p]
+    files = sorted([*p.glob("*.json"), *p.glob("*.json.gz")]) if p.is_dir() else [p]
     calls: list[Call] = []
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            calls += _kvcache_session(json.load(fh), f.stem)
+        with _open(f) as fh:
+            calls += _kvcache_session(json.load(fh), _stem(f))
     return calls, True
 
 
@@ -162,7 +176,7 @@ def _kvcache_session(doc: dict, default_id: str) -> list[Call]:
 
 def _tracelab(p: Path) -> tuple[list[Call], bool]:
     rows = []
-    with open(p, encoding="utf-8") as f:
+    with _open(p) as f:
         for line in f:
             if line.strip():
                 rows.append(json.loads(line))

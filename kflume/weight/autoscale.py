@@ -205,28 +205,9 @@ class Autoscaler:
         router, clients = self.cluster.router, self.cluster.clients
         for name, queued in self._draining.items():
             if (not queued and name in clients and router.is_draining(name)
-                    and self._fits_elsewhere(name)):
+                    and router.can_remove(name)):
                 self.cluster.remove_node(name)
                 self._draining[name] = True
-
-    def _fits_elsewhere(self, name: str) -> bool:
-        """Whether the router can move node `name`'s ranges to the placeable nodes (as it
-        places them: each on the one with most room left) and still place one more token
-        of every request."""
-        router = self.cluster.router
-        page = self.cluster.geometry.page_size
-        free = {n: router.free_tokens(n) for n in router.placeable_nodes() if n != name}
-        taken = dict.fromkeys(free, 0)
-        for rid in router.requests():
-            for r in router.ranges(rid):
-                if r.node != name:
-                    continue
-                fits = [n for n in free if router.room(n, rid) - taken[n] >= len(r)]
-                if not fits:
-                    return False
-                dst = max(fits, key=lambda n: free[n] - taken[n])
-                taken[dst] += -(-len(r) // page) * page
-        return sum(free.values()) - sum(taken.values()) >= len(router.requests()) * page
 
     def _apply(self, d: ScaleDecision, state: ClusterState, now: float) -> None:
         c, added, drained = self.cluster, [], []

@@ -72,6 +72,8 @@ class Pending:
 
 
 def _raise_if_error(client: NodeClient, op: str, msg: Message) -> Message:
+    if msg.header.info.get("leaving"):  # the node drains (SIGTERM): its cluster moves off
+        client.leaving = True
     if msg.header.op == "error":
         raise RemoteError(f"node {client.name} ({client.conn.peer})", op, msg.header.error,
                           str(msg.header.info.get("kind", "error")))
@@ -105,6 +107,7 @@ class NodeClient:
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self.name, self.transport, self.conn, self.timeout = name, transport, conn, timeout
         self._seq = 0
+        self.leaving = False  # the node said it is leaving (its replies carry "leaving")
         self.outstanding: list[Pending] = []
         self._mailboxes: dict[int, int] = {}  # id(Mailbox) -> the id the node knows it by
         self._mailbox_refs: list = []

@@ -48,6 +48,7 @@ class Recovery:
         self.cluster = cluster
         self.recompute: Callable[[Restore], None] | None = None
         self.lost: dict[str, str] = {}  # every node lost, and why
+        self.leaving: dict[str, bool] = {}  # nodes that said they leave: removal queued?
 
     def lose(self, name: str, why: str) -> None:
         """Forget node `name` (its ranges restored at the next boundary)."""
@@ -62,13 +63,26 @@ class Recovery:
         c.forget(name)
 
     def check(self) -> None:
-        """Lose the nodes whose link broke or whose process exited."""
-        for name, client in list(self.cluster.clients.items()):
-            proc = self.cluster.processes.get(name)
+        """Lose the nodes whose link broke or whose process exited; move off the ones that
+        said they leave (a node told to drain, `kflume node` on SIGTERM): drained at once,
+        removed (their ranges migrated) at the first boundary the others have room."""
+        c = self.cluster
+        for name, client in list(c.clients.items()):
+            proc = c.processes.get(name)
             if not client.conn.alive:
                 self.lose(name, client.conn.why if hasattr(client.conn, "why") else "link gone")
             elif proc is not None and getattr(proc, "running", True) is False:
                 self.lose(name, "its process exited")
+            elif client.leaving and name not in self.leaving:
+                log.info("node %s is leaving: its ranges move to the others", name)
+                c.router.drain_node(name)
+                self.leaving[name] = False
+        for name, queued in list(self.leaving.items()):
+            if name not in c.clients:
+                del self.leaving[name]
+            elif not queued and c.router.can_remove(name):
+                c.router.remove_node(name)
+                self.leaving[name] = True
 
     def restore(self, plan: StepPlan) -> None:
         """Recompute the plan's lost spans (per request, in position order), then check

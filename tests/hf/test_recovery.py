@@ -109,3 +109,26 @@ def test_generate_is_unchanged_when_a_node_process_is_killed(case):
     pytest.importorskip("ucxx", reason="node processes talk UCX")
     lost = run("local", CASES[case])
     assert lost, "no node was lost"
+
+
+def test_generate_is_unchanged_when_a_node_process_leaves():
+    """SIGTERM to a node mid-generation: its ranges migrate at the next boundaries,
+    nothing is lost or recomputed, and the node process exits cleanly."""
+    pytest.importorskip("ucxx", reason="node processes talk UCX")
+    procs = {}
+
+    def leave(cl, name):
+        procs[name] = cl.processes[name]
+        return lambda: cl.processes[name].leave()
+
+    def nodes_later(cl):
+        return lambda: procs.update(nodes=set(cl.router.nodes()), held=sum(
+            r.node == "node1" for rid in cl.router.requests() for r in cl.router.ranges(rid)))
+
+    def setup(m, cl):
+        return {3: leave(cl, "node1"), 9: nodes_later(cl)}, []
+
+    lost = run("local", setup)
+    assert not lost
+    assert "node1" not in procs["nodes"] and procs["held"] == 0  # moved off mid-run
+    assert procs["node1"].proc.wait(10) == 0

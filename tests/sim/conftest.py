@@ -13,7 +13,7 @@ SHARED = ROOT.parent / "shared" / "traces"
 
 SAMPLE_FORMATS = {
     "kv_cache_tester_sample.csv": "kvcache-csv",
-    "kv_cache_tester_trace_0001_first8.json": "kvcache-json",
+    "kv_cache_tester_trace_0001.json.gz": "kvcache-json",
     "mooncake_conversation_sample.jsonl": "mooncake",
     "azure_code_sample.csv": "azure",
     "tracelab_round_trace.jsonl": "tracelab",
