@@ -128,14 +128,23 @@ class Launch:
                 self.fast = False
                 return
             self._const_vals = tuple(self.constexprs[p.name] for p in tail)
-        run = compiled.run  # loads the module on first use
-        # Launchers that drop constexprs themselves (Triton >= 3.3) take every argument.
-        if not hasattr(run, "arg_annotations"):
+        if not _launcher_takes_constexprs():
             self.fast = False
             return
+        run = compiled.run  # loads the module on first use
         if len(self._entries) >= MAX_KEYS:
             self._entries.clear()
         self._entries[key] = (run, compiled.function, compiled.packed_metadata)
+
+
+def _launcher_takes_constexprs() -> bool:
+    """Triton >= 3.3: a compiled kernel's launcher takes every argument, constexprs
+    included, and drops them itself (`JITFunction.run` passes `*bound_args.values()`);
+    older launchers take a different argument list, which the fast path does not speak."""
+    import triton
+
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 3)
 
 
 def _fast_capable(fn, device: torch.device) -> bool:

@@ -21,8 +21,6 @@ from kflume.kernels._launcher import Launch  # noqa: E402
 
 
 class FakeLauncher:
-    arg_annotations = ()  # what a launcher that drops constexprs itself has
-
     def __init__(self):
         self.calls = []
 
@@ -104,13 +102,15 @@ def test_new_ints_unaligned_pointers_and_hooks_go_through_triton(fast):
     assert len(fn.slow_calls) == 5 and len(fn.launcher.calls) == 1
 
 
-def test_unknown_launch_protocols_turn_the_fast_path_off(fast):
+def test_unknown_launch_protocols_turn_the_fast_path_off(fast, monkeypatch):
     a, b = tensors()
     old = FakeKernel()
     old.launcher = old.compiled._run = lambda *args: pytest.fail("no fast launch expected")
     launch = Launch(old, torch.device("cuda", 0), num_warps=1, C1=1, C2=2)
-    for _ in range(2):  # a launcher without arg_annotations: constexprs would be wrong
-        launch((1, 1, 1), (a, b), (1.0,), (3, 4))
+    with monkeypatch.context() as m:  # Triton < 3.3: its launchers take no constexprs
+        m.setattr(_launcher, "_launcher_takes_constexprs", lambda: False)
+        for _ in range(2):
+            launch((1, 1, 1), (a, b), (1.0,), (3, 4))
     assert not launch.fast and len(old.slow_calls) == 2
     odd_order = FakeKernel(names=("A", "C1", "B", "x", "n", "m", "C2"), n_const=0)
     odd_order.params[1].is_constexpr = odd_order.params[6].is_constexpr = True

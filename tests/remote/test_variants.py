@@ -26,7 +26,7 @@ def reference(q, k, v, scale, window=None, softcap=None, sinks=None):
     if window is not None:
         s[:, : max(0, t - window)] = -math.inf
     if sinks is not None:
-        s = torch.cat([s, sinks.double()[:, None]], 1)
+        s = torch.cat([s, sinks.to(s.device, torch.float64)[:, None]], 1)
     p = s.softmax(-1)[:, :t]
     return torch.einsum("ht,thd->hd", p, v.double().repeat_interleave(HQ // HKV, 1))
 
