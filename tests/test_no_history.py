@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"),
+FILES = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.ipynb"),
          *(p for d in ("kflume", "benchmarks", "examples") for p in (ROOT / d).rglob("*")
            if p.suffix in (".py", ".sh", ".md", ".json"))]
 HISTORY = re.compile(
