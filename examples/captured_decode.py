@@ -30,7 +30,8 @@ def build_model(device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
                                    num_hidden_layers=3, num_attention_heads=8,
-                                   num_key_value_heads=2, max_position_embeddings=1024)
+                                   num_key_value_heads=2, max_position_embeddings=1024,
+                                   eos_token_id=None)  # the captured loop never stops early
     return transformers.LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 

@@ -2,20 +2,24 @@
 and migrations.
 
 `carry_out(plan, clients)` frees the requests the plan finished on each node, truncates
-the ones it cut short (kflume/turns.py), then moves
-the ranges it migrates through this host (export from the old node, import into the new
-one), and waits for nodes about to leave to acknowledge. A node handles these before
-the step's attends: messages on one connection are handled in order.
+the ones it cut short (kflume/turns.py), then moves the ranges it migrates through this
+host (export from the old node, import into the new one), frees what a node about to
+leave held, and waits for it to acknowledge. A node handles these before the step's
+attends: messages on one connection are handled in order.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
+from ..comm import TransportError
 from ..plan import StepPlan
 from .client import NodeClient
 
 __all__ = ["carry_out"]
+
+log = logging.getLogger("kflume.cluster")
 
 
 def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float) -> None:
@@ -36,6 +40,12 @@ def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float)
     for m in plan.migrations:
         k, v = clients[m.src].export_range(m.request, m.start, m.end)
         clients[m.dst].import_range(m.request, m.start, k, v)
-    for node in plan.removed_nodes:
+    for node in plan.removed_nodes:  # it holds nothing of these requests now
         if node in clients:
-            clients[node].flush(timeout)
+            moved = list(dict.fromkeys(m.request for m in plan.migrations if m.src == node))
+            try:
+                if moved:
+                    clients[node].free(moved)
+                clients[node].flush(timeout)
+            except TransportError as e:  # a leaving node exits once it holds nothing
+                log.info("node %s left as it was removed: %s", node, e)
