@@ -1,7 +1,8 @@
 """What a token boundary asks of the nodes before the step attends: frees, truncations
 and migrations.
 
-`carry_out(plan, clients)` frees the requests the plan finished on each node, truncates
+`carry_out(plan, clients)` frees the requests the plan finished on each node (a node's
+request that a migration copies from: once copied), truncates
 the ones it cut short (kflume/turns.py), then moves
 the ranges it migrates through this host (export from the old node, import into the new
 one), and waits for nodes about to leave to acknowledge. A node handles these before
@@ -19,12 +20,8 @@ __all__ = ["carry_out"]
 
 
 def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float) -> None:
-    by_node: dict[str, list] = {}
-    for rid, node in plan.freed:
-        by_node.setdefault(node, []).append(rid)
-    for node, rids in by_node.items():
-        if node in clients:
-            clients[node].free(rids)
+    sources = {(m.request, m.src) for m in plan.migrations}
+    _free(clients, [f for f in plan.freed if f not in sources])
     cuts: dict[str, tuple[list, list]] = {}
     for rid, node, keep in plan.truncated:
         rids, keeps = cuts.setdefault(node, ([], []))
@@ -36,6 +33,16 @@ def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float)
     for m in plan.migrations:
         k, v = clients[m.src].export_range(m.request, m.start, m.end)
         clients[m.dst].import_range(m.request, m.start, k, v)
+    _free(clients, [f for f in plan.freed if f in sources])  # moved off: copied first
     for node in plan.removed_nodes:
         if node in clients:
             clients[node].flush(timeout)
+
+
+def _free(clients: Mapping[str, NodeClient], freed: list) -> None:
+    by_node: dict[str, list] = {}
+    for rid, node in freed:
+        by_node.setdefault(node, []).append(rid)
+    for node, rids in by_node.items():
+        if node in clients:
+            clients[node].free(rids)
