@@ -39,7 +39,7 @@ class PlacementPolicy(Protocol):
     `place` gets the request's tail range (None for a request with no range yet) and the
     number of tokens still to place, and returns a `Placement` of `1 <= n <= tokens` of
     them, at most `router.room(node, request)`. It reads the router only through
-    `placeable_nodes()`, `least_loaded()`, `is_draining(node)`, `free_tokens(node)`,
+    `placeable_nodes()`, `least_loaded(request)`, `is_draining(node)`, `free_tokens(node)`,
     `room(node, request)` and `node_load(node)`; it raises `CapacityError` when no node
     fits.
     """
@@ -73,7 +73,7 @@ class FillThenLeastLoaded:
             room = min(self.range_tokens - len(tail), router.room(tail.node, request))
             if room > 0:
                 return Placement(tail.node, min(tokens, room), extend_tail=True)
-        node = router.least_loaded()
+        node = router.least_loaded(request)
         room = 0 if node is None else router.room(node, request)
         if room <= 0:
             raise CapacityError(

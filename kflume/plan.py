@@ -8,7 +8,7 @@ turn it into tensors. Positions and ranges follow docs/conventions.md.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Migration", "NodeWork", "RequestId", "Restore", "Span", "StepPlan", "TokenRange"]
 
@@ -107,6 +107,8 @@ class StepPlan:
     spans: tuple[Span, ...] = ()
     truncated: tuple[tuple[RequestId, str, int], ...] = ()
     parked: tuple[RequestId, ...] = ()
+    replicas: dict[RequestId, tuple[TokenRange, ...]] = field(default_factory=dict)
+    unreplicated: tuple[RequestId, ...] = ()
 
     def node_work(self, node: str) -> NodeWork | None:
         for w in self.nodes:
@@ -122,4 +124,7 @@ class StepPlan:
             ranges = "  ".join(f"[{r.start}, {r.end}) -> {r.node}" for r in routes)
             state = f"{active[rid]} tokens" if rid in active else "parked"
             lines.append(f"  request {rid!s:>6} ({state}): {ranges}")
+            if self.replicas.get(rid):
+                copies = "  ".join(f"[{r.start}, {r.end}) -> {r.node}" for r in self.replicas[rid])
+                lines.append(f"  {'copies':>15}: {copies}")
         return "\n".join(lines)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import evacuate, turns
+from . import evacuate, replicas, turns
 from .placement import (
     CapacityError,
     FillThenLeastLoaded,
@@ -32,19 +32,8 @@ from .placement import (
 )
 from .plan import Migration, NodeWork, RequestId, Span, StepPlan, TokenRange
 
-__all__ = [
-    "CapacityError",
-    "FillThenLeastLoaded",
-    "Migration",
-    "NodeWork",
-    "Placement",
-    "PlacementPolicy",
-    "RouterError",
-    "Span",
-    "StepPlan",
-    "TokenRange",
-    "TokenRangeRouter",
-]
+__all__ = ["CapacityError", "FillThenLeastLoaded", "Migration", "NodeWork", "Placement",
+           "PlacementPolicy", "RouterError", "Span", "StepPlan", "TokenRange", "TokenRangeRouter"]
 
 
 @dataclass(slots=True)
@@ -61,6 +50,7 @@ class _Request:
     length: int = 0  # tokens whose KV the nodes hold (history)
     held: dict[str, int] = field(default_factory=dict)  # tokens per node
     parked: bool = False  # between turns: KV kept, no part in steps
+    pairs: dict[str, str | None] = field(default_factory=dict)  # replicas: primary -> replica
 
 
 @dataclass(slots=True)
@@ -77,6 +67,8 @@ class _Boundary:
     spans: list = field(default_factory=list)
     truncated: list = field(default_factory=list)
     parked: list = field(default_factory=list)
+    unreplicated: list = field(default_factory=list)
+    leaving: set = field(default_factory=set)  # nodes lost or removed at this boundary
 
 
 class TokenRangeRouter:
@@ -84,11 +76,17 @@ class TokenRangeRouter:
 
     Every edit is queued and takes effect in the next `begin_step()`. Costs: `advance`
     O(1); `add_request` O(ranges of the prompt); `begin_step` O(batch x nodes per
-    request).
+    request). `replicas=2`: every token on two nodes, so that a node's loss recomputes
+    nothing (kflume/replicas.py).
     """
 
-    def __init__(self, policy: PlacementPolicy | None = None) -> None:
+    def __init__(self, policy: PlacementPolicy | None = None, replicas: int = 1) -> None:
+        if replicas not in (1, 2):
+            raise ValueError(f"replicas must be 1 or 2 (copies of each token); got {replicas}")
         self.policy: PlacementPolicy = policy or FillThenLeastLoaded()
+        self.replicas = replicas
+        self._unpaired: dict[RequestId, bool] = {}  # requests with one copy: named yet?
+        self.replica_counts = {"promoted": 0, "copied": 0}
         self._nodes: dict[str, _Node] = {}
         self._free: dict[str, int] = {}  # free tokens of each placeable (not draining) node
         self._requests: dict[RequestId, _Request] = {}
@@ -169,9 +167,13 @@ class TokenRangeRouter:
     def placeable_nodes(self) -> tuple[str, ...]:
         return tuple(self._free)
 
-    def least_loaded(self) -> str | None:
-        """The placeable node with the most free tokens (ties: the one that joined first)."""
-        return max(self._free, key=self._free.__getitem__, default=None)
+    def least_loaded(self, request: RequestId | None = None) -> str | None:
+        """The placeable node with the most free tokens (ties: the one that joined first);
+        with replicas and a `request`, among the nodes with room for it."""
+        nodes = self._free
+        if request is not None and self.replicas > 1 and request in self._requests:
+            nodes = [n for n in self._free if self.room(n, request) > 0]
+        return max(nodes, key=self._free.__getitem__, default=None)
 
     def is_draining(self, node: str) -> bool:
         return self._node(node).draining
@@ -184,6 +186,8 @@ class TokenRangeRouter:
         """Tokens of `request` that `node` can still take: its free pages, plus what is
         left of the request's last page there."""
         s = self._nodes[node]
+        if self.replicas > 1 and request in self._requests:
+            return replicas.room(self, node, self._requests[request])
         held = self._requests[request].held.get(node, 0) if request in self._requests else 0
         return s.capacity - s.used + (-held) % s.page_size
 
@@ -206,6 +210,14 @@ class TokenRangeRouter:
     def is_parked(self, request: RequestId) -> bool:
         return self._request(request).parked
 
+    def replica_ranges(self, request: RequestId) -> tuple[TokenRange, ...]:
+        """The request's second copies (empty without replicas): kflume/replicas.py."""
+        return replicas.copies(self._request(request))
+
+    def replica_stats(self) -> replicas.ReplicaStats:
+        """Copies held, tokens with a single copy, tokens promoted and copied."""
+        return replicas.stats(self)
+
     # ---- the boundary ---------------------------------------------------------------
     def begin_step(self, only: tuple[str, ...] | None = None) -> StepPlan:
         """Apply queued edits, reserve a place for each request's next token, return the
@@ -221,6 +233,7 @@ class TokenRangeRouter:
         pending = [e for e in chosen if e[0] == "advance"]
         pending += [e for e in chosen if e[0] != "advance"]
         self._pending = kept
+        evacuate.leaving(self, pending, b)
         for i, edit in enumerate(pending):
             try:
                 self._apply(edit, b)
@@ -233,6 +246,8 @@ class TokenRangeRouter:
             if req.parked or (req.ranges and req.ranges[-1].end > req.length):
                 continue  # parked, or reserved by an earlier plan not yet advanced
             self._grow(rid, req, 1)
+        if self.replicas > 1 and only is None:
+            replicas.rereplicate(self, b)
         self._last_plan = _make_plan(self, b)
         return self._last_plan
 
@@ -256,7 +271,7 @@ class TokenRangeRouter:
             self._node(edit[1]).draining = True
             self._free.pop(edit[1], None)
         elif op == "remove_node":
-            evacuate.remove(self, edit[1], b.migrations)
+            evacuate.remove(self, edit[1], b)
             b.removed.append(edit[1])
         elif op == "lose_node":
             evacuate.lose(self, edit[1], b)
@@ -289,17 +304,7 @@ class TokenRangeRouter:
 
     def _hold(self, node: str, req: _Request, n: int) -> None:
         """`req` holds `n` more tokens on `node` (n < 0: fewer); capacity is taken in pages."""
-        ps = self._nodes[node].page_size
-        old = req.held.get(node, 0)
-        new = old + n
-        pages = -(-new // ps) - -(-old // ps)
-        self._nodes[node].used += pages * ps
-        if node in self._free:
-            self._free[node] -= pages * ps
-        if new:
-            req.held[node] = new
-        else:
-            req.held.pop(node, None)
+        _hold(self, node, req, n)
 
     def _node(self, node: str) -> _Node:
         try:
@@ -309,25 +314,45 @@ class TokenRangeRouter:
 
     def _grow(self, rid: RequestId, req: _Request, tokens: int) -> None:
         """Extend the request's ranges by `tokens` at the end, as the policy places them."""
-        while tokens > 0:
-            tail = req.ranges[-1] if req.ranges else None
-            node, n, extend = self.policy.place(self, rid, tail, tokens)
-            self._node(node)
-            room = self.room(node, rid)
-            if not 1 <= n <= min(tokens, room):
-                raise CapacityError(
-                    f"placement policy put {n} tokens of request {rid!r} on node {node!r}, "
-                    f"which has room for {room}"
-                )
-            if extend and (tail is None or node != tail.node):
-                raise RouterError(f"placement policy extended a tail range that is not on {node!r}")
-            if extend:
-                req.ranges[-1] = TokenRange(tail.start, tail.end + n, node)
-            else:
-                start = tail.end if tail else req.length  # (0, or past forgotten tokens)
-                req.ranges.append(TokenRange(start, start + n, node))
-            self._hold(node, req, n)
-            tokens -= n
+        _grow(self, rid, req, tokens)
+
+
+def _hold(router: TokenRangeRouter, node: str, req: _Request, n: int) -> None:
+    ps = router._nodes[node].page_size
+    old = req.held.get(node, 0)
+    new = old + n
+    pages = -(-new // ps) - -(-old // ps)
+    router._nodes[node].used += pages * ps
+    if node in router._free:
+        router._free[node] -= pages * ps
+    if new:
+        req.held[node] = new
+    else:
+        req.held.pop(node, None)
+
+
+def _grow(router: TokenRangeRouter, rid: RequestId, req: _Request, tokens: int) -> None:
+    while tokens > 0:
+        tail = req.ranges[-1] if req.ranges else None
+        node, n, extend = router.policy.place(router, rid, tail, tokens)
+        router._node(node)
+        room = router.room(node, rid)
+        if not 1 <= n <= min(tokens, room):
+            raise CapacityError(
+                f"placement policy put {n} tokens of request {rid!r} on node {node!r}, "
+                f"which has room for {room}"
+            )
+        if extend and (tail is None or node != tail.node):
+            raise RouterError(f"placement policy extended a tail range that is not on {node!r}")
+        if extend:
+            req.ranges[-1] = TokenRange(tail.start, tail.end + n, node)
+        else:
+            start = tail.end if tail else req.length  # (0, or past forgotten tokens)
+            req.ranges.append(TokenRange(start, start + n, node))
+        router._hold(node, req, n)
+        if router.replicas > 1:
+            replicas.follow(router, rid, req, node, n)
+        tokens -= n
 
 
 def _make_plan(router: TokenRangeRouter, b: _Boundary) -> StepPlan:
@@ -336,9 +361,11 @@ def _make_plan(router: TokenRangeRouter, b: _Boundary) -> StepPlan:
     lens: dict[str, list[int]] = {n: [] for n in router._nodes}
     arows: dict[str, list[int]] = {n: [] for n in router._nodes}
     aoffs: dict[str, list[int]] = {n: [] for n in router._nodes}
-    requests, positions, routes = [], [], {}
+    requests, positions, routes, copies = [], [], {}, {}
     for rid, req in router._requests.items():
         routes[rid] = tuple(req.ranges)
+        if req.pairs:
+            copies[rid] = replicas.copies(req)
         if req.parked:
             continue
         row = len(requests)
@@ -350,8 +377,10 @@ def _make_plan(router: TokenRangeRouter, b: _Boundary) -> StepPlan:
                 rows[node].append(row)
                 lens[node].append(n)
         tail = req.ranges[-1].node
-        arows[tail].append(row)
-        aoffs[tail].append(history.get(tail, 0))
+        for node in (tail, req.pairs.get(tail)):  # the tail's replica stores the token too
+            if node is not None:
+                arows[node].append(row)
+                aoffs[node].append(history.get(tail, 0))
     work = tuple(
         NodeWork(n, tuple(rows[n]), tuple(lens[n]), tuple(arows[n]), tuple(aoffs[n]))
         for n in router._nodes
@@ -359,4 +388,4 @@ def _make_plan(router: TokenRangeRouter, b: _Boundary) -> StepPlan:
     return StepPlan(router._epoch, tuple(requests), tuple(positions), work, routes,
                     tuple(b.prefill), tuple(b.migrations), tuple(b.freed), tuple(b.removed),
                     tuple(b.restores), tuple(b.lost), tuple(b.dropped), tuple(b.spans),
-                    tuple(b.truncated), tuple(b.parked))
+                    tuple(b.truncated), tuple(b.parked), copies, tuple(b.unreplicated))

@@ -13,12 +13,15 @@ or not at all (a refusal raises RouterError / CapacityError and leaves it as it 
   each node that held more keeps what it held before `length` (`StepPlan.truncated`).
 - forget_before: the first ranges, wholly before `position`, that no layer attends any
   more (every layer slides) are freed, where their node holds nothing later.
+
+With replicas (kflume/replicas.py), each edit does the same to the second copies.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import replicas
 from .placement import RouterError
 from .plan import Span, TokenRange
 
@@ -89,7 +92,9 @@ def _truncate(req: _Request, rid, length: int, router: TokenRangeRouter, b: _Bou
     before, after = written(req.ranges, req.length), written(req.ranges, length)
     for node, n in before.items():
         if after.get(node, 0) < n:
-            b.truncated.append((rid, node, after.get(node, 0)))
+            for holder in (node, req.pairs.get(node)):
+                if holder is not None:
+                    b.truncated.append((rid, holder, after.get(node, 0)))
     shrink(router, req, length)
     req.length = length
 
@@ -102,8 +107,10 @@ def _forget_before(router: TokenRangeRouter, rid, req: _Request, position: int,
         node = req.ranges[0].node
         if any(r.node == node for r in req.ranges[1:]):
             break
-        router._hold(node, req, -req.held.get(node, 0))
-        b.freed.append((rid, node))
+        for holder in (node, req.pairs.pop(node, None)):
+            if holder is not None:
+                router._hold(holder, req, -req.held.get(holder, 0))
+                b.freed.append((rid, holder))
         req.ranges.pop(0)
 
 
@@ -113,9 +120,12 @@ def shrink(router: TokenRangeRouter, req: _Request, end: int) -> None:
     for r in req.ranges:
         if r.start >= end:
             router._hold(r.node, req, -len(r))
+            replicas.mirror(router, req, r.node, -len(r))
         elif r.end > end:
             router._hold(r.node, req, end - r.end)
+            replicas.mirror(router, req, r.node, end - r.end)
             out.append(TokenRange(r.start, end, r.node))
         else:
             out.append(r)
     req.ranges = out
+    replicas.prune(req)

@@ -1,11 +1,12 @@
 """What a token boundary asks of the nodes before the step attends: frees, truncations
 and migrations.
 
-`carry_out(plan, clients)` frees the requests the plan finished on each node, truncates
-the ones it cut short (kflume/turns.py), then moves the ranges it migrates through this
-host (export from the old node, import into the new one), frees what a node about to
-leave held, and waits for it to acknowledge. A node handles these before the step's
-attends: messages on one connection are handled in order.
+`carry_out(plan, clients)` frees the requests the plan finished on each node (a node's
+request that a migration copies from: once copied), truncates the ones it cut short
+(kflume/turns.py), moves the ranges it migrates through this host (export from the old
+node, import into the new one), frees what a node about to leave held, and waits for
+it to acknowledge. A node handles these before the step's attends: messages on one
+connection are handled in order.
 """
 
 from __future__ import annotations
@@ -23,12 +24,8 @@ log = logging.getLogger("kflume.cluster")
 
 
 def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float) -> None:
-    by_node: dict[str, list] = {}
-    for rid, node in plan.freed:
-        by_node.setdefault(node, []).append(rid)
-    for node, rids in by_node.items():
-        if node in clients:
-            clients[node].free(rids)
+    sources = {(m.request, m.src) for m in plan.migrations}
+    _free(clients, [f for f in plan.freed if f not in sources])
     cuts: dict[str, tuple[list, list]] = {}
     for rid, node, keep in plan.truncated:
         rids, keeps = cuts.setdefault(node, ([], []))
@@ -40,12 +37,23 @@ def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float)
     for m in plan.migrations:
         k, v = clients[m.src].export_range(m.request, m.start, m.end)
         clients[m.dst].import_range(m.request, m.start, k, v)
-    for node in plan.removed_nodes:  # it holds nothing of these requests now
+    moved = [f for f in plan.freed if f in sources]  # moved off: freed once copied
+    _free(clients, [f for f in moved if f[1] not in plan.removed_nodes])
+    for node in plan.removed_nodes:  # it holds nothing of this cluster's requests now
         if node in clients:
-            moved = list(dict.fromkeys(m.request for m in plan.migrations if m.src == node))
+            held = [*plan.routes, *(rid for rid, n in moved if n == node),
+                    *(m.request for m in plan.migrations if m.src == node)]
             try:
-                if moved:
-                    clients[node].free(moved)
+                clients[node].free(list(dict.fromkeys(held)))  # (unknown ids are ignored)
                 clients[node].flush(timeout)
             except TransportError as e:  # a leaving node exits once it holds nothing
                 log.info("node %s left as it was removed: %s", node, e)
+
+
+def _free(clients: Mapping[str, NodeClient], freed: list) -> None:
+    by_node: dict[str, list] = {}
+    for rid, node in freed:
+        by_node.setdefault(node, []).append(rid)
+    for node, rids in by_node.items():
+        if node in clients:
+            clients[node].free(rids)

@@ -51,13 +51,14 @@ class Cluster:
         provider: how `add_node()` starts a node (kflume/providers.py; None: by address).
         policy: where tokens go (default: ranges of `range_tokens`, least-loaded node).
         timeout: deadline in seconds for every reply.
+        replicas: copies of each token, 1 or 2 (2: a lost node costs no recompute).
     """
 
     def __init__(self, transport, geometry: NodeConfig, *, provider=None,
                  policy: PlacementPolicy | None = None, range_tokens: int = 4096,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, replicas: int = 1) -> None:
         self.transport, self.geometry, self.timeout = transport, geometry, timeout
-        self.router = TokenRangeRouter(policy or FillThenLeastLoaded(range_tokens=range_tokens))
+        self.router = TokenRangeRouter(policy or FillThenLeastLoaded(range_tokens), replicas)
         self.clients: dict[str, NodeClient] = {}
         self.processes: dict[str, object] = {}  # handles of the nodes it started
         self.provider = provider

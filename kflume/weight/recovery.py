@@ -55,7 +55,8 @@ class Recovery:
         c = self.cluster
         if name not in c.clients or name in self.lost:
             return
-        log.warning("node %s lost (%s): its KV is restored on the others", name, why)
+        log.warning("node %s lost (%s): its KV is restored on the others%s", name, why,
+                    " (from replicas where they hold it)" if c.router.replicas > 1 else "")
         self.lost[name] = why
         c.router.lose_node(name)
         client = c.clients.pop(name)
@@ -84,9 +85,18 @@ class Recovery:
                 c.router.remove_node(name)
                 self.leaving[name] = True
 
+    def note_copies(self, plan: StepPlan) -> None:
+        """Log the requests a boundary left with a single copy of some tokens (replicas)."""
+        if plan.unreplicated:
+            log.warning("requests %s hold some tokens on one node only: no other node has "
+                        "room for a second copy (%d tokens with one copy); they get one once "
+                        "a node has room", list(plan.unreplicated),
+                        self.cluster.router.replica_stats().unreplicated_tokens)
+
     def restore(self, plan: StepPlan) -> None:
         """Recompute the plan's lost spans (per request, in position order), then check
-        that the nodes took them."""
+        that the nodes took them; log its requests left with a single copy."""
+        self.note_copies(plan)
         if not plan.restores:
             return
         if self.recompute is None:

@@ -9,7 +9,8 @@ The partials are merged by their log-sum-exp. In a sliding window of W tokens, t
 `start + i` attends over positions `(start + i - W, start + i]` only; softcapped scores
 and attention sinks enter as in decode (kflume/weight/remote.py). Once every layer's
 k, v of the span are known, they go to the nodes the plan's routes name for the span,
-in one message per node (`import`).
+in one message per node (`import`). With replicas, a prompt's and a span's KV also go to
+the nodes that hold the second copies (`StepPlan.replicas`).
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def scatter(plan: StepPlan, clients: dict[str, NodeClient], layer: int, request,
         raise KeyError(f"request {request!r} is not in this step's plan")
     t = k.shape[0]
     local: dict[str, int] = {}
-    for r in plan.routes[request]:
+    for r in _holders(plan, request):
         a, b = r.start, min(r.end, t)
         if a >= b:
-            break
+            continue
         off = local.get(r.node, 0)
         try:
             clients[r.node].append(layer, [request], [off], [a], k[None, a:b].contiguous(),
@@ -151,7 +152,7 @@ class SpanWriter:
             del self._spans[request]
             kk, vv = torch.stack(span.k), torch.stack(span.v)  # [layers, S, Hkv, D]
             end = start + kk.shape[1]
-            for r in plan.routes[request]:
+            for r in _holders(plan, request):
                 a, b = max(r.start, start), min(r.end, end)
                 if a < b:
                     clients[r.node].import_range(request, a, kk[:, a - start : b - start]
@@ -161,3 +162,9 @@ class SpanWriter:
     def drop(self) -> None:
         """Forget spans not complete (a step given up)."""
         self._spans.clear()
+
+
+def _holders(plan: StepPlan, request) -> tuple[TokenRange, ...]:
+    """The ranges of `request` the plan names, its second copies' too, in position order
+    per node."""
+    return plan.routes[request] + plan.replicas.get(request, ())
