@@ -229,3 +229,37 @@ def test_captured_step_over_a_node_process_with_mailboxes():
         assert checked == 6 and step.captured.delivers("node0")
         assert sorted(step.batch_sizes) == [4, 5]  # "e" joined: 5 rows; "b" left: 4 again
         step.close()
+
+
+@pytest.mark.timeout(600)
+def test_captured_step_with_replicas_loses_a_node_process_and_recomputes_nothing():
+    """Three `kflume node` processes on this GPU holding every token twice
+    (`replicas=2`); one is killed (SIGKILL) between captured steps: its copies take over
+    at the next boundary, nothing is recomputed, and the steps stay equal to the eager
+    RemoteAttention run on the same inputs."""
+    pytest.importorskip("ucxx", reason="node processes talk UCX")
+    prompts = {"a": 300, "b": 17, "c": 1000, "d": 64}
+    with Cluster.local(3, layers=LAYERS, kv_heads=HKV, head_dim=D, dtype="float32",
+                       capacity_tokens=8192, device="cuda", range_tokens=250,
+                       replicas=2) as cl:
+        cl.recompute = lambda r: pytest.fail(f"recomputed {r}")
+        _fill(cl, prompts)
+        before, after = _model(5)
+        step = CapturedStep(cl, num_layers=LAYERS, before=before, after=after,
+                            microbatches=2, max_nodes=3, device="cuda")
+        gen = torch.Generator(device="cuda").manual_seed(4)
+        victim = None
+        for i in range(24):
+            plan = step.boundary()
+            x = torch.randn(len(plan.requests), 128, device="cuda", generator=gen)
+            ref = _eager(cl, before, after, x) if i % 4 == 0 or i in (11, 12) else None
+            out = step(x)
+            if ref is not None:
+                torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
+            if i == 10:  # lost at the next boundary
+                victim = plan.routes["c"][0].node
+                cl.processes[victim].kill()
+                cl.processes[victim].proc.wait(10)
+        assert victim in cl.recovery.lost and victim not in cl.router.nodes()
+        assert cl.router.replica_stats().unreplicated_tokens == 0
+        step.close()
