@@ -316,11 +316,12 @@ class _Handle:
 
 def _lost(sent: list[Pending], e: BaseException) -> list[str]:
     """The nodes among `sent`'s whose link is gone, or, past the deadline, those that did
-    not answer."""
+    not answer (named by the error: the wait cancelled their receives, so they read as
+    done)."""
     gone = sorted({p.client.name for p in sent if not p.client.conn.alive})
     if gone or not isinstance(e, DeadlineExceeded):
         return gone
-    return sorted({p.client.name for p in sent if not p.done})
+    return sorted(getattr(e, "nodes", None) or {p.client.name for p in sent if not p.done})
 
 
 def _positions(rows: int, attend: list[_Share]) -> torch.Tensor:

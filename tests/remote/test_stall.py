@@ -1,13 +1,21 @@
-"""Short reply deadlines: a cluster that gives every reply little time (to find a hung
-node fast) still gives a node's process the time it needs to start."""
+"""A node that stops answering with its socket open (a hung process, or a partition that
+keeps the connection) is lost at the cluster's reply deadline: the step goes on, its
+spans recomputed on the others. A short deadline (to find such a node fast) still gives
+a node's process the time it needs to start."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 import pytest
 
 from .test_leave import local
+from .test_recovery import Loop, holders
 
 pytest.importorskip("ucxx", reason="node processes talk UCX")
+
+DEADLINE = 1.0
 
 
 def test_a_reply_deadline_shorter_than_a_node_start_still_starts_nodes():
@@ -18,4 +26,23 @@ def test_a_reply_deadline_shorter_than_a_node_start_still_starts_nodes():
         cl.add_node(wait=True)
         assert len(cl.clients) == 3
     finally:
+        cl.close()
+
+
+def test_a_node_that_stops_answering_is_lost_at_the_deadline_and_the_step_goes_on():
+    cl = local(timeout=DEADLINE)
+    proc = cl.processes["node1"]
+    try:
+        loop = Loop(cl, {"a": 30, "b": 13, "c": 21})
+        loop.step()
+        assert any("node1" in holders(cl, r) for r in "abc")
+        os.kill(proc.pid, signal.SIGSTOP)  # hung, its socket open: no link breaks
+        loop.step()  # every layer's output checked against float64 attention
+        assert cl.recovery.lost == {"node1": "no answer within the deadline"}
+        assert loop.recomputed and all("node1" not in holders(cl, r) for r in "abc")
+        for _ in range(2):
+            loop.step()
+    finally:
+        if proc.running:
+            os.kill(proc.pid, signal.SIGKILL)
         cl.close()
