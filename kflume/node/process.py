@@ -144,9 +144,12 @@ class NodeProcess:
         self.proc.terminate()
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
+        """SIGKILL, as a crash would (or to end a node that hangs)."""
         self.proc.kill()
         self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        _LIVE.discard(self)
 
     def __enter__(self) -> NodeProcess:
         return self

@@ -189,10 +189,11 @@ class Cluster:
         self.autoscaler = Autoscaler(self, policy, **options)
         return self.autoscaler
 
-    def forget(self, name: str) -> None:
-        """A node that did not join, or left: its process stopped, captured steps told."""
+    def forget(self, name: str, *, kill: bool = False) -> None:
+        """A node that did not join, left, or was lost: its process stopped (`kill`: killed,
+        for a lost node may hang and never stop), captured steps told."""
         if (proc := self.processes.pop(name, None)) is not None:
-            proc.stop()
+            proc.kill() if kill else proc.stop()
         if self._remote is not None:
             self._remote.forget_node(name)
 

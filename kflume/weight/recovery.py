@@ -60,7 +60,7 @@ class Recovery:
         c.router.lose_node(name)
         client = c.clients.pop(name)
         client.close()
-        c.forget(name)
+        c.forget(name, kill=True)  # a hung process would hold up a graceful stop
 
     def check(self) -> None:
         """Lose the nodes whose link broke or whose process exited; move off the ones that
