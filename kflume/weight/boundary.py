@@ -6,19 +6,44 @@ the ones it cut short (kflume/turns.py), then moves
 the ranges it migrates through this host (export from the old node, import into the new
 one), and waits for nodes about to leave to acknowledge. A node handles these before
 the step's attends: messages on one connection are handled in order.
+
+A node being removed can be lost on the way (its link breaks, or it does not answer
+within the deadline): what it did not export is returned (`LostInMove`), for the cluster
+to recompute where the plan put it (kflume/weight/recovery.py). A destination lost on
+the way is found at the next boundary, and its ranges, the imported ones too, recomputed.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from ..plan import StepPlan
+from ..comm.base import DeadlineExceeded, TransportError
+from ..plan import Migration, StepPlan
 from .client import NodeClient
 
-__all__ = ["carry_out"]
+__all__ = ["LostInMove", "carry_out"]
+
+log = logging.getLogger("kflume.cluster")
 
 
-def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float) -> None:
+@dataclass(slots=True)
+class LostInMove:
+    """Nodes lost while the plan moved their ranges off, and the migrations from them that
+    did not happen."""
+
+    nodes: set[str] = field(default_factory=set)
+    migrations: list[Migration] = field(default_factory=list)
+
+
+def _lost(client: NodeClient, e: Exception) -> bool:
+    """Whether `e`, from a call to `client`, means its node is gone or silent."""
+    return isinstance(e, DeadlineExceeded) or not client.conn.alive
+
+
+def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient],
+              timeout: float) -> LostInMove:
     by_node: dict[str, list] = {}
     for rid, node in plan.freed:
         by_node.setdefault(node, []).append(rid)
@@ -33,9 +58,31 @@ def carry_out(plan: StepPlan, clients: Mapping[str, NodeClient], timeout: float)
     for node, (rids, keeps) in cuts.items():
         if node in clients:
             clients[node].truncate(rids, keeps)
+    lost = LostInMove()
     for m in plan.migrations:
-        k, v = clients[m.src].export_range(m.request, m.start, m.end)
-        clients[m.dst].import_range(m.request, m.start, k, v)
+        if m.src not in lost.nodes:
+            try:
+                k, v = clients[m.src].export_range(m.request, m.start, m.end)
+            except (TransportError, DeadlineExceeded) as e:
+                if not _lost(clients[m.src], e):
+                    raise
+                log.warning("node %s lost while its ranges were moved off: %s", m.src, e)
+                lost.nodes.add(m.src)
+        if m.src in lost.nodes:
+            lost.migrations.append(m)
+            continue
+        try:
+            clients[m.dst].import_range(m.request, m.start, k, v)
+        except TransportError:
+            if clients[m.dst].conn.alive:
+                raise  # (gone: lost at the next boundary, this range with the rest)
     for node in plan.removed_nodes:
-        if node in clients:
-            clients[node].flush(timeout)
+        if node in clients and node not in lost.nodes:
+            try:
+                clients[node].flush(timeout)
+            except (TransportError, DeadlineExceeded) as e:
+                if not _lost(clients[node], e):
+                    raise
+                log.warning("node %s lost once its ranges were moved off: %s", node, e)
+                lost.nodes.add(node)  # (everything exported: nothing to recompute)
+    return lost

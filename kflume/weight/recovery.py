@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..comm.base import TransportError
 from ..placement import CapacityError
 from ..plan import Restore, StepPlan
+from .boundary import LostInMove, carry_out
 
 __all__ = ["Recovery", "RequestsLost"]
 
@@ -83,6 +85,41 @@ class Recovery:
             elif not queued and c.router.can_remove(name):
                 c.router.remove_node(name)
                 self.leaving[name] = True
+
+    def carry_out(self, plan: StepPlan) -> StepPlan:
+        """The plan's frees, truncations and migrations (kflume/weight/boundary.py); the
+        plan to go on with, which recomputes what nodes lost on the way did not move."""
+        c = self.cluster
+        lost = carry_out(plan, c.clients, c.timeout)
+        return self.lost_in_move(plan, lost) if lost.nodes else plan
+
+    def lost_in_move(self, plan: StepPlan, lost: LostInMove) -> StepPlan:
+        """Nodes lost while the boundary moved their ranges off (`carry_out`): the plan
+        already places those ranges on other nodes; the ones not moved are recomputed
+        there, as a lost node's spans are. A request whose first tokens a sliding window
+        freed cannot be recomputed (that would attend over them): it is dropped, as a
+        lost node's would be. Returns the plan to go on with."""
+        c = self.cluster
+        for name in sorted(lost.nodes):
+            self.lost[name] = "lost while its ranges were moved off"
+            c.forget(name, kill=True)  # (dropped from the cluster with the plan's removals)
+        moved = [m for m in lost.migrations if m.end > m.start]
+        cut = tuple(sorted({m.request for m in moved
+                            if c.router.ranges(m.request)[0].start > 0}, key=str))
+        if cut:  # a plan without them: the step must not attend over their missing KV
+            for rid in cut:
+                c.router.finish_request(rid)
+            later = c.router.begin_step(only=("finish_request",))
+            for rid, node in later.freed:
+                if node in c.clients and node not in lost.nodes:
+                    c.clients[node].free([rid])
+            plan = replace(later, migrations=plan.migrations, removed_nodes=plan.removed_nodes,
+                           restores=tuple(r for r in plan.restores if r.request not in cut),
+                           lost_nodes=plan.lost_nodes, dropped=plan.dropped + cut)
+        restores = tuple(Restore(m.request, m.start, m.end, m.dst) for m in moved
+                         if m.request not in cut)
+        return replace(plan, restores=plan.restores + restores,
+                       lost_nodes=plan.lost_nodes + tuple(sorted(lost.nodes)))
 
     def restore(self, plan: StepPlan) -> None:
         """Recompute the plan's lost spans (per request, in position order), then check

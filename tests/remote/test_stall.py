@@ -11,8 +11,12 @@ import time
 
 import pytest
 
+from kflume import Cluster, NodeConfig
+from kflume.node.process import NodeProcess
+from kflume.weight.recovery import RequestsLost
+
 from .test_leave import local
-from .test_recovery import Loop, holders
+from .test_recovery import HKV, HQ, LAYERS, D, Loop, holders
 
 pytest.importorskip("ucxx", reason="node processes talk UCX")
 
@@ -47,6 +51,81 @@ def test_a_node_that_stops_answering_is_lost_at_the_deadline_and_the_step_goes_o
         assert loop.recomputed and all("node1" not in holders(cl, r) for r in "abc")
         for _ in range(2):
             loop.step()
+    finally:
+        if proc.running:
+            os.kill(proc.pid, signal.SIGKILL)
+        cl.close()
+
+
+def test_a_leaving_node_that_hangs_while_its_ranges_move_off_has_them_recomputed():
+    cl = local(timeout=DEADLINE)
+    proc = cl.processes["node1"]
+    try:
+        loop = Loop(cl, {"a": 30, "b": 13, "c": 21})
+        loop.step()
+        assert any("node1" in holders(cl, r) for r in "abc")
+        proc.leave()
+        loop.step()  # its replies say it is leaving: the next boundary moves its ranges
+        os.kill(proc.pid, signal.SIGSTOP)  # ... and their export gets no answer
+        loop.step()
+        assert "node1" in cl.recovery.lost and "node1" not in cl.clients
+        assert loop.recomputed and not proc.running
+        assert all("node1" not in holders(cl, r) for r in "abc")
+        for _ in range(2):
+            loop.step()
+    finally:
+        if proc.running:
+            os.kill(proc.pid, signal.SIGKILL)
+        cl.close()
+
+
+def test_a_node_that_dies_while_its_ranges_move_off_has_them_recomputed():
+    # nodes started apart from the cluster (Cluster.connect): only its link tells that
+    # one died, and the link is read when the transport is driven, in the export's wait
+    config = NodeConfig(layers=LAYERS, kv_heads=HKV, head_dim=D, capacity_tokens=1024,
+                        dtype="float32", page_size=4, q_heads=HQ)
+    procs = [NodeProcess(config, token="t", wait=False) for _ in range(3)]
+    cl = None
+    try:
+        cl = Cluster.connect({f"n{i}": p.wait_ready() for i, p in enumerate(procs)},
+                             layers=LAYERS, kv_heads=HKV, head_dim=D, q_heads=HQ,
+                             token="t", range_tokens=8)
+        loop = Loop(cl, {"a": 30, "b": 13, "c": 21})
+        loop.step()
+        assert any("n1" in holders(cl, r) for r in "abc")
+        procs[1].leave()
+        loop.step()  # its replies say it is leaving: the next boundary moves its ranges
+        procs[1].kill()  # ... from a node that is gone
+        loop.step()
+        assert "n1" in cl.recovery.lost and "n1" not in cl.clients and loop.recomputed
+        assert all("n1" not in holders(cl, r) for r in "abc")
+        for _ in range(2):
+            loop.step()
+    finally:
+        if cl is not None:
+            cl.close()
+        for p in procs:
+            p.stop()
+
+
+def test_a_request_cut_by_a_window_that_loses_a_range_in_a_move_is_named_and_dropped():
+    cl = local(timeout=DEADLINE)
+    proc = cl.processes["node0"]
+    try:
+        loop = Loop(cl, {"a": 30, "w": 21, "c": 13})
+        loop.step()
+        assert any(r.node == "node0" and r.end > 8 for r in cl.router.ranges("w"))
+        proc.leave()
+        loop.step()  # its replies say it is leaving: the next boundary moves its ranges
+        cl.router.forget_before("w", 8)  # a sliding window passed w's first 8 tokens
+        os.kill(proc.pid, signal.SIGSTOP)
+        with pytest.raises(RequestsLost, match=r"requests \['w'\] could not be restored"):
+            cl.begin_step()
+        assert "w" not in cl.router.requests() and "node0" in cl.recovery.lost
+        loop.ref.forget("w")
+        for _ in range(2):  # the others go on, checked against float64 attention
+            loop.step()
+        assert loop.recomputed and all("node0" not in holders(cl, r) for r in "ac")
     finally:
         if proc.running:
             os.kill(proc.pid, signal.SIGKILL)
