@@ -46,6 +46,29 @@ __all__ = [
     "TokenRangeRouter",
 ]
 
+_PLACES = ("add_request", "extend")  # edits that place new tokens on nodes
+_NODE_EDITS = ("add_node", "drain_node", "remove_node", "lose_node")
+
+
+def _order(edits: list[tuple]) -> list[tuple]:
+    """The order a boundary applies queued edits in. Advances first: they confirm the
+    previous plan's tokens, so that a node removed at this boundary migrates those too.
+    Then the edits in the order they came, except that new tokens (a request added, a span
+    extended), with the edits of their request queued after them, wait for the edits of
+    nodes: none lands on a node lost, drained or removed at this boundary, and none is
+    migrated or "restored" before its KV exists."""
+    first = [e for e in edits if e[0] == "advance"]
+    now, later, placed = [], [], set()
+    for e in edits:
+        if e[0] == "advance":
+            continue
+        if e[0] in _PLACES or (e[0] not in _NODE_EDITS and e[1] in placed):
+            placed.add(e[1])
+            later.append(e)
+        else:
+            now.append(e)
+    return first + now + later
+
 
 @dataclass(slots=True)
 class _Node:
@@ -214,12 +237,9 @@ class TokenRangeRouter:
         `only`: apply only the edits of these kinds (e.g. `("lose_node",)` for a plan made
         in the middle of a step), the others stay queued."""
         b = _Boundary()
-        # Advances confirm the previous plan's tokens: apply them before other edits, so
-        # that a node removed in the same boundary migrates those tokens too.
         chosen = [e for e in self._pending if only is None or e[0] in only]
         kept = [e for e in self._pending if only is not None and e[0] not in only]
-        pending = [e for e in chosen if e[0] == "advance"]
-        pending += [e for e in chosen if e[0] != "advance"]
+        pending = _order(chosen)
         self._pending = kept
         for i, edit in enumerate(pending):
             try:

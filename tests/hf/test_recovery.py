@@ -132,3 +132,24 @@ def test_generate_is_unchanged_when_a_node_process_leaves():
     assert not lost
     assert "node1" not in procs["nodes"] and procs["held"] == 0  # moved off mid-run
     assert procs["node1"].proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("kind", ["in_process", "local"])
+def test_generate_is_unchanged_after_a_node_died_between_two_calls(kind):
+    """The next call's prompts are placed at the boundary that finds the node gone: none
+    of them on it."""
+    if kind == "local":
+        pytest.importorskip("ucxx", reason="node processes talk UCX")
+    model = llama()
+    ids, mask = prompts()
+    want = generate(model, None, ids, mask)
+    with Cluster.for_model(3, model, kind=kind, capacity_tokens=1024, range_tokens=8,
+                           page_size=4) as cl:
+        kflume.patch(model, cl)
+        try:
+            assert torch.equal(generate(model, cl, ids, mask), want)
+            cl.processes["node1"].kill()  # while no generation runs
+            assert torch.equal(generate(model, cl, ids, mask), want)
+        finally:
+            kflume.unpatch(model)
+        assert set(cl.recovery.lost) == {"node1"}
