@@ -67,8 +67,11 @@ class Recovery:
     def check(self) -> None:
         """Lose the nodes whose link broke or whose process exited; move off the ones that
         said they leave (a node told to drain, `kflume node` on SIGTERM): drained at once,
-        removed (their ranges migrated) at the first boundary the others have room."""
+        removed (their ranges migrated) at the first boundary the others have room.
+        The transport is driven first: a link that broke while the cluster was idle is
+        found before the plan places tokens on its node."""
         c = self.cluster
+        c.transport.progress(0.0)
         for name, client in list(c.clients.items()):
             proc = c.processes.get(name)
             if not client.conn.alive:

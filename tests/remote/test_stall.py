@@ -1,7 +1,9 @@
-"""A node that stops answering with its socket open (a hung process, or a partition that
-keeps the connection) is lost at the cluster's reply deadline: the step goes on, its
-spans recomputed on the others, and its process killed. A short deadline (to find such
-a node fast) still gives a node's process the time it needs to start."""
+"""Nodes lost at awkward moments. One that stops answering with its socket open (a hung
+process, or a partition that keeps the connection) is lost at the cluster's reply
+deadline: the step goes on, its spans recomputed on the others, its process killed. One
+lost while its ranges are moved off has what it did not export recomputed. One that died
+while its cluster was idle gets no new tokens. A short reply deadline (to find a hung
+node fast) still gives a node's process the time it needs to start."""
 
 from __future__ import annotations
 
@@ -79,17 +81,25 @@ def test_a_leaving_node_that_hangs_while_its_ranges_move_off_has_them_recomputed
         cl.close()
 
 
-def test_a_node_that_dies_while_its_ranges_move_off_has_them_recomputed():
-    # nodes started apart from the cluster (Cluster.connect): only its link tells that
-    # one died, and the link is read when the transport is driven, in the export's wait
+def started_apart(n: int) -> tuple[list[NodeProcess], Cluster]:
+    """`n` nodes started apart from the cluster (`Cluster.connect`): only a node's link
+    tells the cluster that it died, read when the transport is driven."""
     config = NodeConfig(layers=LAYERS, kv_heads=HKV, head_dim=D, capacity_tokens=1024,
                         dtype="float32", page_size=4, q_heads=HQ)
-    procs = [NodeProcess(config, token="t", wait=False) for _ in range(3)]
-    cl = None
+    procs = [NodeProcess(config, token="t", wait=False) for _ in range(n)]
     try:
-        cl = Cluster.connect({f"n{i}": p.wait_ready() for i, p in enumerate(procs)},
-                             layers=LAYERS, kv_heads=HKV, head_dim=D, q_heads=HQ,
-                             token="t", range_tokens=8)
+        return procs, Cluster.connect({f"n{i}": p.wait_ready() for i, p in enumerate(procs)},
+                                      layers=LAYERS, kv_heads=HKV, head_dim=D, q_heads=HQ,
+                                      token="t", range_tokens=8)
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+
+
+def test_a_node_that_dies_while_its_ranges_move_off_has_them_recomputed():
+    procs, cl = started_apart(3)  # the death is found in the export's wait
+    try:
         loop = Loop(cl, {"a": 30, "b": 13, "c": 21})
         loop.step()
         assert any("n1" in holders(cl, r) for r in "abc")
@@ -102,8 +112,7 @@ def test_a_node_that_dies_while_its_ranges_move_off_has_them_recomputed():
         for _ in range(2):
             loop.step()
     finally:
-        if cl is not None:
-            cl.close()
+        cl.close()
         for p in procs:
             p.stop()
 
@@ -130,3 +139,18 @@ def test_a_request_cut_by_a_window_that_loses_a_range_in_a_move_is_named_and_dro
         if proc.running:
             os.kill(proc.pid, signal.SIGKILL)
         cl.close()
+
+
+def test_a_node_that_died_while_its_cluster_was_idle_is_given_no_new_tokens():
+    procs, cl = started_apart(2)
+    try:
+        procs[1].kill()  # nothing on it yet; the cluster does not drive its transport
+        time.sleep(0.1)
+        loop = Loop(cl, {"a": 30, "b": 13})  # a boundary places the prompts
+        for _ in range(2):
+            loop.step()
+        assert cl.recovery.lost.keys() == {"n1"} and not loop.recomputed
+    finally:
+        cl.close()
+        for p in procs:
+            p.stop()
