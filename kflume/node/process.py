@@ -140,7 +140,7 @@ class NodeProcess:
 
     def leave(self) -> None:
         """SIGTERM: the node drains (its clusters move its ranges off) and exits once
-        empty or after its drain deadline."""
+        empty and quiet for 2 s (kflume/node/server.py) or after its drain deadline."""
         self.proc.terminate()
 
     def kill(self) -> None:
