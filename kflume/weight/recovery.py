@@ -51,6 +51,7 @@ class Recovery:
         self.recompute: Callable[[Restore], None] | None = None
         self.lost: dict[str, str] = {}  # every node lost, and why
         self.leaving: dict[str, bool] = {}  # nodes that said they leave: removal queued?
+        self.restoring: tuple[str, ...] = ()  # while recomputing: the nodes lost
 
     def lose(self, name: str, why: str) -> None:
         """Forget node `name` (its ranges restored at the next boundary)."""
@@ -134,21 +135,34 @@ class Recovery:
             raise TransportError(
                 f"nodes {list(plan.lost_nodes)} were lost with tokens of requests {reqs}; "
                 "give the cluster a recompute callback (cluster.recompute) to restore them")
-        for r in sorted(plan.restores, key=lambda r: (str(r.request), r.start)):
-            self.recompute(r)
+        self.restoring = plan.lost_nodes
+        try:
+            for r in sorted(plan.restores, key=lambda r: (str(r.request), r.start)):
+                self.recompute(r)
+        finally:
+            self.restoring = ()
         for node in {r.dst for r in plan.restores}:
             self.cluster.clients[node].flush()
 
     def recover(self, nodes: list[str]) -> StepPlan:
         """Nodes lost in the middle of a step: a plan for the rest of the step without
-        them, their spans recomputed (`RemoteAttention.on_loss`)."""
+        them, their spans recomputed (`RemoteAttention.on_loss`). The spans the step in
+        flight extends its requests by are its own to write (where the new plan puts
+        them): only the history before them is recomputed."""
         c = self.cluster
+        if self.restoring:
+            raise TransportError(f"nodes {list(nodes)} were lost while what nodes "
+                                 f"{list(self.restoring)} held was being recomputed")
         for name in nodes:
             self.lose(name, "no answer within the deadline" if name in c.clients and
                       c.clients[name].conn.alive else "link gone")
+        spans = ()
         if c.remote.plan is not None:
+            spans = c.remote.plan.spans
             rewind(c.remote.plan, c.clients)  # the step in flight, on the survivors
         plan = c.router.begin_step(only=("lose_node",))
+        if spans:
+            plan = replace(plan, spans=spans, restores=_before_spans(plan.restores, spans))
         c.remote.begin_step(plan, same_step=True)
         self.finish(plan)
         return plan
@@ -165,14 +179,28 @@ class Recovery:
             raise RequestsLost(plan.dropped, plan.lost_nodes)
 
 
+def _before_spans(restores, spans) -> tuple[Restore, ...]:
+    """`restores` cut to the history before each request's span in flight."""
+    start = {s.request: s.start for s in spans}
+    out = []
+    for r in restores:
+        end = min(r.end, start.get(r.request, r.end))
+        if r.start < end:
+            out.append(Restore(r.request, r.start, end, r.dst))
+    return tuple(out)
+
+
 def rewind(plan: StepPlan, clients) -> None:
     """Every node of `plan` (the step in flight) back to its history of the plan's
     requests: the step's tokens that some layers had appended are dropped (the step sends
-    them again), so that restores can merge spans in place."""
+    them again), so that restores can merge spans in place. A request extended by a span
+    is left as it is: the span is written only once all its layers are in."""
+    spans = {s.request for s in plan.spans}
     for w in plan.nodes:
         if w.node not in clients:
             continue
-        held = dict(zip(w.rows, w.kv_len))
-        held.update(zip(w.append_rows, w.append_offsets))
+        held = {r: n for r, n in zip(w.rows, w.kv_len) if plan.requests[r] not in spans}
+        held.update((r, n) for r, n in zip(w.append_rows, w.append_offsets)
+                    if plan.requests[r] not in spans)
         if held:
             clients[w.node].truncate([plan.requests[r] for r in held], list(held.values()))
