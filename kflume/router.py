@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import evacuate, replicas, turns
+from .edit_order import order_edits
 from .placement import (
     CapacityError,
     FillThenLeastLoaded,
@@ -34,7 +35,6 @@ from .plan import Migration, NodeWork, RequestId, Span, StepPlan, TokenRange
 
 __all__ = ["CapacityError", "FillThenLeastLoaded", "Migration", "NodeWork", "Placement",
            "PlacementPolicy", "RouterError", "Span", "StepPlan", "TokenRange", "TokenRangeRouter"]
-
 
 @dataclass(slots=True)
 class _Node:
@@ -226,12 +226,9 @@ class TokenRangeRouter:
         `only`: apply only the edits of these kinds (e.g. `("lose_node",)` for a plan made
         in the middle of a step), the others stay queued."""
         b = _Boundary()
-        # Advances confirm the previous plan's tokens: apply them before other edits, so
-        # that a node removed in the same boundary migrates those tokens too.
         chosen = [e for e in self._pending if only is None or e[0] in only]
         kept = [e for e in self._pending if only is not None and e[0] not in only]
-        pending = [e for e in chosen if e[0] == "advance"]
-        pending += [e for e in chosen if e[0] != "advance"]
+        pending = order_edits(chosen)
         self._pending = kept
         evacuate.leaving(self, pending, b)
         for i, edit in enumerate(pending):

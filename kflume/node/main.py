@@ -3,8 +3,9 @@
 It warms its kernels up, listens, prints `kflume node listening on HOST:PORT` as its
 first line of output (what `NodeProcess` waits for), and serves until SIGINT. SIGTERM
 drains it: its replies tell its clusters it is leaving, they move its ranges off at
-their next boundaries, and it exits once it holds nothing, or after `--drain-deadline`
-(a second SIGTERM: at once).
+their next boundaries, and it exits once it holds nothing and no peer has sent it
+anything for 2 s (tokens placed on it before its clusters learned it leaves are on their
+way), or after `--drain-deadline` (a second SIGTERM: at once).
 Its handshake tells peers when each stage of its start ended (`info["startup"]`: wall
 clock seconds of `main` entered, `pools` allocated, `warmup` done, `listen`), so that a
 weight node can see where a start's time went (benchmarks/node_start.py).

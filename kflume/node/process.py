@@ -140,13 +140,16 @@ class NodeProcess:
 
     def leave(self) -> None:
         """SIGTERM: the node drains (its clusters move its ranges off) and exits once
-        empty or after its drain deadline."""
+        empty and quiet for 2 s (kflume/node/server.py) or after its drain deadline."""
         self.proc.terminate()
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
+        """SIGKILL, as a crash would (or to end a node that hangs)."""
         self.proc.kill()
         self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        _LIVE.discard(self)
 
     def __enter__(self) -> NodeProcess:
         return self

@@ -43,6 +43,10 @@ log = logging.getLogger("kflume.node")
 # Seconds between looks for new peers: a look costs a failed accept(2) (~7 us, most of an
 # idle loop), and the loop runs on every layer's critical path.
 ACCEPT_EVERY = 0.001
+# A leaving node that holds nothing still waits this long for messages: tokens a cluster
+# placed on it before it learned that the node leaves are on their way (moved off, not
+# recomputed, once they arrive); every message starts the wait again.
+LEAVE_QUIET = 2.0
 
 
 @dataclass(slots=True)
@@ -107,6 +111,7 @@ class NodeServer:
         self.peers: list[Peer] = []
         self.stopped = False
         self.leaving: float | None = None  # drain deadline (time.monotonic), once leaving
+        self._quiet_from = 0.0  # leaving: since then no message came (time.monotonic)
         self.handled = 0
         self._deferred: deque[_Deferred] = deque()
         self.timings: deque[Timing] = deque(maxlen=4096)  # attend messages, stream layers
@@ -154,22 +159,29 @@ class NodeServer:
             if peer in self.peers:
                 handled += self.streams.serve(peer)
         self.handled += handled
+        if handled and self.leaving is not None:
+            self._quiet_from = time.monotonic()
         return handled
 
     def leave(self, deadline_s: float) -> None:
         """Drain: every reply from now on says the node is leaving, so that its clusters
         move its ranges elsewhere at their next boundaries; `serve` returns once the node
-        holds no request, or after `deadline_s` seconds (what is left then is recomputed
-        by the clusters that lose it)."""
+        holds no request and no peer has sent anything for `LEAVE_QUIET` seconds (or none
+        is connected), or after `deadline_s` seconds (what is left then is recomputed by
+        the clusters that lose it)."""
         if self.leaving is None:
-            self.leaving = time.monotonic() + deadline_s
+            self._quiet_from = time.monotonic()
+            self.leaving = self._quiet_from + deadline_s
             log.info("leaving: %d requests to move off within %.0f s",
                      len(self.node.requests), deadline_s)
 
     def drained(self) -> bool:
-        """Leaving, and empty or past the deadline."""
-        return self.leaving is not None and (not self.node.requests
-                                             or time.monotonic() > self.leaving)
+        """Leaving, and empty and quiet (`leave`), or past the deadline."""
+        if self.leaving is None:
+            return False
+        now = time.monotonic()
+        return now > self.leaving or not self.node.requests and (
+            not self.peers or now - self._quiet_from >= LEAVE_QUIET)
 
     def serve(self, should_stop: Callable[[], bool] = lambda: False,
               idle_sleep: float = 0.001) -> None:
@@ -206,7 +218,9 @@ class NodeServer:
             log.warning("refused a peer: %s", refused.popleft())
 
     def drop(self, peer: Peer, why: str) -> None:
-        """A peer went away: cancel its receives, free its requests."""
+        """A peer went away: cancel its receives, free its requests (once)."""
+        if peer not in self.peers:
+            return
         self.peers.remove(peer)
         for st in peer.streams:
             for r in st.recvs:

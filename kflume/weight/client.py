@@ -66,8 +66,10 @@ class Pending:
                 (self._message,) = self.client.transport.wait(
                     [self.recv], t, what=f"reply to {self.op}")
             except DeadlineExceeded:
-                raise DeadlineExceeded(f"node {self.client.name} ({self.client.conn.peer}): no "
-                                       f"reply to {self.op} within {t:.3g} s") from None
+                e = DeadlineExceeded(f"node {self.client.name} ({self.client.conn.peer}): no "
+                                     f"reply to {self.op} within {t:.3g} s")
+                e.nodes = (self.client.name,)  # who did not answer
+                raise e from None
         return _raise_if_error(self.client, self.op, self._message)
 
 
@@ -89,10 +91,12 @@ def wait_all(pendings: Sequence[Pending], timeout: float) -> list[Message]:
         msgs = transport.wait([p.recv for p in pendings], timeout, what="replies")
     except DeadlineExceeded as e:
         late = {id(r) for r in getattr(e, "late", ())}
+        silent = [p for p in pendings if id(p.recv) in late]
         names = sorted({f"node {p.client.name} ({p.client.conn.peer}) to {p.op}"
-                        for p in pendings if id(p.recv) in late})
-        raise DeadlineExceeded(f"no reply within {timeout:.3g} s from {', '.join(names)}"
-                               ) from None
+                        for p in silent})
+        err = DeadlineExceeded(f"no reply within {timeout:.3g} s from {', '.join(names)}")
+        err.nodes = tuple(sorted({p.client.name for p in silent}))  # who did not answer
+        raise err from None
     out = []
     for p, m in zip(pendings, msgs):
         p._message = m

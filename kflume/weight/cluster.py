@@ -22,7 +22,6 @@ import warnings
 from ..config import NodeConfig
 from ..plan import StepPlan
 from ..router import FillThenLeastLoaded, PlacementPolicy, TokenRangeRouter
-from .boundary import carry_out
 from .client import NodeClient
 from .joining import Joining
 from .parking import Parking
@@ -190,10 +189,10 @@ class Cluster:
         self.autoscaler = Autoscaler(self, policy, **options)
         return self.autoscaler
 
-    def forget(self, name: str) -> None:
-        """A node that did not join, or left: its process stopped, captured steps told."""
+    def forget(self, name: str, *, kill: bool = False) -> None:
+        """A node that did not join, left, or was lost (`kill`: it may hang): stopped."""
         if (proc := self.processes.pop(name, None)) is not None:
-            proc.stop()
+            proc.kill() if kill else proc.stop()
         if self._remote is not None:
             self._remote.forget_node(name)
 
@@ -233,7 +232,7 @@ class Cluster:
         self.recovery.check()
         self.parking.expire()
         plan = self.router.begin_step()
-        carry_out(plan, self.clients, self.timeout)
+        plan = self.recovery.carry_out(plan)  # (nodes lost on the way: restores added)
         if self._remote is not None:
             self._remote.begin_step(plan)
         for name in plan.removed_nodes:

@@ -51,12 +51,15 @@ class Joining:
         return JoiningNode(name, handle, capacity)
 
     def wait_ready(self, j: JoiningNode) -> None:
-        """Block until `j`'s node listens (the cluster's timeout), then connect it."""
-        deadline = time.monotonic() + self.cluster.timeout
+        """Block until `j`'s node listens, then connect it. A start is a process's, not a
+        reply's: a handle with a start deadline of its own (`timeout`, e.g. a
+        `NodeProcess`'s) is given that long, even when the cluster's reply deadline is
+        shorter; other handles the cluster's timeout."""
+        limit = max(self.cluster.timeout, getattr(j.process, "timeout", 0) or 0)
+        deadline = time.monotonic() + limit
         while not j.process.ready():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"node {j.name} did not listen within "
-                                   f"{self.cluster.timeout:.0f} s")
+                raise TimeoutError(f"node {j.name} did not listen within {limit:.0f} s")
             time.sleep(0.01)
         self.connect(j.name, j.process.address, j.capacity, j.process, wait=True)
 

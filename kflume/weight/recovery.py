@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..comm.base import TransportError
 from ..placement import CapacityError
 from ..plan import Restore, StepPlan
+from .boundary import LostInMove, carry_out
 
 __all__ = ["Recovery", "RequestsLost"]
 
@@ -49,6 +51,7 @@ class Recovery:
         self.recompute: Callable[[Restore], None] | None = None
         self.lost: dict[str, str] = {}  # every node lost, and why
         self.leaving: dict[str, bool] = {}  # nodes that said they leave: removal queued?
+        self.restoring: tuple[str, ...] = ()  # while recomputing: the nodes lost
 
     def lose(self, name: str, why: str) -> None:
         """Forget node `name` (its ranges restored at the next boundary)."""
@@ -61,13 +64,16 @@ class Recovery:
         c.router.lose_node(name)
         client = c.clients.pop(name)
         client.close()
-        c.forget(name)
+        c.forget(name, kill=True)  # a hung process would hold up a graceful stop
 
     def check(self) -> None:
         """Lose the nodes whose link broke or whose process exited; move off the ones that
         said they leave (a node told to drain, `kflume node` on SIGTERM): drained at once,
-        removed (their ranges migrated) at the first boundary the others have room."""
+        removed (their ranges migrated) at the first boundary the others have room.
+        The transport is driven first: a link that broke while the cluster was idle is
+        found before the plan places tokens on its node."""
         c = self.cluster
+        c.transport.progress(0.0)
         for name, client in list(c.clients.items()):
             proc = c.processes.get(name)
             if not client.conn.alive:
@@ -93,6 +99,41 @@ class Recovery:
                         "a node has room", list(plan.unreplicated),
                         self.cluster.router.replica_stats().unreplicated_tokens)
 
+    def carry_out(self, plan: StepPlan) -> StepPlan:
+        """The plan's frees, truncations and migrations (kflume/weight/boundary.py); the
+        plan to go on with, which recomputes what nodes lost on the way did not move."""
+        c = self.cluster
+        lost = carry_out(plan, c.clients, c.timeout)
+        return self.lost_in_move(plan, lost) if lost.nodes else plan
+
+    def lost_in_move(self, plan: StepPlan, lost: LostInMove) -> StepPlan:
+        """Nodes lost while the boundary moved their ranges off (`carry_out`): the plan
+        already places those ranges on other nodes; the ones not moved are recomputed
+        there, as a lost node's spans are. A request whose first tokens a sliding window
+        freed cannot be recomputed (that would attend over them): it is dropped, as a
+        lost node's would be. Returns the plan to go on with."""
+        c = self.cluster
+        for name in sorted(lost.nodes):
+            self.lost[name] = "lost while its ranges were moved off"
+            c.forget(name, kill=True)  # (dropped from the cluster with the plan's removals)
+        moved = [m for m in lost.migrations if m.end > m.start]
+        cut = tuple(sorted({m.request for m in moved
+                            if c.router.ranges(m.request)[0].start > 0}, key=str))
+        if cut:  # a plan without them: the step must not attend over their missing KV
+            for rid in cut:
+                c.router.finish_request(rid)
+            later = c.router.begin_step(only=("finish_request",))
+            for rid, node in later.freed:
+                if node in c.clients and node not in lost.nodes:
+                    c.clients[node].free([rid])
+            plan = replace(later, migrations=plan.migrations, removed_nodes=plan.removed_nodes,
+                           restores=tuple(r for r in plan.restores if r.request not in cut),
+                           lost_nodes=plan.lost_nodes, dropped=plan.dropped + cut)
+        restores = tuple(Restore(m.request, m.start, m.end, m.dst) for m in moved
+                         if m.request not in cut)
+        return replace(plan, restores=plan.restores + restores,
+                       lost_nodes=plan.lost_nodes + tuple(sorted(lost.nodes)))
+
     def restore(self, plan: StepPlan) -> None:
         """Recompute the plan's lost spans (per request, in position order), then check
         that the nodes took them; log its requests left with a single copy."""
@@ -104,21 +145,34 @@ class Recovery:
             raise TransportError(
                 f"nodes {list(plan.lost_nodes)} were lost with tokens of requests {reqs}; "
                 "give the cluster a recompute callback (cluster.recompute) to restore them")
-        for r in sorted(plan.restores, key=lambda r: (str(r.request), r.start)):
-            self.recompute(r)
+        self.restoring = plan.lost_nodes
+        try:
+            for r in sorted(plan.restores, key=lambda r: (str(r.request), r.start)):
+                self.recompute(r)
+        finally:
+            self.restoring = ()
         for node in {r.dst for r in plan.restores}:
             self.cluster.clients[node].flush()
 
     def recover(self, nodes: list[str]) -> StepPlan:
         """Nodes lost in the middle of a step: a plan for the rest of the step without
-        them, their spans recomputed (`RemoteAttention.on_loss`)."""
+        them, their spans recomputed (`RemoteAttention.on_loss`). The spans the step in
+        flight extends its requests by are its own to write (where the new plan puts
+        them): only the history before them is recomputed."""
         c = self.cluster
+        if self.restoring:
+            raise TransportError(f"nodes {list(nodes)} were lost while what nodes "
+                                 f"{list(self.restoring)} held was being recomputed")
         for name in nodes:
             self.lose(name, "no answer within the deadline" if name in c.clients and
                       c.clients[name].conn.alive else "link gone")
+        spans = ()
         if c.remote.plan is not None:
+            spans = c.remote.plan.spans
             rewind(c.remote.plan, c.clients)  # the step in flight, on the survivors
         plan = c.router.begin_step(only=("lose_node",))
+        if spans:
+            plan = replace(plan, spans=spans, restores=_before_spans(plan.restores, spans))
         c.remote.begin_step(plan, same_step=True)
         self.finish(plan)
         return plan
@@ -135,14 +189,28 @@ class Recovery:
             raise RequestsLost(plan.dropped, plan.lost_nodes)
 
 
+def _before_spans(restores, spans) -> tuple[Restore, ...]:
+    """`restores` cut to the history before each request's span in flight."""
+    start = {s.request: s.start for s in spans}
+    out = []
+    for r in restores:
+        end = min(r.end, start.get(r.request, r.end))
+        if r.start < end:
+            out.append(Restore(r.request, r.start, end, r.dst))
+    return tuple(out)
+
+
 def rewind(plan: StepPlan, clients) -> None:
     """Every node of `plan` (the step in flight) back to its history of the plan's
     requests: the step's tokens that some layers had appended are dropped (the step sends
-    them again), so that restores can merge spans in place."""
+    them again), so that restores can merge spans in place. A request extended by a span
+    is left as it is: the span is written only once all its layers are in."""
+    spans = {s.request for s in plan.spans}
     for w in plan.nodes:
         if w.node not in clients:
             continue
-        held = dict(zip(w.rows, w.kv_len))
-        held.update(zip(w.append_rows, w.append_offsets))
+        held = {r: n for r, n in zip(w.rows, w.kv_len) if plan.requests[r] not in spans}
+        held.update((r, n) for r, n in zip(w.append_rows, w.append_offsets)
+                    if plan.requests[r] not in spans)
         if held:
             clients[w.node].truncate([plan.requests[r] for r in held], list(held.values()))

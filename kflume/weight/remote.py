@@ -55,8 +55,7 @@ class RemoteAttention:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
                              f"{num_kv_heads}")
-        self.clients = clients
-        self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
+        self.clients, self.hq, self.hkv, self.d = clients, num_q_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else float(scale)
         self.device = torch.device(device)
         self.timeout = timeout
@@ -103,8 +102,9 @@ class RemoteAttention:
         if len(plan.requests) > self.max_batch:
             raise ValueError(f"the plan has {len(plan.requests)} requests; max_batch is "
                              f"{self.max_batch}")
-        if not same_step:
+        if not same_step:  # (a span is written within its step: one left was given up)
             self._step_tokens = {}
+            self.spans.drop()
         self.plan = plan
         self._shares = {}
         self._positions = {}
@@ -273,10 +273,10 @@ class RemoteAttention:
         over the history before `start` (on the nodes) and causally over the span (within
         its `window`, with `softcap` and `sinks` as in `start`); the span's k, v go to the
         nodes the plan's routes name once every layer's are in (give the layers in
-        order). Returns `[S, Hq, D]` (kflume/weight/span.py)."""
-        out = span_attention(self._plan(), self.clients, layer, request, q, k, v, start,
-                             self.scale, self.timeout, window=window, softcap=softcap,
-                             sinks=sinks)
+        order). Returns `[S, Hq, D]` (kflume/weight/span.py); a loss: as in `finish`."""
+        out = _span(self, lambda plan: span_attention(
+            plan, self.clients, layer, request, q, k, v, start, self.scale, self.timeout,
+            window=window, softcap=softcap, sinks=sinks))
         self.spans.add(self._plan(), self.clients, layer, request, start, k, v)
         return out
 
@@ -314,13 +314,29 @@ class _Handle:
     sinks: torch.Tensor | None = None
 
 
+def _span(ra: RemoteAttention, attend: Callable[[StepPlan], torch.Tensor]) -> torch.Tensor:
+    """`attend(plan)` (a span's attention, `RemoteAttention.extend`), run again on the plan
+    that follows a node's loss (`on_loss`); the span's k, v then go where it puts them."""
+    for _ in range(8):
+        try:
+            return attend(ra._plan())
+        except (TransportError, DeadlineExceeded) as e:
+            lost = sorted({n for n, c in ra.clients.items() if not c.conn.alive}
+                          | set(getattr(e, "nodes", ())))
+            if ra.on_loss is None or not lost:
+                raise
+            ra.on_loss(lost)
+    raise TransportError("nodes kept failing while a span was run again")
+
+
 def _lost(sent: list[Pending], e: BaseException) -> list[str]:
     """The nodes among `sent`'s whose link is gone, or, past the deadline, those that did
-    not answer."""
+    not answer (named by the error: the wait cancelled their receives, so they read as
+    done)."""
     gone = sorted({p.client.name for p in sent if not p.client.conn.alive})
     if gone or not isinstance(e, DeadlineExceeded):
         return gone
-    return sorted({p.client.name for p in sent if not p.done})
+    return sorted(getattr(e, "nodes", None) or {p.client.name for p in sent if not p.done})
 
 
 def _positions(rows: int, attend: list[_Share]) -> torch.Tensor:

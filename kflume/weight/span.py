@@ -140,16 +140,18 @@ class SpanWriter:
             start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.layers:
             raise ValueError("RemoteAttention(num_layers=...) is needed for spans")
-        span = self._spans.get(request)
-        if span is None or span.start != start or layer == 0:
-            span = self._spans[request] = _Span(start)
+        # (keyed by start too: a lost span of the same request may be recomputed while
+        # this one is half collected)
+        span = self._spans.get((request, start))
+        if span is None or layer == 0:
+            span = self._spans[request, start] = _Span(start)
         if layer != len(span.k):
             raise ValueError(f"span of request {request!r} at {start}: layer {layer} came "
                              f"after {len(span.k)} layers (give them in order, from 0)")
         span.k.append(k.detach())
         span.v.append(v.detach())
         if len(span.k) == self.layers:
-            del self._spans[request]
+            del self._spans[request, start]
             kk, vv = torch.stack(span.k), torch.stack(span.v)  # [layers, S, Hkv, D]
             end = start + kk.shape[1]
             for r in _holders(plan, request):

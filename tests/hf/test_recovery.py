@@ -132,3 +132,72 @@ def test_generate_is_unchanged_when_a_node_process_leaves():
     assert not lost
     assert "node1" not in procs["nodes"] and procs["held"] == 0  # moved off mid-run
     assert procs["node1"].proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("kind", ["in_process", "local"])
+def test_generate_is_unchanged_after_a_node_died_between_two_calls(kind):
+    """The next call's prompts are placed at the boundary that finds the node gone: none
+    of them on it."""
+    if kind == "local":
+        pytest.importorskip("ucxx", reason="node processes talk UCX")
+    model = llama()
+    ids, mask = prompts()
+    want = generate(model, None, ids, mask)
+    with Cluster.for_model(3, model, kind=kind, capacity_tokens=1024, range_tokens=8,
+                           page_size=4) as cl:
+        kflume.patch(model, cl)
+        try:
+            assert torch.equal(generate(model, cl, ids, mask), want)
+            cl.processes["node1"].kill()  # while no generation runs
+            assert torch.equal(generate(model, cl, ids, mask), want)
+        finally:
+            kflume.unpatch(model)
+        assert set(cl.recovery.lost) == {"node1"}
+
+
+def session_calls(model, cl, kill_at=None):
+    """Two calls of one session (the second extends it by a tool's output); `kill_at(cl)`
+    returns events and hooks for the second call."""
+    g = torch.Generator().manual_seed(2)
+    prompt, tool = torch.randint(3, 128, (2, 20), generator=g), torch.randint(3, 128, (2, 7),
+                                                                                generator=g)
+    cache = kflume.KflumeCache(cl, model.config) if cl else transformers.DynamicCache()
+    out = generate_cached(model, prompt, cache)
+    events, hooks = kill_at(cl) if kill_at else ({}, [])
+    try:
+        return generate_cached(model, torch.cat([out, tool], -1), cache, events)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def generate_cached(model, ids, cache, events=None):
+    return model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False,
+                          stopping_criteria=StoppingCriteriaList([Events(events or {})]))
+
+
+SESSION_CASES = {
+    # the second call's first forward: its new tokens, a span over the history
+    "while a span extends the session": lambda m, cl: (
+        {}, [kill_in_layer(m, 1, 1, kill(cl, "node1"))]),
+    "between the calls": lambda m, cl: (cl.processes["node1"].kill(), ({}, []))[1],
+    "in a later step": lambda m, cl: ({2: kill(cl, "node2")}, []),
+}
+
+
+@pytest.mark.parametrize("kind", ["in_process", "local"])
+@pytest.mark.parametrize("case", list(SESSION_CASES))
+def test_a_session_goes_on_when_a_node_is_lost(kind, case):
+    if kind == "local":
+        pytest.importorskip("ucxx", reason="node processes talk UCX")
+    model = llama()
+    want = session_calls(model, None)
+    with Cluster.for_model(3, model, kind=kind, capacity_tokens=1024, range_tokens=8,
+                           page_size=4) as cl:
+        kflume.patch(model, cl)
+        try:
+            got = session_calls(model, cl, lambda c: SESSION_CASES[case](model, c))
+        finally:
+            kflume.unpatch(model)
+        assert cl.recovery.lost
+    assert torch.equal(got, want)

@@ -116,6 +116,22 @@ def test_remove_node_migrates_its_ranges():
     check_invariants(r, p)
 
 
+@pytest.mark.parametrize("edit", ["lose_node", "remove_node", "drain_node"])
+def test_new_tokens_never_land_on_a_node_leaving_at_the_same_boundary(edit):
+    r = TokenRangeRouter(FillThenLeastLoaded(range_tokens=4))
+    for n in ("a", "b", "c"):
+        r.add_node(n, 100)
+    r.add_request(1, 12)
+    p = r.begin_step()
+    r.advance(1)
+    r.add_request(2, 30)  # queued before the node edit (a cluster finds a node gone at
+    r.park(2)  # its boundary), and an edit of that new request after it
+    getattr(r, edit)("a")
+    p = r.begin_step()
+    assert all(x.node != "a" for x in r.ranges(2)) and r.is_parked(2)
+    assert all(x.request == 1 for x in p.restores + p.migrations)  # 2 has no KV yet
+
+
 def test_finish_frees_capacity():
     r = TokenRangeRouter()
     r.add_node("a", 50)
