@@ -164,11 +164,10 @@ class NodeServer:
         return handled
 
     def leave(self, deadline_s: float) -> None:
-        """Drain: every reply from now on says the node is leaving, so that its clusters
-        move its ranges elsewhere at their next boundaries; `serve` returns once the node
-        holds no request and no peer has sent anything for `LEAVE_QUIET` seconds (or none
-        is connected), or after `deadline_s` seconds (what is left then is recomputed by
-        the clusters that lose it)."""
+        """Drain: replies say the node is leaving, so its clusters move its ranges off;
+        `serve` returns once it holds nothing and no peer has sent anything for
+        `LEAVE_QUIET` s (or none is connected), or after `deadline_s` s (what is left
+        then is recomputed by the clusters that lose it)."""
         if self.leaving is None:
             self._quiet_from = time.monotonic()
             self.leaving = self._quiet_from + deadline_s
@@ -219,7 +218,7 @@ class NodeServer:
 
     def drop(self, peer: Peer, why: str) -> None:
         """A peer went away: cancel its receives, free its requests (once)."""
-        if peer not in self.peers:
+        if peer not in self.peers:  # (a poll re-entered through the transport)
             return
         self.peers.remove(peer)
         for st in peer.streams:
