@@ -1,12 +1,13 @@
-"""Soak: clients generating over and over on shared node processes while nodes join,
-leave (SIGTERM) and are killed (SIGKILL).
+"""Soak: several clients generating on shared nodes that join, leave and are killed.
 
-This process (the controller) starts `--nodes` `kflume node` processes with one cluster
-token, then, every `--every` seconds or so, does one of: start a node and have every
-client connect it (a join, which enters each client's routing at a token boundary in
-the middle of its generation), SIGTERM a node (a graceful leave: each client's cluster
-moves its ranges off at its next boundaries, and the node exits once it holds nothing,
-or at its drain deadline), or SIGKILL one (each client recomputes what it held), keeping
+Clients generate over and over on shared node processes while nodes join, leave
+(SIGTERM) and are killed (SIGKILL). This process (the controller) starts `--nodes`
+`kflume node` processes with one cluster token, then, every `--every` seconds or so,
+does one of: start a node and have every client connect it (a join, which enters each
+client's routing at a token boundary in the middle of its generation), SIGTERM a node (a
+graceful leave: each client's cluster moves its ranges off at its next boundaries, and
+the node exits once it holds nothing, or at its drain deadline), or SIGKILL one (each
+client recomputes what it held; a node still draining may be killed too), keeping
 between `--min-nodes` and `--max-nodes` nodes.
 
 Each client is a process of its own (multiprocessing, spawn), not a thread: a client is
@@ -20,9 +21,10 @@ A client builds the same random Llama (`--seed`), prompts of its own and their o
 from the unpatched model, connects to the nodes (`Cluster.connect` with the token),
 patches the model and generates until told to stop; it reads joins between tokens. The
 report: generations, wrong outputs (tokens not equal to the unpatched model's), lost
-requests (a generation that raised: each of its requests), the nodes' lifecycle, and
-each process's resident memory (psutil, else /proc) at start and end: a client's after
-its first generation and after its last, a node's once listening and at its end.
+requests (a generation that raised: each of its requests), tokens each client
+recomputed, leaving nodes a client lost instead of moving off, the nodes' lifecycle, and
+each process's resident memory (psutil, else /proc) at start, halfway and end: a
+client's from its first generation to its last, a node's from listening to its end.
 
     python benchmarks/soak.py --seconds 180 --clients 3
 """
